@@ -1,0 +1,5 @@
+"""``python -m nio_logd``."""
+
+from .cli import run
+
+run()

@@ -1,0 +1,146 @@
+"""The ``nio-logd`` command line; the only place that turns errors into messages and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__
+from .config import Settings, load_settings
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ClientError, NioLogdError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line, no usage dump: "nio-logd send: error: ..."
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default: $NIO_LOGD_CONFIG, then /etc/nio-logd/nio-logd.toml, then built-in defaults)",
+    )
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+# -- run ------------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from .events import configure_events
+    from .runner import serve
+
+    settings = _settings(args)
+    configure_events(settings.daemon.events, settings.daemon.events_level)
+    clean = serve(settings, reload_settings=lambda: _settings(args))
+    return EXIT_OK if clean else EXIT_FAILURE
+
+
+# -- check-config ---------------------------------------------------------------------------------
+def cmd_check_config(args: argparse.Namespace) -> int:
+    import json
+
+    settings = _settings(args)
+    effective = settings.model_dump(mode="json", exclude={"base_dir"})
+    effective["paths"] = {
+        "messages": str(settings.resolve(settings.log.path)),
+        "rejects": str(settings.resolve(settings.log.rejects_path)),
+        "pidfile": str(settings.resolve(settings.daemon.pidfile)),
+    }
+    print(json.dumps(effective, indent=2))
+    print(f"{settings.source}: OK", file=sys.stderr)
+    return EXIT_OK
+
+
+# -- send -----------------------------------------------------------------------------------------
+def cmd_send(args: argparse.Namespace) -> int:
+    from .client import make_record, read_records, send
+
+    address = args.address
+    if address is None:
+        settings = _settings(args)
+        address = settings.listeners[0].address
+    if args.user is not None or args.msg is not None:
+        if args.user is None or args.msg is None:
+            raise ClientError("--user and --msg go together (or give neither and pipe NDJSON on stdin)")
+        lines = [make_record(args.user, args.msg, args.time)]
+    else:
+        if args.time is not None:
+            raise ClientError("--time needs --user and --msg")
+        if sys.stdin.isatty():
+            print("reading NDJSON records from stdin (Ctrl-D to end)", file=sys.stderr)
+        lines = list(read_records(sys.stdin.buffer))
+    result = send(address, lines, ack=args.ack, timeout=args.timeout)
+    if args.ack:
+        for index, _line, answer in result.refused:
+            print(f"record {index + 1} refused: {answer.get('error')}", file=sys.stderr)
+        print(
+            f"sent {len(lines)} records: {result.acked} acknowledged, {len(result.refused)} refused"
+            + (f", {result.resent} resent after {result.reconnects} reconnects" if result.resent else ""),
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE if result.refused else EXIT_OK
+    return EXIT_OK
+
+
+# -- the parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="nio-logd", description="A logging daemon for JSON records.")
+    parser.add_argument("--version", action="version", version=f"nio-logd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("run", help="serve in the foreground (what systemd runs)")
+    _common(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate the config and print the effective settings")
+    _common(p)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("send", help="send records (from flags, or NDJSON on stdin)")
+    _common(p)
+    p.add_argument("--address", help="tcp://HOST:PORT or unix:///PATH (default: the config's first listener)")
+    p.add_argument("--user", help="send_user of the one record to send")
+    p.add_argument("--msg", help="send_msg of the one record to send")
+    p.add_argument("--time", help="send_time (default: now, local time)")
+    p.add_argument("--ack", action="store_true", help="wait for acknowledgements; exit 1 if any record is refused")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon (default 10)")
+    p.set_defaults(func=cmd_send)
+
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Commands defined in their own modules register here: f(subparsers) -> None.
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[_Parser]], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except NioLogdError as exc:
+        print(f"nio-logd {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # stdout closed early (`nio-logd tail | head`): not an error worth a traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""A small client library: send NDJSON records to nio-logd, optionally waiting for acks.
+
+With ``ack=True`` records are pipelined (up to ``window`` unanswered), answers are matched to
+records by their ``seq``, and after a lost connection every record not yet answered is sent
+again on a new one: delivery is at least once.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from .config import Address, parse_address
+from .errors import ClientError
+
+
+def make_record(user: str, msg: str, when: str | None = None) -> bytes:
+    """One record line (without its newline)."""
+    send_time = when or datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    return orjson.dumps({"send_user": user, "send_time": send_time, "send_msg": msg})
+
+
+def connect(address: str | Address, timeout: float = 10.0) -> socket.socket:
+    """A connected, blocking socket; raises ClientError naming the address."""
+    addr = parse_address(address) if isinstance(address, str) else address
+    try:
+        if addr.scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(addr.path)
+        else:
+            sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
+    except OSError as exc:
+        raise ClientError(f"cannot connect to {addr}: {exc.strerror or exc}") from None
+    return sock
+
+
+@dataclass
+class SendResult:
+    sent: int = 0  # records written to a socket (counting resends once)
+    acked: int = 0
+    resent: int = 0
+    reconnects: int = 0
+    answered: int = 0  # lines[:answered] have an answer (ok or refusal)
+    refused: list[tuple[int, bytes, dict[str, Any]]] = field(default_factory=list)  # (index, line, answer)
+
+
+def send(
+    address: str | Address,
+    lines: Iterable[bytes],
+    *,
+    ack: bool = False,
+    timeout: float = 10.0,
+    window: int = 10_000,
+    retries: int = 5,
+) -> SendResult:
+    """Send every line; with ``ack``, wait until each has been answered."""
+    if not ack:
+        return _send_plain(address, lines, timeout)
+    return _send_acked(address, list(lines), timeout, window, retries)
+
+
+def _send_plain(address: str | Address, lines: Iterable[bytes], timeout: float) -> SendResult:
+    result = SendResult()
+    sock = connect(address, timeout)
+    try:
+        chunk: list[bytes] = []
+        size = 0
+        for line in lines:
+            chunk.append(line)
+            size += len(line) + 1
+            result.sent += 1
+            if size >= 256 * 1024:
+                chunk.append(b"")
+                sock.sendall(b"\n".join(chunk))
+                chunk, size = [], 0
+        if chunk:
+            chunk.append(b"")
+            sock.sendall(b"\n".join(chunk))
+        # Half-close and wait for the daemon to close: then it has read every byte we sent.
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(65536):
+            pass
+    except OSError as exc:
+        raise ClientError(f"sending to {address}: {exc.strerror or exc}") from None
+    finally:
+        sock.close()
+    return result
+
+
+def _send_acked(
+    address: str | Address, lines: list[bytes], timeout: float, window: int, retries: int
+) -> SendResult:
+    result = SendResult()
+    attempts = 0
+    while result.answered < len(lines):
+        try:
+            sock = connect(address, timeout)
+        except ClientError:
+            attempts += 1
+            if attempts > retries:
+                raise
+            time.sleep(min(0.2 * 2**attempts, 5.0))
+            continue
+        if result.sent:
+            result.reconnects += 1
+        try:
+            _pump(sock, lines, window, timeout, result)
+            attempts = 0
+        except (OSError, ConnectionError) as exc:
+            attempts += 1
+            if attempts > retries:
+                raise ClientError(
+                    f"lost connection to {address} {attempts} times: {getattr(exc, 'strerror', None) or exc}; "
+                    f"{result.answered} of {len(lines)} records answered"
+                ) from None
+            time.sleep(min(0.1 * 2**attempts, 5.0))
+        finally:
+            sock.close()
+    return result
+
+
+def _pump(sock: socket.socket, lines: list[bytes], window: int, timeout: float, result: SendResult) -> None:
+    """Send the unanswered lines on one connection until all are answered (or it fails)."""
+    start = result.answered
+    sock.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+    nxt = start  # next line to send
+    answered = start
+    out = b""
+    inbuf = b""
+    first_send = start
+    deadline = time.monotonic() + timeout
+    try:
+        while answered < len(lines):
+            want_write = bool(out) or (nxt < len(lines) and nxt - answered < window)
+            sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0))
+            events = sel.select(max(0.0, deadline - time.monotonic()))
+            if not events:
+                if result.answered == 0 and answered == start:
+                    raise ClientError(
+                        f"no acknowledgement within {timeout} s: is ack = true set on the listener?"
+                    )
+                raise TimeoutError(f"no answer for {timeout} s")
+            for _key, mask in events:
+                if mask & selectors.EVENT_WRITE:
+                    if not out:
+                        end = min(len(lines), answered + window, nxt + 1000)
+                        out = b"".join(line + b"\n" for line in lines[nxt:end])
+                        if nxt < result.sent:
+                            result.resent += min(end, result.sent) - nxt
+                        result.sent = max(result.sent, end)
+                        nxt = end
+                    n = sock.send(out)
+                    out = out[n:]
+                if mask & selectors.EVENT_READ:
+                    data = sock.recv(262144)
+                    if not data:
+                        raise ConnectionError("the daemon closed the connection")
+                    deadline = time.monotonic() + timeout
+                    inbuf += data
+                    *answers, inbuf = inbuf.split(b"\n")
+                    for raw in answers:
+                        if not raw:
+                            continue
+                        answer = orjson.loads(raw)
+                        index = first_send + answer["seq"] - 1
+                        if index != answered:
+                            raise ClientError(f"answer out of order: seq {answer['seq']}")
+                        if answer.get("ok"):
+                            result.acked += 1
+                        else:
+                            result.refused.append((index, lines[index], answer))
+                        answered += 1
+                        result.answered = answered
+    finally:
+        sel.close()
+
+
+def read_records(stream: Iterable[bytes]) -> Iterator[bytes]:
+    """NDJSON lines from a binary stream, without newlines, blank lines skipped."""
+    for raw in stream:
+        line = raw.rstrip(b"\r\n")
+        if line.strip():
+            yield line

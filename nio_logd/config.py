@@ -1,0 +1,261 @@
+"""The configuration: one TOML file validated at load time into frozen pydantic models."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+DEFAULT_SYSTEM_CONFIG = Path("/etc/nio-logd/nio-logd.toml")
+ENV_CONFIG = "NIO_LOGD_CONFIG"
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A parsed listener address: ``tcp://HOST:PORT`` or ``unix:///PATH``."""
+
+    scheme: Literal["tcp", "unix"]
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.scheme == "unix":
+            return f"unix://{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port}"
+
+
+def parse_address(text: str) -> Address:
+    """Parse a listener address; raise ValueError naming what is wrong."""
+    if text.startswith("unix://"):
+        path = text[len("unix://") :]
+        if not path:
+            raise ValueError("unix address needs a path, e.g. unix:///run/nio-logd/nio-logd.sock")
+        if "\0" in path:
+            raise ValueError("unix socket path contains a NUL byte")
+        return Address("unix", path=path)
+    if not text.startswith("tcp://"):
+        raise ValueError(f"{text!r}: expected tcp://HOST:PORT or unix:///PATH")
+    rest = text[len("tcp://") :]
+    if rest.startswith("["):
+        host, sep, port_text = rest[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r}: IPv6 addresses are written tcp://[::1]:PORT")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = rest.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{text!r}: expected tcp://HOST:PORT")
+        if ":" in host:
+            raise ValueError(f"{text!r}: IPv6 addresses are written tcp://[::1]:PORT")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
+    return Address("tcp", host=host, port=int(port_text))
+
+
+def _check_address(text: str) -> str:
+    parse_address(text)
+    return text
+
+
+def _check_network(text: str) -> str:
+    ipaddress.ip_network(text, strict=False)
+    return text
+
+
+def _check_mode(text: str) -> str:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an octal file mode such as \"0640\"") from None
+    if not 0 <= value <= 0o777:
+        raise ValueError(f"{text!r} is not a file mode between 0000 and 0777")
+    return text
+
+
+AddressText = Annotated[str, AfterValidator(_check_address)]
+NetworkText = Annotated[str, AfterValidator(_check_network)]
+ModeText = Annotated[str, AfterValidator(_check_mode)]
+Seconds = Annotated[float, Field(gt=0, le=86400 * 7)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class TLSSettings(_Frozen):
+    """TLS on one TCP listener."""
+
+    cert: str
+    key: str
+    ca: str | None = None
+    require_client_cert: bool = False
+
+
+class ListenerSettings(_Frozen):
+    """One listening socket."""
+
+    address: AddressText = "tcp://127.0.0.1:8888"
+    ack: bool = False
+    allow: tuple[NetworkText, ...] = ()
+    tls: TLSSettings | None = None
+
+    @property
+    def parsed(self) -> Address:
+        return parse_address(self.address)
+
+
+class LogSettings(_Frozen):
+    """Where and how records are written."""
+
+    path: str = "logs/messages.log"
+    rejects_path: str = "logs/rejects.log"
+    durability: Literal["write", "fsync"] = "write"
+    fsync_max_wait: Annotated[float, Field(ge=0, le=10)] = 0.0
+    rotate_bytes: Annotated[int, Field(ge=0)] = 0
+    rotate_keep: Annotated[int, Field(ge=1, le=1000)] = 5
+    file_mode: ModeText = "0640"
+    reject_raw_bytes: Annotated[int, Field(ge=0, le=1 << 20)] = 1024
+
+
+class RecordSettings(_Frozen):
+    """The rules a record must pass."""
+
+    max_user_chars: Annotated[int, Field(ge=1, le=1 << 20)] = 256
+    max_msg_chars: Annotated[int, Field(ge=0, le=1 << 26)] = 65536
+    extra: Literal["forbid", "ignore", "keep"] = "forbid"
+
+
+class LimitSettings(_Frozen):
+    """Limits on clients."""
+
+    max_record_bytes: Annotated[int, Field(ge=64, le=1 << 28)] = 256 * 1024
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    max_connections_per_client: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    rate_limit: Annotated[float, Field(ge=0)] = 0.0
+    idle_timeout: Seconds = 300.0
+    queue_bytes: Annotated[int, Field(ge=1 << 16, le=1 << 34)] = 32 * 1024 * 1024
+
+
+class ServerSettings(_Frozen):
+    """The I/O threads and shutdown."""
+
+    io_threads: Annotated[int, Field(ge=1, le=64)] = 1
+    shutdown_timeout: Seconds = 10.0
+
+
+class DaemonSettings(_Frozen):
+    """The classic daemon (`nio-logd start`) and the daemon's own events."""
+
+    pidfile: str = "nio-logd.pid"
+    user: str | None = None
+    group: str | None = None
+    events: Literal["auto", "json", "console"] = "auto"
+    events_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class MetricsSettings(_Frozen):
+    """The optional Prometheus endpoint."""
+
+    address: AddressText | None = None
+
+
+def _default_listeners() -> tuple[ListenerSettings, ...]:
+    return (ListenerSettings(),)
+
+
+class Settings(_Frozen):
+    """The whole configuration; relative paths are resolved against ``base_dir``."""
+
+    listeners: Annotated[tuple[ListenerSettings, ...], Field(min_length=1)] = Field(
+        default_factory=_default_listeners
+    )
+    log: LogSettings = LogSettings()
+    record: RecordSettings = RecordSettings()
+    limits: LimitSettings = LimitSettings()
+    server: ServerSettings = ServerSettings()
+    daemon: DaemonSettings = DaemonSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    # Not a TOML key: the folder relative paths resolve against, and where the settings came from.
+    base_dir: str = "."
+    source: str = "built-in defaults"
+
+    def resolve(self, path: str) -> Path:
+        """An absolute path for a configured path (relative ones against ``base_dir``)."""
+        return (Path(self.base_dir) / path).resolve()
+
+    @property
+    def file_mode(self) -> int:
+        return int(self.log.file_mode, 8)
+
+
+def _format_error(source: Path, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def _no_dates(value: object) -> dict[str, str]:
+    # TOML dates and times are valid TOML, but no key takes one: an object fails every key's type.
+    return {"toml_date": str(value)}
+
+
+def find_config(explicit: str | None) -> Path | None:
+    """The config file to use: --config, then $NIO_LOGD_CONFIG, then /etc; None for defaults."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(ENV_CONFIG)
+    if env:
+        return Path(env)
+    if DEFAULT_SYSTEM_CONFIG.exists():
+        return DEFAULT_SYSTEM_CONFIG
+    return None
+
+
+def load_settings(explicit: str | None = None) -> Settings:
+    """Find, read and validate the configuration; raise ConfigError naming file, key and problem."""
+    path = find_config(explicit)
+    if path is None:
+        return Settings(base_dir=str(Path.cwd()))
+    return load_file(path)
+
+
+def load_file(path: Path) -> Settings:
+    """Read and validate one TOML file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        data: dict[str, Any] = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    for reserved in ("base_dir", "source"):
+        if reserved in data:
+            raise ConfigError(f"{path}: {reserved}: unknown key")
+    base_dir = str(path.resolve().parent)
+    # Validated in JSON mode: strict types, yet TOML arrays become tuples and integers floats.
+    document = json.dumps({**data, "base_dir": base_dir, "source": str(path)}, default=_no_dates)
+    try:
+        return Settings.model_validate_json(document)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(path, exc)) from None

@@ -1,0 +1,99 @@
+"""Sans-I/O newline framing: bytes in, complete records out, with a hard size bound.
+
+design: ``feed()`` takes whatever ``recv()`` returned and gives back every record it completes,
+in order. A record is the bytes of one line without its ``\\n`` (and without a ``\\r`` before it);
+empty and blank lines are skipped. A line longer than ``max_bytes`` comes out once as a
+``TooLarge`` marker holding its first ``max_bytes`` bytes; the rest of it, up to the next newline,
+is discarded, and framing goes on after that newline. ``eof()`` turns the bytes after the last
+newline into one final record, as the one-record-per-connection client needs. The output does not
+depend on how the stream was split into chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+
+class TooLarge:
+    """A record that exceeded the size bound; ``prefix`` is its first ``max_bytes`` bytes."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: bytes) -> None:
+        self.prefix = prefix
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TooLarge) and other.prefix == self.prefix
+
+    def __hash__(self) -> int:
+        return hash(self.prefix)
+
+    def __repr__(self) -> str:
+        return f"TooLarge(prefix={self.prefix[:32]!r}..., {len(self.prefix)} bytes)"
+
+
+Frame = bytes | TooLarge
+
+_NL: Final = b"\n"
+
+
+def _clean(line: bytes) -> bytes:
+    if line[-1:] == b"\r":
+        line = line[:-1]
+    return line
+
+
+class LineFramer:
+    """Split a byte stream into newline-delimited records."""
+
+    __slots__ = ("_buf", "_discarding", "max_bytes")
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._buf = b""
+        self._discarding = False  # inside an oversize line: drop bytes up to the next newline
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete line."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Take the next chunk of the stream; return the records it completes."""
+        if self._discarding:
+            cut = data.find(_NL)
+            if cut < 0:
+                return []
+            self._discarding = False
+            data = data[cut + 1 :]
+        if self._buf:
+            data = self._buf + data
+        lines: list[bytes] = data.split(_NL)
+        tail = lines.pop()
+        limit = self.max_bytes
+        out: list[Frame] = []
+        for line in lines:
+            if len(line) > limit:
+                out.append(TooLarge(line[:limit]))
+                continue
+            if line[-1:] == b"\r":
+                line = line[:-1]  # noqa: PLW2901 - the line without its CR is the record
+            if line and not line.isspace():
+                out.append(line)
+        if len(tail) > limit:
+            out.append(TooLarge(tail[:limit]))
+            self._discarding = True
+            tail = b""
+        self._buf = tail
+        return out
+
+    def eof(self) -> list[Frame]:
+        """The stream ended: the bytes after the last newline are one last record."""
+        tail, self._buf = self._buf, b""
+        self._discarding = False
+        if not tail:
+            return []
+        tail = _clean(tail)
+        if not tail or tail.isspace():
+            return []
+        return [tail]

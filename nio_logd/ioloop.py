@@ -1,0 +1,510 @@
+"""An I/O loop: one thread, one selector (epoll), many non-blocking connections.
+
+design: each loop owns its selector and its connections; handlers are stored as ``key.data`` and
+called as ``handler(mask)``. Other threads (the writer, the acceptor loop, the main thread) talk
+to a loop only through ``call_soon_threadsafe``: a deque plus a wake-up socketpair. In one pass
+the loop reads every ready socket, frames and validates what arrived, renders it into a single
+``Batch`` and hands that to the writer: one hand-off per pass, not per record. A connection's
+acks travel with the batch and come back through ``batch_done`` once the writer has written it,
+so they are answered in order and only after the write (or fsync).
+
+Backpressure: when the writer's queue is over its bound the loop drops read interest on every
+connection (the kernel then applies TCP flow control to the clients) until the writer calls
+``resume_reading``. The loop sleeps in ``select()`` with no timeout when it has no connections,
+so an idle daemon uses no CPU.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import functools
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .events import get_logger
+from .framing import LineFramer
+from .record import Refusal
+from .sink import Batch
+
+if TYPE_CHECKING:
+    from .listeners import Listener
+    from .server import Server
+
+log = get_logger()
+
+READ = selectors.EVENT_READ
+WRITE = selectors.EVENT_WRITE
+RECV_BYTES = 256 * 1024
+ACCEPTS_PER_EVENT = 256
+
+
+def _peer_name(sock: socket.socket, family: int) -> str:
+    if family == socket.AF_UNIX:
+        return "unix"
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "unknown"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Connection:
+    """One client connection, owned by one loop."""
+
+    __slots__ = (
+        "ack",
+        "client_host",
+        "closed",
+        "draining",
+        "eof",
+        "events",
+        "fd",
+        "framer",
+        "in_flight",
+        "last_active",
+        "listener",
+        "loop",
+        "out",
+        "peer",
+        "seq",
+        "sock",
+    )
+
+    def __init__(self, loop: IOLoop, sock: socket.socket, listener: Listener, peer: str, host: str) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.listener = listener
+        self.peer = peer
+        self.client_host = host
+        self.framer = LineFramer(loop.server.settings.limits.max_record_bytes)
+        self.ack = listener.settings.ack
+        self.seq = 0  # records seen on this connection, numbered from 1 in acks
+        self.out = bytearray()  # ack lines not yet sent
+        self.in_flight = 0  # batches holding our records that the writer has not finished
+        self.eof = False
+        self.closed = False
+        self.draining = False
+        self.last_active = time.monotonic()
+        self.events = 0
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.peer} on {self.listener.name} seq={self.seq} in_flight={self.in_flight}>"
+
+    def wanted_events(self) -> int:
+        events = 0
+        if not self.eof and not self.draining and not self.loop.paused:
+            events |= READ
+        if self.out:
+            events |= WRITE
+        return events
+
+    def update_events(self) -> None:
+        if self.closed:
+            return
+        wanted = self.wanted_events()
+        if wanted == self.events:
+            return
+        sel = self.loop.selector
+        if self.events and wanted:
+            sel.modify(self.sock, wanted, self.on_event)
+        elif wanted:
+            sel.register(self.sock, wanted, self.on_event)
+        else:
+            sel.unregister(self.sock)
+        self.events = wanted
+
+    def on_event(self, mask: int) -> None:
+        if mask & READ:
+            self.on_readable()
+        if mask & WRITE and not self.closed:
+            self.flush()
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.loop.stats["read_errors"] += 1
+            log.debug("connection_error", peer=self.peer, error=exc.strerror)
+            self.close()
+            return
+        self.last_active = self.loop.now
+        if data:
+            self.loop.stats["bytes_in"] += len(data)
+            frames = self.framer.feed(data)
+        else:
+            frames = self.framer.eof()
+            self.eof = True
+        if frames:
+            self.loop.take_frames(self, frames)
+        if self.eof:
+            self.finish_if_done()
+
+    def finish_if_done(self) -> None:
+        """After EOF (or a drain): close once every ack owed has been sent."""
+        if self.closed:
+            return
+        if not self.ack or not self.owes_acks:
+            self.close()
+        else:
+            self.update_events()
+
+    @property
+    def owes_acks(self) -> bool:
+        """Answers not yet sent: in the current batch, at the writer, or in the send buffer."""
+        return bool(self.out) or self.in_flight > 0 or self in self.loop.pending_acks
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.out += data
+        self.flush()
+
+    def flush(self) -> None:
+        if self.out:
+            try:
+                n = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                log.debug("connection_error", peer=self.peer, error=exc.strerror)
+                self.close()
+                return
+            del self.out[:n]
+        if (self.eof or self.draining) and not self.owes_acks:
+            self.close()
+            return
+        self.update_events()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.events:
+            self.loop.selector.unregister(self.sock)
+            self.events = 0
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.loop.forget(self)
+
+
+class IOLoop:
+    """A selector loop in its own thread."""
+
+    def __init__(self, server: Server, index: int) -> None:
+        self.server = server
+        self.index = index
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.selector.register(self._wake_r, READ, self._on_wake)
+        self._calls: collections.deque[Callable[[], None]] = collections.deque()
+        self.connections: set[Connection] = set()
+        self.listeners: list[Listener] = []
+        self.paused = False
+        self.paused_since = 0.0
+        self.stopping = False
+        self.now = time.monotonic()
+        self.thread: threading.Thread | None = None
+        settings = server.settings
+        self.idle_timeout = settings.limits.idle_timeout
+        self.validate = server.validator.validate
+        self.renderer = server.make_renderer()
+        self.pending_acks: dict[Connection, list[bytes]] = {}
+        self._next_loop = 0
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.refused_by_reason: collections.Counter[str] = collections.Counter()
+
+    def __repr__(self) -> str:
+        return f"<IOLoop {self.index} connections={len(self.connections)} paused={self.paused}>"
+
+    # -- thread-safe entry points ---------------------------------------------------------------
+    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+        self._calls.append(fn)
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake-up is already pending) or the loop has closed
+
+    def batch_done(self, batch: Batch) -> None:
+        """Writer thread: the batch is written; answer its acks on the loop thread."""
+        self.call_soon_threadsafe(lambda: self._complete(batch))
+
+    def resume_reading(self) -> None:
+        """Writer thread: the queue has drained; read from sockets again."""
+        self.call_soon_threadsafe(self._resume)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.run, name=f"nio-logd-io-{self.index}", daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        select = self.selector.select
+        last_sweep = time.monotonic()
+        try:
+            while True:
+                timeout = None
+                if self.connections and not self.stopping:
+                    timeout = min(1.0, self.idle_timeout / 4)
+                elif self.stopping:
+                    if not self.connections:
+                        break
+                    timeout = 0.1
+                events = select(timeout)
+                self.now = time.monotonic()
+                for key, mask in events:
+                    key.data(mask)
+                self._flush_batch()
+                while self._calls:
+                    self._calls.popleft()()
+                self._flush_batch()
+                if self.now - last_sweep >= 1.0 or (timeout and not events):
+                    last_sweep = self.now
+                    self._sweep_idle()
+        except Exception:
+            log.exception("io_loop_crashed", loop=self.index)
+            raise
+        finally:
+            for conn in list(self.connections):
+                conn.close()
+            self.selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _on_wake(self, _mask: int) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    # -- accepting --------------------------------------------------------------------------------
+    def add_listener(self, listener: Listener) -> None:
+        self.listeners.append(listener)
+        self.selector.register(listener.sock, READ, lambda _mask: self._accept(listener))
+
+    def _accept(self, listener: Listener) -> None:
+        server = self.server
+        for _ in range(ACCEPTS_PER_EVENT):
+            try:
+                sock, _addr = listener.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.stats["accept_errors"] += 1
+                    log.error("accept_failed", listener=listener.name, error=exc.strerror,
+                              action="pausing accepts for 0.5 s")
+                    self._pause_accepting(listener, 0.5)
+                    return
+                raise
+            family = sock.family
+            peer = _peer_name(sock, family)
+            host = peer.rpartition(":")[0] if family != socket.AF_UNIX else "unix"
+            refusal = server.admit(listener, host)
+            if refusal:
+                self.stats["connections_refused"] += 1
+                server.note_refused_connection(refusal, listener, peer)
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+                continue
+            sock.setblocking(False)
+            if family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            target = server.loops[self._next_loop % len(server.loops)]
+            self._next_loop += 1
+            if target is self:
+                self.adopt(sock, listener, peer, host)
+            else:
+                target.call_soon_threadsafe(functools.partial(target.adopt, sock, listener, peer, host))
+
+    def _pause_accepting(self, listener: Listener, seconds: float) -> None:
+        """Out of file descriptors: stop accepting for a while instead of spinning on EMFILE."""
+        self.selector.unregister(listener.sock)
+
+        def accept_again() -> None:
+            if not self.stopping:
+                self.selector.register(listener.sock, READ, lambda _mask: self._accept(listener))
+
+        timer = threading.Timer(seconds, self.call_soon_threadsafe, (accept_again,))
+        timer.daemon = True
+        timer.start()
+
+    def adopt(self, sock: socket.socket, listener: Listener, peer: str, host: str) -> None:
+        """Take a freshly accepted socket into this loop."""
+        if self.stopping:
+            sock.close()
+            self.server.connection_closed(host)
+            return
+        conn = Connection(self, sock, listener, peer, host)
+        conn.last_active = self.now = time.monotonic()
+        self.connections.add(conn)
+        self.stats["connections_total"] += 1
+        conn.update_events()
+
+    def forget(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self.pending_acks.pop(conn, None)
+        self.server.connection_closed(conn.client_host)
+
+    # -- records --------------------------------------------------------------------------------
+    def take_frames(self, conn: Connection, frames: list[Any]) -> None:
+        """Validate and render the frames of one read into the batch being built."""
+        validate = self.validate
+        renderer = self.renderer
+        peer = conn.peer
+        name = conn.listener.name
+        accepted = 0
+        if conn.ack:
+            answers = self.pending_acks.get(conn)
+            if answers is None:
+                answers = self.pending_acks[conn] = []
+            seq = conn.seq
+            for frame in frames:
+                seq += 1
+                result = validate(frame)
+                if type(result) is dict:
+                    renderer.message(result, peer, name)
+                    accepted += 1
+                    answers.append(b'{"seq":%d,"ok":true}\n' % seq)
+                else:
+                    assert isinstance(result, Refusal)
+                    self._refuse(result, peer, name)
+                    answers.append(_nack(seq, result))
+            conn.seq = seq
+        else:
+            for frame in frames:
+                result = validate(frame)
+                if type(result) is dict:
+                    renderer.message(result, peer, name)
+                    accepted += 1
+                else:
+                    assert isinstance(result, Refusal)
+                    self._refuse(result, peer, name)
+            conn.seq += len(frames)
+        self.stats["accepted"] += accepted
+
+    def _refuse(self, refusal: Refusal, peer: str, listener: str) -> None:
+        self.renderer.reject(refusal, peer, listener)
+        self.stats["refused"] += 1
+        self.refused_by_reason[refusal.reason] += 1
+
+    def _flush_batch(self) -> None:
+        messages, rejects = self.renderer.take()
+        acks = self.pending_acks
+        if not messages and not rejects and not acks:
+            return
+        self.pending_acks = {}
+        for conn in acks:
+            conn.in_flight += 1
+        batch = Batch(self, messages, rejects, acks or None)
+        if self.server.writer.submit(batch) and not self.paused:
+            self._pause()
+
+    def _complete(self, batch: Batch) -> None:
+        if not batch.acks:
+            return
+        for conn, answers in batch.acks.items():
+            conn.in_flight -= 1
+            conn.send(b"".join(answers))
+
+    # -- backpressure ----------------------------------------------------------------------------
+    def _pause(self) -> None:
+        self.paused = True
+        self.paused_since = time.monotonic()
+        self.stats["pauses"] += 1
+        log.warning("reading_paused", loop=self.index, queue_bytes=self.server.writer.depth,
+                    reason="the writer is behind; clients wait in TCP")
+        for conn in self.connections:
+            conn.update_events()
+
+    def _resume(self) -> None:
+        if not self.paused:
+            return
+        self.paused = False
+        paused_for = time.monotonic() - self.paused_since
+        self.stats["paused_seconds_x1000"] += int(paused_for * 1000)
+        log.info("reading_resumed", loop=self.index, paused_seconds=round(paused_for, 3))
+        for conn in list(self.connections):
+            conn.last_active = self.now  # time spent paused is not the client's idleness
+            conn.update_events()
+
+    def _sweep_idle(self) -> None:
+        if self.paused or self.stopping:
+            return
+        deadline = self.now - self.idle_timeout
+        idle = [c for c in self.connections if c.last_active < deadline and not c.out]
+        for conn in idle:
+            if conn.in_flight:
+                continue
+            self.stats["idle_closed"] += 1
+            log.info("idle_closed", peer=conn.peer, listener=conn.listener.name,
+                     idle_timeout=self.idle_timeout)
+            conn.close()
+
+    # -- shutdown ---------------------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        """Stop accepting; take what clients already sent; finish acks; then the loop ends."""
+        self.stopping = True
+        for listener in self.listeners:
+            try:
+                self.selector.unregister(listener.sock)
+            except (KeyError, ValueError):
+                pass
+        dropped = 0
+        for conn in list(self.connections):
+            # Read what is already in the kernel's buffer: those records were sent before the stop.
+            for _ in range(64):
+                if conn.eof or conn.closed:
+                    break
+                try:
+                    data = conn.sock.recv(RECV_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    conn.close()
+                    break
+                if data:
+                    frames = conn.framer.feed(data)
+                else:
+                    frames = conn.framer.eof()
+                    conn.eof = True
+                if frames:
+                    self.take_frames(conn, frames)
+            if not conn.closed:
+                dropped += conn.framer.buffered and 1
+                conn.draining = True
+        self._flush_batch()
+        for conn in list(self.connections):
+            conn.finish_if_done()
+            if not conn.closed:
+                conn.flush()
+        if dropped:
+            log.warning("incomplete_records_dropped", loop=self.index, count=dropped,
+                        reason="no newline and no end of stream when the daemon stopped")
+
+    def force_close(self) -> None:
+        for conn in list(self.connections):
+            conn.close()
+        self.stopping = True
+
+
+def _nack(seq: int, refusal: Refusal) -> bytes:
+    import orjson
+
+    return orjson.dumps(
+        {"seq": seq, "ok": False, "error": refusal.message, "reason": refusal.reason, "detail": refusal.errors}
+    ) + b"\n"

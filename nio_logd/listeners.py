@@ -1,0 +1,155 @@
+"""Listening sockets: bound from the configuration, or inherited from systemd (LISTEN_FDS)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Address, ListenerSettings, Settings
+from .errors import StartupError
+
+SD_LISTEN_FDS_START = 3
+
+
+def listen_backlog() -> int:
+    """The system's maximum accept queue (net.core.somaxconn), so bursts do not overflow."""
+    try:
+        return max(128, int(Path("/proc/sys/net/core/somaxconn").read_text()))
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
+
+
+@dataclass(slots=True)
+class Listener:
+    """One listening socket and the settings it serves."""
+
+    sock: socket.socket
+    settings: ListenerSettings
+    name: str  # the address as configured, written with each record
+    unix_path: str | None = None  # a socket file we created and remove on exit
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.unix_path:
+            try:
+                os.unlink(self.unix_path)
+            except OSError:
+                pass
+
+
+def bind(settings: Settings) -> list[Listener]:
+    """Bind every configured listener, or use systemd's sockets; raise StartupError on failure."""
+    inherited = inherited_sockets()
+    if inherited:
+        return _match_inherited(settings, inherited)
+    out: list[Listener] = []
+    try:
+        for ls in settings.listeners:
+            out.append(_bind_one(settings, ls))
+    except StartupError:
+        for listener in out:
+            listener.close()
+        raise
+    return out
+
+
+def _bind_one(settings: Settings, ls: ListenerSettings) -> Listener:
+    addr = ls.parsed
+    backlog = listen_backlog()
+    if addr.scheme == "unix":
+        path = str(settings.resolve(addr.path))
+        _remove_stale_unix_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            sock.listen(backlog)
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"cannot listen on {ls.address}: {exc.strerror}") from None
+        sock.setblocking(False)
+        return Listener(sock, ls, ls.address, unix_path=path)
+    try:
+        infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {ls.address}: {exc.strerror}") from None
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # Restarts must not fail with "Address already in use" while old connections sit in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {ls.address}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return Listener(sock, ls, ls.address)
+
+
+def _remove_stale_unix_socket(path: str) -> None:
+    """A socket file left by a crash blocks bind(); remove it only if nobody listens on it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StartupError(f"cannot listen on unix://{path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"cannot listen on unix://{path}: the path exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # stale: nobody answers
+    else:
+        raise StartupError(f"cannot listen on unix://{path}: another process is listening there")
+    finally:
+        probe.close()
+
+
+def inherited_sockets() -> list[socket.socket]:
+    """Sockets passed by systemd socket activation (LISTEN_PID/LISTEN_FDS), if they are for us."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    socks = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        socks.append(sock)
+    return socks
+
+
+def _sock_address(sock: socket.socket) -> Address:
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return Address("unix", path=name if isinstance(name, str) else name.decode(errors="replace"))
+    return Address("tcp", host=name[0], port=name[1])
+
+
+def _match_inherited(settings: Settings, socks: list[socket.socket]) -> list[Listener]:
+    """Pair each inherited socket with the listener settings for its address (or the first's)."""
+    by_address = {str(ls.parsed): ls for ls in settings.listeners}
+    out = []
+    for sock in socks:
+        if sock.type != socket.SOCK_STREAM:
+            raise StartupError(f"systemd passed fd {sock.fileno()}, which is not a stream socket")
+        addr = _sock_address(sock)
+        ls = by_address.get(str(addr), settings.listeners[0])
+        out.append(Listener(sock, ls, str(addr)))
+    return out
+
+
+def describe(listener: Listener) -> str:
+    """The address the listener really has (port 0 resolved)."""
+    return str(_sock_address(listener.sock))

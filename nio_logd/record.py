@@ -1,0 +1,137 @@
+"""The record model: pydantic validation of one framed line into fields or a refusal.
+
+design: the model is a TypedDict validated by a pydantic ``TypeAdapter`` straight from the JSON
+bytes, so parsing, UTF-8 checking and every rule run in pydantic-core (Rust) in one call, about a
+microsecond per record. ``send_time`` is a chain: a string that looks like a date and time, then a
+datetime; so epoch numbers ("1700000000") that pydantic would otherwise take are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, GetPydanticSchema, TypeAdapter, ValidationError
+from pydantic_core import core_schema as cs
+from typing_extensions import TypedDict
+
+from .config import RecordSettings
+from .framing import Frame, TooLarge
+
+TIME_RULE = "must be 'YYYY-MM-DD HH:MM:SS' or ISO 8601 / RFC 3339, e.g. 2026-11-29T12:00:00Z"
+USER_RULE = "must not contain control characters"
+
+_TIME_SCHEMA = cs.custom_error_schema(
+    cs.chain_schema(
+        [
+            cs.str_schema(pattern=r"^\d{4}-\d{2}-\d{2}[Tt _]\d{2}:\d{2}"),
+            cs.datetime_schema(strict=False),  # its input is the str of the step before
+        ]
+    ),
+    custom_error_type="send_time_format",
+    custom_error_message=TIME_RULE,
+)
+
+SendTime = Annotated[datetime, GetPydanticSchema(lambda _t, _h: _TIME_SCHEMA)]
+
+
+def _user_schema(max_chars: int) -> cs.CoreSchema:
+    return cs.chain_schema(
+        [
+            cs.str_schema(min_length=1, max_length=max_chars),
+            cs.custom_error_schema(
+                # C0 controls, DEL and C1 controls; pydantic-core's regex runs in Rust.
+                cs.str_schema(pattern=r"^[^\x00-\x1f\x7f-\x9f]*$"),
+                custom_error_type="send_user_control",
+                custom_error_message=USER_RULE,
+            ),
+        ]
+    )
+
+
+class Refusal:
+    """Why one record was refused; ``raw`` is its bytes (or the first of them if too large)."""
+
+    __slots__ = ("errors", "raw", "reason")
+
+    def __init__(self, reason: str, errors: list[dict[str, str]], raw: bytes) -> None:
+        self.reason = reason  # a short machine-readable reason, used as the metrics label
+        self.errors = errors  # [{"field": ..., "error": ...}, ...]
+        self.raw = raw
+
+    @property
+    def message(self) -> str:
+        """One line for humans, naming the field(s)."""
+        return "; ".join(f"{e['field']}: {e['error']}" for e in self.errors)
+
+    def __repr__(self) -> str:
+        return f"Refusal({self.reason!r}, {self.message!r})"
+
+
+Fields = dict[str, Any]
+
+
+class RecordValidator:
+    """Validate framed records against the configured rules."""
+
+    __slots__ = ("_validate_json", "max_record_bytes", "settings")
+
+    def __init__(self, settings: RecordSettings, max_record_bytes: int) -> None:
+        self.settings = settings
+        self.max_record_bytes = max_record_bytes
+        extra: Literal["forbid", "ignore", "allow"] = (
+            "allow" if settings.extra == "keep" else settings.extra
+        )
+        max_user = settings.max_user_chars
+        user_type = Annotated[str, GetPydanticSchema(lambda _t, _h: _user_schema(max_user))]
+        msg_schema = cs.str_schema(max_length=settings.max_msg_chars)
+        msg_type = Annotated[str, GetPydanticSchema(lambda _t, _h: msg_schema)]
+        # Built at run time because the length limits come from the config.
+        record: Any = TypedDict(
+            "record",
+            {"send_user": user_type, "send_time": SendTime, "send_msg": msg_type},
+        )
+        record.__pydantic_config__ = ConfigDict(extra=extra, strict=True)  # type: ignore[attr-defined]
+        self._validate_json: Callable[[bytes], Fields] = TypeAdapter[Fields](record).validate_json
+
+    def validate(self, frame: Frame) -> Fields | Refusal:
+        """The record's fields, or why it is refused."""
+        if type(frame) is bytes:
+            try:
+                return self._validate_json(frame)
+            except ValidationError as exc:
+                return _refusal(frame, exc)
+        assert isinstance(frame, TooLarge)
+        return Refusal(
+            "too_large",
+            [{"field": "(record)", "error": f"longer than max_record_bytes ({self.max_record_bytes})"}],
+            frame.prefix,
+        )
+
+
+def _refusal(raw: bytes, exc: ValidationError) -> Refusal:
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    first = errors[0]
+    kind = first["type"]
+    if kind == "json_invalid":
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return Refusal(
+                "invalid_utf8",
+                [{"field": "(record)", "error": f"not UTF-8: bad byte at offset {bad.start}"}],
+                raw,
+            )
+        detail = first["msg"].removeprefix("Invalid JSON: ")
+        return Refusal("invalid_json", [{"field": "(record)", "error": f"invalid JSON: {detail}"}], raw)
+    if not first["loc"]:
+        return Refusal("not_an_object", [{"field": "(record)", "error": "not a JSON object"}], raw)
+    fields = [
+        {
+            "field": ".".join(str(p) for p in err["loc"]),
+            "error": "unknown field" if err["type"] == "extra_forbidden" else err["msg"],
+        }
+        for err in errors
+    ]
+    return Refusal("invalid_fields", fields, raw)

@@ -1,0 +1,161 @@
+"""The server: listeners, I/O loops and the writer, with named lifecycle phases.
+
+startup() opens the log files and binds the sockets (raising StartupError with the reason);
+start() runs the threads; shutdown() stops accepting, drains against a deadline, writes
+everything received and then closes. The CLI (``runner``) owns signals and process concerns.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any
+
+from .config import Settings
+from .errors import StartupError
+from .events import get_logger
+from .ioloop import IOLoop
+from .listeners import Listener, bind, describe
+from .record import RecordValidator
+from .render import Renderer
+from .sink import Writer
+
+log = get_logger()
+
+
+class Server:
+    """Everything that serves: the listeners, the I/O loops and the writer."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.validator = RecordValidator(settings.record, settings.limits.max_record_bytes)
+        log_settings = settings.log
+        self.writer = Writer(
+            settings.resolve(log_settings.path),
+            settings.resolve(log_settings.rejects_path),
+            mode=settings.file_mode,
+            fsync=log_settings.durability == "fsync",
+            fsync_max_wait=log_settings.fsync_max_wait,
+            queue_bytes=settings.limits.queue_bytes,
+            rotate_bytes=log_settings.rotate_bytes,
+            rotate_keep=log_settings.rotate_keep,
+        )
+        self.listeners: list[Listener] = []
+        self.loops: list[IOLoop] = []
+        self._conn_lock = threading.Lock()
+        self.open_connections = 0
+        self._per_client: collections.Counter[str] = collections.Counter()
+        self.started_at = time.time()
+        self._refusal_logged: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        return f"<Server listeners={[listener.name for listener in self.listeners]} loops={len(self.loops)}>"
+
+    def make_renderer(self) -> Renderer:
+        return Renderer(self.settings.log.reject_raw_bytes)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def startup(self) -> None:
+        """Open the files and bind the sockets; raise StartupError naming what failed."""
+        try:
+            self.writer.open()
+        except OSError as exc:
+            raise StartupError(f"cannot open log file {exc.filename}: {exc.strerror}") from None
+        self.listeners = bind(self.settings)
+        self.loops = [IOLoop(self, i) for i in range(self.settings.server.io_threads)]
+        for listener in self.listeners:
+            self.loops[0].add_listener(listener)
+
+    def start(self) -> None:
+        self.writer.start()
+        for loop in self.loops:
+            loop.start()
+        for listener in self.listeners:
+            log.info("listening", address=describe(listener), ack=listener.settings.ack)
+
+    def addresses(self) -> list[str]:
+        return [describe(listener) for listener in self.listeners]
+
+    def shutdown(self, timeout: float | None = None, force: threading.Event | None = None) -> bool:
+        """Drain and stop; True if everything received was written within the time allowed."""
+        timeout = self.settings.server.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        for loop in self.loops:
+            loop.call_soon_threadsafe(loop.begin_drain)
+        clean = True
+        for loop in self.loops:
+            assert loop.thread is not None
+            while loop.thread.is_alive() and time.monotonic() < deadline:
+                if force is not None and force.is_set():
+                    break
+                loop.thread.join(0.05)
+            if loop.thread.is_alive():
+                clean = False
+                loop.call_soon_threadsafe(loop.force_close)
+                loop.thread.join(2.0)
+        for listener in self.listeners:
+            listener.close()
+        left = max(0.5, deadline - time.monotonic())
+        written = self.writer.stop(left if force is None or not force.is_set() else 0.5)
+        return clean and written
+
+    # -- connection admission ------------------------------------------------------------------------
+    def admit(self, listener: Listener, host: str) -> str | None:
+        """None if a new connection may proceed, else why not (it is then closed and counted)."""
+        limits = self.settings.limits
+        with self._conn_lock:
+            if self.open_connections >= limits.max_connections:
+                return "max_connections"
+            if limits.max_connections_per_client and self._per_client[host] >= limits.max_connections_per_client:
+                return "max_connections_per_client"
+            self.open_connections += 1
+            self._per_client[host] += 1
+        return None
+
+    def connection_closed(self, host: str) -> None:
+        with self._conn_lock:
+            self.open_connections -= 1
+            left = self._per_client[host] - 1
+            if left > 0:
+                self._per_client[host] = left
+            else:
+                del self._per_client[host]
+
+    def note_refused_connection(self, reason: str, listener: Listener, peer: str) -> None:
+        # Logged at most once per second per reason, so a flood cannot fill the journal.
+        now = time.monotonic()
+        last = self._refusal_logged.get(reason, 0.0)
+        if now - last >= 1.0:
+            self._refusal_logged[reason] = now
+            log.warning("connection_refused", reason=reason, listener=listener.name, peer=peer,
+                        limit=getattr(self.settings.limits, reason))
+
+    # -- observation ---------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """Counters summed over the loops (read without locks: each is a plain int)."""
+        totals: collections.Counter[str] = collections.Counter()
+        reasons: collections.Counter[str] = collections.Counter()
+        for loop in self.loops:
+            totals.update(loop.stats)
+            reasons.update(loop.refused_by_reason)
+        return {
+            "connections": self.open_connections,
+            "connections_total": totals["connections_total"],
+            "connections_refused": totals["connections_refused"],
+            "accepted": totals["accepted"],
+            "refused": totals["refused"],
+            "refused_by_reason": dict(reasons),
+            "bytes_in": totals["bytes_in"],
+            "queue_bytes": self.writer.depth,
+            "written": self.writer.written_records,
+            "paused": any(loop.paused for loop in self.loops),
+            "pauses": totals["pauses"],
+            "idle_closed": totals["idle_closed"],
+        }
+
+    def request_reopen(self) -> None:
+        self.writer.request_reopen()
+
+
+__all__ = ["Server", "StartupError"]

@@ -163,14 +163,19 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout)
-        self._reader.join(5)
+        self._close_pipe()
         return code
+
+    def _close_pipe(self) -> None:
+        self._reader.join(5)
+        if self.proc.stderr is not None and not self._reader.is_alive():
+            self.proc.stderr.close()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-        self._reader.join(5)
+        self._close_pipe()
 
 
 @pytest.fixture

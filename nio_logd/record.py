@@ -19,6 +19,9 @@ from typing_extensions import TypedDict
 from .config import RecordSettings
 from .framing import Frame, TooLarge
 
+# Keys the daemon writes itself; a kept extra field may not use them.
+RESERVED_KEYS = frozenset({"timestamp", "level", "event", "peer", "listener", "client"})
+
 TIME_RULE = "must be 'YYYY-MM-DD HH:MM:SS' or ISO 8601 / RFC 3339, e.g. 2026-11-29T12:00:00Z"
 USER_RULE = "must not contain control characters"
 
@@ -75,7 +78,7 @@ Fields = dict[str, Any]
 class RecordValidator:
     """Validate framed records against the configured rules."""
 
-    __slots__ = ("_validate_json", "max_record_bytes", "settings")
+    __slots__ = ("_validate_json", "max_record_bytes", "settings", "validate")
 
     def __init__(self, settings: RecordSettings, max_record_bytes: int) -> None:
         self.settings = settings
@@ -94,8 +97,22 @@ class RecordValidator:
         )
         record.__pydantic_config__ = ConfigDict(extra=extra, strict=True)  # type: ignore[attr-defined]
         self._validate_json: Callable[[bytes], Fields] = TypeAdapter[Fields](record).validate_json
+        self.validate = self._validate_keeping if settings.extra == "keep" else self._validate
 
-    def validate(self, frame: Frame) -> Fields | Refusal:
+    def _validate_keeping(self, frame: Frame) -> Fields | Refusal:
+        result = self._validate(frame)
+        if type(result) is dict and len(result) > 3:
+            clash = sorted(RESERVED_KEYS.intersection(result))
+            if clash:
+                assert isinstance(frame, bytes)
+                return Refusal(
+                    "invalid_fields",
+                    [{"field": name, "error": "reserved: the daemon writes this key itself"} for name in clash],
+                    frame,
+                )
+        return result
+
+    def _validate(self, frame: Frame) -> Fields | Refusal:
         """The record's fields, or why it is refused."""
         if type(frame) is bytes:
             try:

@@ -16,9 +16,6 @@ from structlog.typing import EventDict, WrappedLogger
 
 from .record import Fields, Refusal
 
-# Keys the daemon writes itself; a kept extra field may not use them.
-RESERVED_KEYS = frozenset({"timestamp", "level", "event", "peer", "listener", "client"})
-
 
 def _put_first(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
     """Stable key order: timestamp, level, event, then the fields as given."""

@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from nio_logd.config import Settings, find_config, load_file, load_settings, parse_address
 from nio_logd.errors import ConfigError
-
-from conftest import REPO
 
 
 def nio(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

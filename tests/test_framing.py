@@ -72,9 +72,9 @@ def test_records_are_the_non_blank_lines(lines: list[bytes], cuts: list[int]) ->
     data = b"\n".join(lines)
     expected = []
     for line in lines:
-        line = line[:-1] if line.endswith(b"\r") else line
-        if line.strip():
-            expected.append(line)
+        cleaned = line[:-1] if line.endswith(b"\r") else line
+        if cleaned.strip():
+            expected.append(cleaned)
     assert frame_all(split(data, cuts), 100) == expected
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import orjson
 import pytest
@@ -31,7 +31,7 @@ def test_seed_client_record_is_accepted_and_time_stays_naive() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("2026-11-29T12:00:00Z", datetime(2026, 11, 29, 12, tzinfo=timezone.utc)),
+        ("2026-11-29T12:00:00Z", datetime(2026, 11, 29, 12, tzinfo=UTC)),
         ("2026-11-29T12:00:00.5+02:00", datetime(2026, 11, 29, 12, 0, 0, 500000, timezone(timedelta(hours=2)))),
         ("2026-11-29t12:00:00", datetime(2026, 11, 29, 12)),
     ],
@@ -108,3 +108,10 @@ def test_valid_records_round_trip_their_fields(user: str, msg: str) -> None:
     out = V.validate(orjson.dumps({"send_user": user, "send_time": "2026-01-02T03:04:05", "send_msg": msg}))
     assert isinstance(out, dict), out
     assert out["send_user"] == user and out["send_msg"] == msg
+
+
+@pytest.mark.parametrize("name", ["timestamp", "level", "event", "peer", "listener", "client"])
+def test_kept_extra_field_may_not_use_a_key_the_daemon_writes(name: str) -> None:
+    out = RecordValidator(RecordSettings(extra="keep"), 1024).validate(rec(**{name: "spoofed"}))
+    assert isinstance(out, Refusal)
+    assert out.errors == [{"field": name, "error": "reserved: the daemon writes this key itself"}]

@@ -39,8 +39,55 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_events(settings.daemon.events, settings.daemon.events_level)
-    clean = serve(settings, reload_settings=lambda: _settings(args))
+    after_startup = None
+    if os.geteuid() == 0:  # least privilege: refuse a config others can write; drop to [daemon] user
+        from .daemonize import as_root
+
+        after_startup = as_root(args.config, settings)
+    clean = serve(settings, reload_settings=lambda: _settings(args), after_startup=after_startup)
     return EXIT_OK if clean else EXIT_FAILURE
+
+
+# -- start / stop / status / reload (the classic daemon) -----------------------------------------
+def cmd_start(args: argparse.Namespace) -> int:
+    from .daemonize import start
+
+    return start(args.config, args.timeout)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from .daemonize import stop
+
+    return stop(_settings(args), args.timeout)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .daemonize import status
+
+    return status(_settings(args))
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from .daemonize import reload
+
+    return reload(_settings(args))
+
+
+def _register_daemon(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser("start", help="start the classic daemon (detaches; returns once it listens)")
+    _common(p)
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait until it listens (default 30)")
+    p.set_defaults(func=cmd_start)
+    p = sub.add_parser("stop", help="stop the classic daemon (SIGTERM) and wait until it has exited")
+    _common(p)
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for it to exit (default 30)")
+    p.set_defaults(func=cmd_stop)
+    p = sub.add_parser("status", help="exit 0 and print the pid if the daemon runs, 3 if not")
+    _common(p)
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("reload", help="SIGHUP: reopen the log files and re-read the config")
+    _common(p)
+    p.set_defaults(func=cmd_reload)
 
 
 # -- check-config ---------------------------------------------------------------------------------
@@ -115,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon (default 10)")
     p.set_defaults(func=cmd_send)
 
+    _register_daemon(sub)
     for register in EXTRA_COMMANDS:
         register(sub)
     return parser

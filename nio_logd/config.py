@@ -164,6 +164,9 @@ class DaemonSettings(_Frozen):
     group: str | None = None
     events: Literal["auto", "json", "console"] = "auto"
     events_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Where the detached daemon (`nio-logd start`) writes its events, which `run` sends to stderr.
+    # None: "nio-logd.events.log" in the folder of [log] path.
+    events_file: str | None = None
 
 
 class MetricsSettings(_Frozen):

@@ -39,3 +39,15 @@ class NotRunningError(NioLogdError):
     """The classic daemon is not running."""
 
     exit_code = EXIT_NOT_RUNNING
+
+
+class AlreadyRunningError(NioLogdError):
+    """`nio-logd start` while the classic daemon named by the pidfile is running."""
+
+    exit_code = EXIT_FAILURE
+
+
+class StopTimeoutError(NioLogdError):
+    """The classic daemon did not exit within the time `nio-logd stop` waits."""
+
+    exit_code = EXIT_FAILURE

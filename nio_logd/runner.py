@@ -8,6 +8,7 @@ or SIGINT starts a graceful shutdown; a second one during it forces the end.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import selectors
 import signal
@@ -16,11 +17,16 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from .config import Settings
-from .events import get_logger
+from .events import configure_events, get_logger
 from .notify import Notifier
+from .record import RecordValidator
 from .server import Server
+
+if TYPE_CHECKING:
+    from .ioloop import IOLoop
 
 log = get_logger()
 
@@ -79,16 +85,21 @@ def serve(
     *,
     on_ready: Callable[[Server], None] | None = None,
     reload_settings: Callable[[], Settings] | None = None,
+    after_startup: Callable[[Server], None] | None = None,
 ) -> bool:
     """Serve until SIGTERM/SIGINT; True if every record received was written before exit.
 
-    Raises StartupError (or ConfigError) before serving if the daemon cannot start.
+    ``after_startup`` runs once the sockets are bound and the files open, before any I/O thread
+    reads a byte from a client (the privilege drop). Raises StartupError (or ConfigError) before
+    serving if the daemon cannot start.
     """
     notifier = Notifier()
     catcher = SignalCatcher((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
     try:
         server = Server(settings)
         server.startup()
+        if after_startup is not None:
+            after_startup(server)
         server.start()
         log.info("ready", pid=os.getpid(), config=settings.source,
                  messages=str(settings.resolve(settings.log.path)),
@@ -152,12 +163,81 @@ def _writer_healthy(server: Server, interval: float) -> bool:
     return writer.depth == 0 or time.monotonic() - writer.last_progress < 2 * interval
 
 
+# The settings SIGHUP applies to the running daemon. Every other key (listeners, log paths and
+# file mode, I/O threads, metrics, pidfile, user) needs a restart: re-binding, other files, other
+# threads or another user. Record rules and limits apply to records and connections from then on.
+HOT_SETTINGS = frozenset({
+    "record.max_user_chars", "record.max_msg_chars", "record.extra",
+    "limits.max_record_bytes",  # for new connections
+    "limits.max_connections", "limits.max_connections_per_client", "limits.idle_timeout",
+    "limits.queue_bytes",
+    "log.reject_raw_bytes", "log.durability", "log.fsync_max_wait", "log.rotate_bytes", "log.rotate_keep",
+    "server.shutdown_timeout",
+    "daemon.events", "daemon.events_level",
+})
+
+
+def _flatten(settings: Settings) -> dict[str, Any]:
+    """``{"section.key": value}`` (top-level lists such as ``listeners`` as one key)."""
+    flat: dict[str, Any] = {}
+    for name, value in settings.model_dump(mode="json", exclude={"base_dir", "source"}).items():
+        if isinstance(value, dict):
+            flat.update((f"{name}.{key}", v) for key, v in value.items())
+        else:
+            flat[name] = value
+    return flat
+
+
+def _merge(old: Settings, new: Settings, keys: set[str]) -> Settings:
+    """``old`` with the values of ``keys`` (hot ``section.key`` names) taken from ``new``."""
+    sections: dict[str, Any] = {}
+    for key in keys:
+        section, _, name = key.partition(".")
+        updates = sections.setdefault(section, {})
+        updates[name] = getattr(getattr(new, section), name)
+    update = {section: getattr(old, section).model_copy(update=u) for section, u in sections.items()}
+    return old.model_copy(update={**update, "source": new.source})
+
+
+def _set_loop(loop: IOLoop, validator: RecordValidator, idle_timeout: float, raw_limit: int) -> None:
+    """On the loop's own thread, between two passes: nothing is half-rendered."""
+    loop.validate = validator.validate
+    loop.idle_timeout = idle_timeout
+    loop.renderer.raw_limit = raw_limit
+
+
 def _reload(server: Server, reload_settings: Callable[[], Settings]) -> None:
     try:
         new = reload_settings()
     except Exception as exc:  # noqa: BLE001 - a bad file on reload must not take the daemon down
         log.error("reload_failed", error=str(exc), action="keeping the current settings")
         return
-    if new.listeners != server.settings.listeners:
-        log.warning("reload_partial", reason="listeners change only with a restart")
-    log.info("reloaded", config=new.source)
+    old = server.settings
+    before, after = _flatten(old), _flatten(new)
+    changed = {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
+    hot = changed & HOT_SETTINGS
+    restart = changed - HOT_SETTINGS
+    if restart:
+        log.warning("reload_needs_restart", keys=sorted(restart),
+                    action="kept the running values; restart the daemon to apply them")
+    if not hot:
+        log.info("reloaded", config=new.source, applied=[])
+        return
+    merged = _merge(old, new, hot)
+    if any(key.startswith("record.") for key in hot) or "limits.max_record_bytes" in hot:
+        server.validator = RecordValidator(merged.record, merged.limits.max_record_bytes)
+    server.settings = merged  # admission limits and the shutdown deadline read it each time
+    for loop in server.loops:
+        loop.call_soon_threadsafe(functools.partial(
+            _set_loop, loop, server.validator, merged.limits.idle_timeout, merged.log.reject_raw_bytes
+        ))
+    writer = server.writer  # plain attributes the writer thread reads before each batch
+    writer.high_water = merged.limits.queue_bytes
+    writer.fsync = merged.log.durability == "fsync"
+    writer.fsync_max_wait = merged.log.fsync_max_wait
+    writer.rotate_bytes = merged.log.rotate_bytes
+    writer.rotate_keep = merged.log.rotate_keep
+    if "daemon.events" in hot or "daemon.events_level" in hot:
+        configure_events(merged.daemon.events, merged.daemon.events_level)
+    log.info("reloaded", config=new.source,
+             applied={key: after[key] for key in sorted(hot)})

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
 
@@ -103,6 +103,12 @@ class TLSSettings(_Frozen):
     ca: str | None = None
     require_client_cert: bool = False
 
+    @model_validator(mode="after")
+    def _ca_for_client_certs(self) -> TLSSettings:
+        if self.require_client_cert and not self.ca:
+            raise ValueError("require_client_cert needs ca (the CA that signs the client certificates)")
+        return self
+
 
 class ListenerSettings(_Frozen):
     """One listening socket."""
@@ -115,6 +121,15 @@ class ListenerSettings(_Frozen):
     @property
     def parsed(self) -> Address:
         return parse_address(self.address)
+
+    @model_validator(mode="after")
+    def _tcp_only_options(self) -> ListenerSettings:
+        if self.address.startswith("unix://"):
+            if self.tls is not None:
+                raise ValueError("tls: TLS is for tcp:// listeners, not unix:// ones")
+            if self.allow:
+                raise ValueError("allow: allowed networks are for tcp:// listeners, not unix:// ones")
+        return self
 
 
 class LogSettings(_Frozen):

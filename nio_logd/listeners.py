@@ -124,6 +124,7 @@ def inherited_sockets() -> list[socket.socket]:
         os.environ.pop(var, None)
     socks = []
     for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        os.set_inheritable(fd, False)  # as sd_listen_fds() does: not passed on to children
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
         socks.append(sock)
@@ -144,6 +145,10 @@ def _match_inherited(settings: Settings, socks: list[socket.socket]) -> list[Lis
     for sock in socks:
         if sock.type != socket.SOCK_STREAM:
             raise StartupError(f"systemd passed fd {sock.fileno()}, which is not a stream socket")
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise StartupError(
+                f"systemd passed fd {sock.fileno()}, which is not a listening socket (Accept=yes is not supported)"
+            )
         addr = _sock_address(sock)
         ls = by_address.get(str(addr), settings.listeners[0])
         out.append(Listener(sock, ls, str(addr)))

@@ -104,7 +104,7 @@ def start(explicit_config: str | None, timeout: float) -> int:
         code = EXIT_FAILURE
         try:
             code = _child(settings, path, identity, pidfile, ready_w)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - the child never returns: print, then _exit
             traceback.print_exc()  # to the events file once detached, else to the terminal
         finally:
             try:

@@ -310,7 +310,8 @@ def test_sigterm_during_a_stream_writes_everything_received(tmp_path: Path, ctl_
     assert not ctl.pidfile.exists()
 
 
-def test_second_sigterm_forces_the_end(tmp_path: Path, daemon_factory: Any) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_second_signal_forces_the_end(tmp_path: Path, daemon_factory: Any, signum: int) -> None:
     """A drain that cannot finish (a client that never reads its acks) ends at the second signal."""
     port = free_port()
     config = write_config(
@@ -319,32 +320,13 @@ def test_second_sigterm_forces_the_end(tmp_path: Path, daemon_factory: Any) -> N
         server={"shutdown_timeout": 3600.0},
     )
     d: DaemonProcess = daemon_factory(config)
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.connect(("127.0.0.1", port))
-    s.setblocking(False)
-    # Refused records with a long unknown key: each nack is larger than the record sent.
-    bad = json.dumps({"send_user": "u", "send_time": "2026-11-29 12:00:00", "send_msg": "m",
-                      "k" * 4000: 1}).encode() + b"\n"
-    sent = 0
-    stalled_since: float | None = None
-    while True:
-        try:
-            sent += s.send(bad)
-            stalled_since = None
-        except BlockingIOError:
-            # The daemon stopped reading us because we do not read our acks: the drain will wait.
-            if stalled_since is None:
-                stalled_since = time.monotonic()
-            elif time.monotonic() - stalled_since > 1.0:
-                break
-            time.sleep(0.05)
+    s = _stall_a_drain(port)
     try:
-        d.signal(signal.SIGTERM)
+        d.signal(signum)
         wait_for(lambda: d.event("stopping"))
         time.sleep(1.0)
         assert d.proc.poll() is None, "the drain should still be waiting for the client to read"
-        d.signal(signal.SIGTERM)
+        d.signal(signum)
         code = d.proc.wait(60)  # far less than shutdown_timeout: the second signal forced the end
     finally:
         s.close()
@@ -352,7 +334,6 @@ def test_second_sigterm_forces_the_end(tmp_path: Path, daemon_factory: Any) -> N
     ev = d.event("stopped")
     assert ev is not None
     assert ev["clean"] is False
-    assert sent > 0
 
 
 def test_sighup_applies_hot_settings_and_names_those_needing_restart(tmp_path: Path, ctl_factory: Any) -> None:
@@ -435,3 +416,51 @@ def test_config_writable_by_others_is_refused_by_start(tmp_path: Path, ctl_facto
     assert result.returncode == 78
     assert f"folder {tmp_path} is writable by its group and other users" in result.stderr
     assert stat.S_IMODE(config.stat().st_mode) == 0o644
+
+
+def _stall_a_drain(port: int) -> socket.socket:
+    """A client that sends refused records (each nack larger than the record) and never reads:
+    the daemon stops reading it once its unsent answers pile up, and a drain cannot finish."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.setblocking(False)
+    bad = json.dumps({"send_user": "u", "send_time": "2026-11-29 12:00:00", "send_msg": "m",
+                      "k" * 4000: 1}).encode() + b"\n"
+    stalled_since: float | None = None
+    while True:
+        try:
+            s.send(bad)
+            stalled_since = None
+        except BlockingIOError:
+            if stalled_since is None:
+                stalled_since = time.monotonic()
+            elif time.monotonic() - stalled_since > 1.0:
+                return s
+            time.sleep(0.05)
+
+
+def test_stop_times_out_then_a_second_stop_forces(tmp_path: Path, ctl_factory: Any) -> None:
+    """stop --timeout fails (non-zero, the pid named) if the daemon is still draining; stop again
+    sends the second SIGTERM, which forces the end."""
+    port = free_port()
+    config = _config(tmp_path, listeners=[{"address": f"tcp://127.0.0.1:{port}", "ack": True}],
+                     server={"shutdown_timeout": 3600.0})
+    ctl = ctl_factory(config)
+    assert ctl("start").returncode == 0
+    pid = ctl.pid()
+    s = _stall_a_drain(port)
+    try:
+        first = ctl("stop", "--timeout", "2")
+        assert first.returncode == 1
+        assert f"pid {pid} is still running 2 s after SIGTERM" in first.stderr
+        assert is_alive(pid)
+        assert ctl("status").returncode == 0
+        second = ctl("stop")
+        assert second.returncode == 0, second.stderr
+    finally:
+        s.close()
+    assert not is_alive(pid)
+    assert ctl.event("stopped")["clean"] is False
+    assert ctl.event("daemon_exited")["code"] == 1
+    assert not ctl.pidfile.exists()

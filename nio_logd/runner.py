@@ -170,7 +170,6 @@ HOT_SETTINGS = frozenset({
     "record.max_user_chars", "record.max_msg_chars", "record.extra",
     "limits.max_record_bytes",  # for new connections
     "limits.max_connections", "limits.max_connections_per_client", "limits.idle_timeout",
-    "limits.queue_bytes",
     "log.reject_raw_bytes", "log.durability", "log.fsync_max_wait", "log.rotate_bytes", "log.rotate_keep",
     "server.shutdown_timeout",
     "daemon.events", "daemon.events_level",
@@ -221,7 +220,7 @@ def _reload(server: Server, reload_settings: Callable[[], Settings]) -> None:
         log.warning("reload_needs_restart", keys=sorted(restart),
                     action="kept the running values; restart the daemon to apply them")
     if not hot:
-        log.info("reloaded", config=new.source, applied=[])
+        log.info("reloaded", config=new.source, applied={})
         return
     merged = _merge(old, new, hot)
     if any(key.startswith("record.") for key in hot) or "limits.max_record_bytes" in hot:
@@ -232,7 +231,6 @@ def _reload(server: Server, reload_settings: Callable[[], Settings]) -> None:
             _set_loop, loop, server.validator, merged.limits.idle_timeout, merged.log.reject_raw_bytes
         ))
     writer = server.writer  # plain attributes the writer thread reads before each batch
-    writer.high_water = merged.limits.queue_bytes
     writer.fsync = merged.log.durability == "fsync"
     writer.fsync_max_wait = merged.log.fsync_max_wait
     writer.rotate_bytes = merged.log.rotate_bytes

@@ -10,24 +10,38 @@ so they are answered in order and only after the write (or fsync).
 
 Backpressure: when the writer's queue is over its bound the loop drops read interest on every
 connection (the kernel then applies TCP flow control to the clients) until the writer calls
-``resume_reading``. The loop sleeps in ``select()`` with no timeout when it has no connections,
-so an idle daemon uses no CPU.
+``resume_reading``. A pass hands its batch over early once it holds ``pass_limit`` bytes, so
+one pass over thousands of ready sockets cannot overshoot the bound by much; a connection whose
+unsent acks pile up (a client that does not read them) is not read either. With ``rate_limit``
+each connection has a token bucket (records/s, burst one second's worth): frames beyond its
+tokens wait in the connection and its read interest is dropped until a timer (``call_later``,
+a heap consulted for the select timeout) releases them, so a fast client is slowed, not cut.
+The loop sleeps in ``select()`` with no timeout when it has no connections and no timers, so an
+idle daemon uses no CPU.
+
+Shutdown (``begin_drain``): stop accepting; every connection is read until it has delivered the
+bytes that were in its kernel receive buffer when the drain began (FIONREAD) and then has been
+quiet for ``DRAIN_QUIET`` seconds (or ``drain_window`` has passed, or the client closed); those
+records are written and acked; then the connection is closed.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
+import fcntl
 import functools
+import heapq
 import selectors
 import socket
+import termios
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .events import get_logger
-from .framing import LineFramer
+from .framing import Frame, LineFramer
 from .record import Refusal
 from .sink import Batch
 
@@ -41,6 +55,17 @@ READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
 RECV_BYTES = 256 * 1024
 ACCEPTS_PER_EVENT = 256
+OUT_LIMIT = 1 << 20  # unsent ack bytes past which a connection is not read (its client must read them)
+DRAIN_QUIET = 0.2  # at shutdown, a connection silent this long has sent all it is going to
+
+
+def _bytes_waiting(sock: socket.socket) -> int:
+    """Bytes in the socket's kernel receive buffer (FIONREAD); 0 if the kernel will not say."""
+    try:
+        buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int.from_bytes(buf, "little", signed=True)
 
 
 def _peer_name(sock: socket.socket, family: int) -> str:
@@ -60,11 +85,13 @@ class Connection:
         "ack",
         "client_host",
         "closed",
+        "drain_owed",
         "draining",
         "eof",
         "events",
         "fd",
         "framer",
+        "held",
         "in_flight",
         "last_active",
         "listener",
@@ -73,6 +100,8 @@ class Connection:
         "peer",
         "seq",
         "sock",
+        "tokens",
+        "tokens_at",
     )
 
     def __init__(self, loop: IOLoop, sock: socket.socket, listener: Listener, peer: str, host: str) -> None:
@@ -92,13 +121,17 @@ class Connection:
         self.draining = False
         self.last_active = time.monotonic()
         self.events = 0
+        self.drain_owed = 0  # at shutdown: bytes the kernel held for us when the drain began
+        self.tokens = loop.rate_burst  # rate limit: records this connection may send now
+        self.tokens_at = self.last_active
+        self.held: list[Frame] = []  # rate limit: frames read but waiting for tokens
 
     def __repr__(self) -> str:
         return f"<Connection {self.peer} on {self.listener.name} seq={self.seq} in_flight={self.in_flight}>"
 
     def wanted_events(self) -> int:
         events = 0
-        if not self.eof and not self.draining and not self.loop.paused:
+        if not self.eof and not self.draining and not self.loop.paused and not self.held and len(self.out) < OUT_LIMIT:
             events |= READ
         if self.out:
             events |= WRITE
@@ -120,7 +153,8 @@ class Connection:
         self.events = wanted
 
     def on_event(self, mask: int) -> None:
-        if mask & READ:
+        # Interest may have been dropped earlier in this pass (pause, rate limit): then do not read.
+        if mask & READ and self.events & READ:
             self.on_readable()
         if mask & WRITE and not self.closed:
             self.flush()
@@ -135,21 +169,31 @@ class Connection:
             log.debug("connection_error", peer=self.peer, error=exc.strerror)
             self.close()
             return
-        self.last_active = self.loop.now
+        loop = self.loop
+        self.last_active = loop.now
         if data:
-            self.loop.stats["bytes_in"] += len(data)
+            n = len(data)
+            loop.stats["bytes_in"] += n
+            loop.pass_bytes += n
+            if self.drain_owed > 0:
+                self.drain_owed -= n
             frames = self.framer.feed(data)
         else:
             frames = self.framer.eof()
             self.eof = True
         if frames:
-            self.loop.take_frames(self, frames)
+            if loop.rate and not loop.stopping:
+                frames = loop.rate_gate(self, frames)
+            if frames:
+                loop.take_frames(self, frames)
         if self.eof:
             self.finish_if_done()
+        if loop.pass_bytes >= loop.pass_limit:
+            loop._flush_batch()  # hand over early: the writer's bound holds even on a huge pass
 
     def finish_if_done(self) -> None:
         """After EOF (or a drain): close once every ack owed has been sent."""
-        if self.closed:
+        if self.closed or self.held:
             return
         if not self.ack or not self.owes_acks:
             self.close()
@@ -178,7 +222,7 @@ class Connection:
                 self.close()
                 return
             del self.out[:n]
-        if (self.eof or self.draining) and not self.owes_acks:
+        if (self.eof or self.draining) and not self.owes_acks and not self.held:
             self.close()
             return
         self.update_events()
@@ -224,6 +268,17 @@ class IOLoop:
         self._next_loop = 0
         self.stats: collections.Counter[str] = collections.Counter()
         self.refused_by_reason: collections.Counter[str] = collections.Counter()
+        self.connections_refused_by_reason: collections.Counter[str] = collections.Counter()
+        # Bytes read in this pass; past pass_limit the batch goes to the writer before the pass ends.
+        self.pass_bytes = 0
+        self.pass_limit = max(RECV_BYTES, min(settings.limits.queue_bytes // 4, 8 << 20))
+        self.rate = settings.limits.rate_limit  # records/s per connection; 0 = off
+        self.rate_burst = max(1.0, self.rate)
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = 0
+        self.drain_until = 0.0
+        self._pause_logged = False
+        self._pause_logged_at = -1e9
 
     def __repr__(self) -> str:
         return f"<IOLoop {self.index} connections={len(self.connections)} paused={self.paused}>"
@@ -252,24 +307,33 @@ class IOLoop:
     def run(self) -> None:
         select = self.selector.select
         last_sweep = time.monotonic()
+        sweep_every = min(1.0, self.idle_timeout / 4)
+        timers = self._timers
         try:
             while True:
-                timeout = None
-                if self.connections and not self.stopping:
-                    timeout = min(1.0, self.idle_timeout / 4)
-                elif self.stopping:
+                timeout: float | None = None
+                if self.stopping:
                     if not self.connections:
                         break
-                    timeout = 0.1
+                    timeout = 0.05
+                elif self.connections:
+                    timeout = sweep_every
+                if timers:
+                    wait = max(0.0, timers[0][0] - time.monotonic())
+                    timeout = wait if timeout is None else min(timeout, wait)
                 events = select(timeout)
                 self.now = time.monotonic()
                 for key, mask in events:
                     key.data(mask)
+                if timers:
+                    self._run_timers()
                 self._flush_batch()
                 while self._calls:
                     self._calls.popleft()()
                 self._flush_batch()
-                if self.now - last_sweep >= 1.0 or (timeout and not events):
+                if self.stopping:
+                    self._drain_check()
+                elif self.now - last_sweep >= sweep_every:
                     last_sweep = self.now
                     self._sweep_idle()
         except Exception:
@@ -281,6 +345,18 @@ class IOLoop:
             self.selector.close()
             self._wake_r.close()
             self._wake_w.close()
+
+    # -- timers (loop thread only) ----------------------------------------------------------------
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop thread ``delay`` seconds from now."""
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (time.monotonic() + delay, self._timer_seq, fn))
+
+    def _run_timers(self) -> None:
+        timers = self._timers
+        now = time.monotonic()
+        while timers and timers[0][0] <= now:
+            heapq.heappop(timers)[2]()
 
     def _on_wake(self, _mask: int) -> None:
         try:
@@ -315,6 +391,7 @@ class IOLoop:
             refusal = server.admit(listener, host)
             if refusal:
                 self.stats["connections_refused"] += 1
+                self.connections_refused_by_reason[refusal] += 1
                 server.note_refused_connection(refusal, listener, peer)
                 try:
                     sock.close()
@@ -339,9 +416,7 @@ class IOLoop:
             if not self.stopping:
                 self.selector.register(listener.sock, READ, lambda _mask: self._accept(listener))
 
-        timer = threading.Timer(seconds, self.call_soon_threadsafe, (accept_again,))
-        timer.daemon = True
-        timer.start()
+        self.call_later(seconds, accept_again)
 
     def adopt(self, sock: socket.socket, listener: Listener, peer: str, host: str) -> None:
         """Take a freshly accepted socket into this loop."""
@@ -403,6 +478,7 @@ class IOLoop:
         self.refused_by_reason[refusal.reason] += 1
 
     def _flush_batch(self) -> None:
+        self.pass_bytes = 0
         messages, rejects = self.renderer.take()
         acks = self.pending_acks
         if not messages and not rejects and not acks:
@@ -413,6 +489,53 @@ class IOLoop:
         batch = Batch(self, messages, rejects, acks or None)
         if self.server.writer.submit(batch) and not self.paused:
             self._pause()
+
+    # -- rate limit --------------------------------------------------------------------------------
+    def rate_gate(self, conn: Connection, frames: list[Frame]) -> list[Frame]:
+        """The frames ``conn``'s token bucket covers now; the rest wait in ``conn.held`` (not read)."""
+        if conn.held:  # keep the order: nothing may overtake frames already waiting
+            conn.held += frames
+            return []
+        now = self.now
+        tokens = min(self.rate_burst, conn.tokens + (now - conn.tokens_at) * self.rate)
+        conn.tokens_at = now
+        n = len(frames)
+        if n <= tokens:
+            conn.tokens = tokens - n
+            return frames
+        allowed = max(0, int(tokens))
+        conn.tokens = tokens - allowed
+        conn.held = frames[allowed:]
+        self.stats["rate_limited"] += 1
+        conn.update_events()  # no more reading until the bucket refills: TCP slows the client down
+        self._schedule_release(conn)
+        return frames[:allowed]
+
+    def _schedule_release(self, conn: Connection) -> None:
+        need = min(len(conn.held), self.rate_burst)
+        self.call_later(max(0.001, (need - conn.tokens) / self.rate), functools.partial(self._release, conn))
+
+    def _release(self, conn: Connection) -> None:
+        """Timer: let a rate-limited connection's waiting frames through as its tokens allow."""
+        if conn.closed or not conn.held:
+            return
+        now = time.monotonic()
+        tokens = min(self.rate_burst, conn.tokens + (now - conn.tokens_at) * self.rate)
+        conn.tokens_at = now
+        allowed = int(tokens)
+        if allowed > 0:
+            frames, conn.held = conn.held[:allowed], conn.held[allowed:]
+            conn.tokens = tokens - len(frames)
+            conn.last_active = now  # waiting for tokens is not the client's idleness
+            self.take_frames(conn, frames)
+        else:
+            conn.tokens = tokens
+        if conn.held:
+            self._schedule_release(conn)
+        elif conn.eof:
+            conn.finish_if_done()
+        else:
+            conn.update_events()
 
     def _complete(self, batch: Batch) -> None:
         if not batch.acks:
@@ -426,10 +549,25 @@ class IOLoop:
         self.paused = True
         self.paused_since = time.monotonic()
         self.stats["pauses"] += 1
-        log.warning("reading_paused", loop=self.index, queue_bytes=self.server.writer.depth,
-                    reason="the writer is behind; clients wait in TCP")
+        self._pause_logged = False
         for conn in self.connections:
             conn.update_events()
+        # Under a steady overload pauses come many times a second: log an edge at most once a
+        # second, and a pause that outlasts that second in any case (metrics count every one).
+        if self.paused_since - self._pause_logged_at >= 1.0:
+            self._log_pause()
+        else:
+            pause_number = self.stats["pauses"]
+            self.call_later(1.0, lambda: self._log_pause(pause_number))
+
+    def _log_pause(self, pause_number: int = 0) -> None:
+        if not self.paused or self._pause_logged or (pause_number and pause_number != self.stats["pauses"]):
+            return
+        self._pause_logged = True
+        self._pause_logged_at = time.monotonic()
+        writer = self.server.writer
+        log.warning("reading_paused", loop=self.index, queue_bytes=writer.depth, queue_limit=writer.high_water,
+                    pauses=self.stats["pauses"], reason="the writer is behind; clients wait in TCP")
 
     def _resume(self) -> None:
         if not self.paused:
@@ -437,10 +575,20 @@ class IOLoop:
         self.paused = False
         paused_for = time.monotonic() - self.paused_since
         self.stats["paused_seconds_x1000"] += int(paused_for * 1000)
-        log.info("reading_resumed", loop=self.index, paused_seconds=round(paused_for, 3))
+        if self._pause_logged or paused_for >= 1.0:
+            log.info("reading_resumed", loop=self.index, paused_seconds=round(paused_for, 3),
+                     pauses=self.stats["pauses"])
         for conn in list(self.connections):
             conn.last_active = self.now  # time spent paused is not the client's idleness
             conn.update_events()
+
+    def paused_seconds(self) -> float:
+        """Seconds spent paused by backpressure, the current pause included (any thread)."""
+        total = self.stats["paused_seconds_x1000"] / 1000
+        since = self.paused_since
+        if self.paused:
+            total += max(0.0, time.monotonic() - since)
+        return total
 
     def _sweep_idle(self) -> None:
         if self.paused or self.stopping:
@@ -448,8 +596,9 @@ class IOLoop:
         deadline = self.now - self.idle_timeout
         idle = [c for c in self.connections if c.last_active < deadline and not c.out]
         for conn in idle:
-            if conn.in_flight:
+            if conn.in_flight or conn.held:
                 continue
+
             self.stats["idle_closed"] += 1
             log.info("idle_closed", peer=conn.peer, listener=conn.listener.name,
                      idle_timeout=self.idle_timeout)
@@ -457,44 +606,52 @@ class IOLoop:
 
     # -- shutdown ---------------------------------------------------------------------------------
     def begin_drain(self) -> None:
-        """Stop accepting; take what clients already sent; finish acks; then the loop ends."""
+        """Stop accepting; keep reading what clients already sent; finish acks; then the loop ends.
+
+        A connection is read until it has delivered the bytes its kernel buffer held now, and then
+        until it is quiet for DRAIN_QUIET seconds (or closes); past ``drain_until`` only the bytes
+        held now are still read. Backpressure still applies, so memory stays bounded.
+        """
         self.stopping = True
         for listener in self.listeners:
             try:
                 self.selector.unregister(listener.sock)
             except (KeyError, ValueError):
                 pass
+        self.now = time.monotonic()
+        self.drain_until = self.now + self.server.settings.server.shutdown_timeout / 2
+        for conn in list(self.connections):
+            if conn.held:  # rate-limited frames were received before the stop: they are written now
+                frames, conn.held = conn.held, []
+                self.take_frames(conn, frames)
+            if conn.eof:
+                conn.finish_if_done()
+            else:
+                conn.drain_owed = _bytes_waiting(conn.sock)
+                conn.update_events()
+        self._flush_batch()
+        self._drain_check()
+
+    def _drain_check(self) -> None:
+        """While stopping: stop reading connections that have sent everything they are going to."""
+        quiet_before = self.now - DRAIN_QUIET
+        late = self.now >= self.drain_until
         dropped = 0
         for conn in list(self.connections):
-            # Read what is already in the kernel's buffer: those records were sent before the stop.
-            for _ in range(64):
-                if conn.eof or conn.closed:
-                    break
-                try:
-                    data = conn.sock.recv(RECV_BYTES)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    conn.close()
-                    break
-                if data:
-                    frames = conn.framer.feed(data)
-                else:
-                    frames = conn.framer.eof()
-                    conn.eof = True
-                if frames:
-                    self.take_frames(conn, frames)
-            if not conn.closed:
-                dropped += conn.framer.buffered and 1
+            if conn.draining or conn.eof or conn.closed:
+                continue
+            if conn.drain_owed <= 0 and (late or conn.last_active <= quiet_before):
                 conn.draining = True
-        self._flush_batch()
-        for conn in list(self.connections):
-            conn.finish_if_done()
-            if not conn.closed:
-                conn.flush()
+                if conn.framer.buffered:
+                    dropped += 1
+                conn.finish_if_done()
+                if not conn.closed:
+                    conn.flush()
         if dropped:
+            self.stats["incomplete_dropped"] += dropped
             log.warning("incomplete_records_dropped", loop=self.index, count=dropped,
                         reason="no newline and no end of stream when the daemon stopped")
+
 
     def force_close(self) -> None:
         for conn in list(self.connections):

@@ -17,6 +17,7 @@ from .errors import StartupError
 from .events import get_logger
 from .ioloop import IOLoop
 from .listeners import Listener, bind, describe
+from .metrics import MetricsServer
 from .record import RecordValidator
 from .render import Renderer
 from .sink import Writer
@@ -41,6 +42,8 @@ class Server:
             rotate_bytes=log_settings.rotate_bytes,
             rotate_keep=log_settings.rotate_keep,
         )
+        self.metrics: MetricsServer | None = None
+        self.stopping = False
         self.listeners: list[Listener] = []
         self.loops: list[IOLoop] = []
         self._conn_lock = threading.Lock()
@@ -66,6 +69,13 @@ class Server:
         self.loops = [IOLoop(self, i) for i in range(self.settings.server.io_threads)]
         for listener in self.listeners:
             self.loops[0].add_listener(listener)
+        if self.settings.metrics.address:
+            try:
+                self.metrics = MetricsServer(self, self.settings.metrics.address)
+            except StartupError:
+                for listener in self.listeners:
+                    listener.close()
+                raise
 
     def start(self) -> None:
         self.writer.start()
@@ -73,6 +83,8 @@ class Server:
             loop.start()
         for listener in self.listeners:
             log.info("listening", address=describe(listener), ack=listener.settings.ack)
+        if self.metrics is not None:
+            self.metrics.start()
 
     def addresses(self) -> list[str]:
         return [describe(listener) for listener in self.listeners]
@@ -81,6 +93,7 @@ class Server:
         """Drain and stop; True if everything received was written within the time allowed."""
         timeout = self.settings.server.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
+        self.stopping = True
         for loop in self.loops:
             loop.call_soon_threadsafe(loop.begin_drain)
         clean = True
@@ -98,6 +111,8 @@ class Server:
             listener.close()
         left = max(0.5, deadline - time.monotonic())
         written = self.writer.stop(left if force is None or not force.is_set() else 0.5)
+        if self.metrics is not None:
+            self.metrics.close()
         return clean and written
 
     # -- connection admission ------------------------------------------------------------------------
@@ -136,21 +151,52 @@ class Server:
         """Counters summed over the loops (read without locks: each is a plain int)."""
         totals: collections.Counter[str] = collections.Counter()
         reasons: collections.Counter[str] = collections.Counter()
+        conn_reasons: collections.Counter[str] = collections.Counter()
+        now = time.monotonic()
+        paused_loops = 0
+        paused_seconds = paused_now = 0.0
+        threads_alive = self.writer.alive or not self.loops
         for loop in self.loops:
-            totals.update(loop.stats)
-            reasons.update(loop.refused_by_reason)
+            # dict() copies in C, holding the GIL: safe while the loop thread adds a key.
+            totals.update(dict(loop.stats))
+            reasons.update(dict(loop.refused_by_reason))
+            conn_reasons.update(dict(loop.connections_refused_by_reason))
+            paused_seconds += loop.paused_seconds()
+            if loop.paused:
+                paused_loops += 1
+                paused_now = max(paused_now, now - loop.paused_since)
+            threads_alive = threads_alive and loop.thread is not None and loop.thread.is_alive()
+        writer = self.writer
+        failing_since = writer.failing_since
         return {
             "connections": self.open_connections,
             "connections_total": totals["connections_total"],
             "connections_refused": totals["connections_refused"],
+            "connections_refused_by_reason": dict(conn_reasons),
             "accepted": totals["accepted"],
             "refused": totals["refused"],
             "refused_by_reason": dict(reasons),
             "bytes_in": totals["bytes_in"],
-            "queue_bytes": self.writer.depth,
-            "written": self.writer.written_records,
-            "paused": any(loop.paused for loop in self.loops),
+            "queue_bytes": writer.depth,
+            "queue_records": writer.queued_records,
+            "queue_limit": writer.high_water,
+            "written": writer.written_records,
+            "rejects_written": writer.written_rejects,
+            "write_errors": writer.write_errors,
+            "write_failing_seconds": 0.0 if failing_since is None else max(0.0, now - failing_since),
+            "last_write_error": writer.last_error,
+            "writer_stalled_seconds": writer.stalled_seconds(),
+            "write_hist": writer.write_hist,
+            "fsync_hist": writer.fsync_hist,
+            "paused": paused_loops > 0,
+            "paused_loops": paused_loops,
+            "paused_now_seconds": paused_now,
+            "paused_seconds": paused_seconds,
             "pauses": totals["pauses"],
+            "rate_limited": totals["rate_limited"],
+            "incomplete_dropped": totals["incomplete_dropped"],
+            "threads_alive": threads_alive,
+            "stopping": self.stopping,
             "idle_closed": totals["idle_closed"],
         }
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .events import get_logger
+from .metrics import LatencyHistogram
 
 log = get_logger()
 
@@ -62,13 +63,14 @@ class Batch:
 class LogFile:
     """One append-only log file: whole-line writes, undo on error, reopen, size rotation."""
 
-    __slots__ = ("fd", "mode", "path", "size")
+    __slots__ = ("fd", "mode", "path", "size", "truncate_to")
 
     def __init__(self, path: Path, mode: int) -> None:
         self.path = path
         self.mode = mode
         self.fd = -1
         self.size = 0
+        self.truncate_to = -1  # a failed write whose undo failed too: cut here before the next write
 
     def __repr__(self) -> str:
         return f"<LogFile {self.path} fd={self.fd} size={self.size}>"
@@ -92,9 +94,13 @@ class LogFile:
             os.close(self.fd)
             self.fd = -1
 
-    def write(self, data: bytes) -> None:
-        """Append ``data`` (whole lines) completely, or leave the file as it was and raise OSError."""
+    def write(self, data: bytes) -> int:
+        """Append ``data`` (whole lines) completely and return the size before it, or leave the file
+        as it was and raise OSError."""
         fd = self.fd
+        if self.truncate_to >= 0:
+            os.ftruncate(fd, self.truncate_to)  # raises again if the disk still refuses: retried
+            self.truncate_to = -1
         # The file may have been truncated under us (logrotate copytruncate): ask, do not assume.
         start = os.fstat(fd).st_size
         view = memoryview(data)
@@ -103,12 +109,18 @@ class LogFile:
                 n = os.write(fd, view)
                 view = view[n:]
         except OSError:
-            try:
-                os.ftruncate(fd, start)
-            except OSError:
-                pass
+            self.undo(start)
             raise
         self.size = start + len(data)
+        return start
+
+    def undo(self, start: int) -> None:
+        """Cut a failed write (or an unsynced one) off: the file ends with whole lines again."""
+        try:
+            os.ftruncate(self.fd, start)
+        except OSError:
+            self.truncate_to = start  # done before the next write, which is retried until it works
+        self.size = start
 
     def fsync(self) -> None:
         os.fsync(self.fd)
@@ -174,6 +186,12 @@ class Writer:
         self.written_rejects = 0
         self.write_errors = 0
         self.last_progress = time.monotonic()
+        self.waiting_since = self.last_progress  # when the queue last went from empty to not empty
+        self.queued_records = 0
+        self.failing_since: float | None = None  # a write or fsync keeps failing and is retried
+        self.last_error = ""
+        self.write_hist = LatencyHistogram()
+        self.fsync_hist = LatencyHistogram()
         self.on_progress: Callable[[], None] | None = None
 
     # -- called from other threads -------------------------------------------------------------
@@ -191,7 +209,10 @@ class Writer:
         """Queue a batch; True when the queue is over its bound and the caller must stop reading."""
         with self._cond:
             self._queue.append(batch)
+            if not self._depth:
+                self.waiting_since = time.monotonic()
             self._depth += batch.nbytes
+            self.queued_records += batch.accepted + batch.refused
             over = self._depth >= self.high_water
             if over and batch.owner is not None:
                 self._paused.add(batch.owner)
@@ -201,6 +222,16 @@ class Writer:
     @property
     def depth(self) -> int:
         return self._depth
+
+    def stalled_seconds(self) -> float:
+        """How long records have waited with no write finishing (0 when the queue is empty)."""
+        if not self._depth:
+            return 0.0
+        return max(0.0, time.monotonic() - max(self.last_progress, self.waiting_since))
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def request_reopen(self) -> None:
         with self._cond:
@@ -240,7 +271,11 @@ class Writer:
                     self._gather(self.fsync_max_wait)
                 with self._cond:
                     batches, self._queue = self._queue, []
-                self._write(batches)
+                try:
+                    self._write(batches)
+                except OSError:
+                    self._abandon(batches)  # only when a forced stop gave up on a failing disk
+                    break
         finally:
             self.messages.close()
             self.rejects.close()
@@ -255,29 +290,35 @@ class Writer:
                     break
                 self._cond.wait(left)
 
+    def _abandon(self, batches: list[Batch]) -> None:
+        with self._cond:
+            batches += self._queue
+            self._queue = []
+        lost = sum(b.accepted + b.refused for b in batches)
+        log.error("records_not_written", records=lost, reason="forced stop while the disk was failing; none was acked")
+
     def _write(self, batches: list[Batch]) -> None:
         messages = [line for b in batches for line in b.messages]
         rejects = [line for b in batches for line in b.rejects]
         if messages:
             messages.append(b"")
-            self._write_retrying(self.messages, b"\n".join(messages))
+            self._commit(self.messages, b"\n".join(messages))
         if rejects:
             rejects.append(b"")
-            self._write_retrying(self.rejects, b"\n".join(rejects))
-        if self.fsync:
-            self._retry(self.messages, self.messages.fsync)
-            if rejects:
-                self._retry(self.rejects, self.rejects.fsync)
+            self._commit(self.rejects, b"\n".join(rejects))
         self.written_records += len(messages) - 1 if messages else 0
         self.written_rejects += len(rejects) - 1 if rejects else 0
         self.last_progress = time.monotonic()
         nbytes = 0
+        records = 0
         for batch in batches:
             nbytes += batch.nbytes
+            records += batch.accepted + batch.refused
             if batch.owner is not None:
                 batch.owner.batch_done(batch)
         with self._cond:
             self._depth -= nbytes
+            self.queued_records -= records
             resume = self._paused if self._depth <= self.high_water // 2 else set()
             if resume:
                 self._paused = set()
@@ -291,30 +332,59 @@ class Writer:
                     self._retry(f, lambda f=f: f.rotate(self.rotate_keep))  # type: ignore[misc]
                     log.info("rotated", path=str(f.path), keep=self.rotate_keep)
 
-    def _write_retrying(self, f: LogFile, data: bytes) -> None:
-        self._retry(f, lambda: f.write(data))
+    def _commit(self, f: LogFile, data: bytes) -> None:
+        """Write ``data`` (and fsync it, with durability fsync) or, on failure, undo and retry both."""
+        hist_w, hist_s, sync = self.write_hist, self.fsync_hist, self.fsync
 
-    def _retry(self, f: LogFile, action: Callable[[], None]) -> None:
+        def write_and_sync() -> None:
+            t0 = time.monotonic()
+            start = f.write(data)
+            t1 = time.monotonic()
+            hist_w.observe(t1 - t0)
+            if sync:
+                try:
+                    f.fsync()
+                except OSError:
+                    # After a failed fsync the kernel may have dropped the dirty pages, and a second
+                    # fsync would then "succeed" without them: cut the lines and write them again.
+                    f.undo(start)
+                    raise
+                hist_s.observe(time.monotonic() - t1)
+
+        self._retry(f, write_and_sync)
+
+    def _retry(self, f: LogFile, action: Callable[[], object]) -> None:
         """Run ``action`` until it succeeds, backing off on disk errors (ENOSPC, EIO, ...)."""
         delay = 0.05
         failed_since: float | None = None
+        reminded = 0.0
         while True:
             try:
                 action()
             except OSError as exc:
                 self.write_errors += 1
+                code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                self.last_error = f"{f.path}: {code} ({exc.strerror})"
                 if self._force:
-                    log.error("write_abandoned", path=str(f.path), error=exc.strerror)
+                    log.error("write_abandoned", path=str(f.path), error=exc.strerror, errno=code)
                     raise
+                now = time.monotonic()
                 if failed_since is None:
-                    failed_since = time.monotonic()
+                    failed_since = reminded = now
+                    self.failing_since = now
                     log.error(
                         "write_failed",
                         path=str(f.path),
                         error=exc.strerror,
-                        errno=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
-                        action="retrying; reading from clients pauses until the disk recovers",
+                        errno=code,
+                        records_waiting=self.queued_records,
+                        action="retrying with backoff; nothing is acked and reading from clients pauses "
+                        "until the disk recovers",
                     )
+                elif now - reminded >= 30.0:
+                    reminded = now
+                    log.error("write_still_failing", path=str(f.path), error=exc.strerror, errno=code,
+                              failing_seconds=round(now - failed_since, 1), records_waiting=self.queued_records)
                 with self._cond:
                     self._cond.wait(delay)
                     if self._reopen:  # the operator may have fixed the file: reopen it
@@ -323,8 +393,10 @@ class Writer:
                 delay = min(delay * 2, 2.0)
                 continue
             if failed_since is not None:
+                self.failing_since = None
                 log.warning(
-                    "write_recovered", path=str(f.path), after_seconds=round(time.monotonic() - failed_since, 3)
+                    "write_recovered", path=str(f.path), after_seconds=round(time.monotonic() - failed_since, 3),
+                    errors=self.write_errors,
                 )
             return
 

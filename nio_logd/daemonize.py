@@ -214,8 +214,9 @@ def _child(settings: Settings, path: Path | None, identity: Identity | None, pid
         stdin=None,  # /dev/null
         stdout=None,  # /dev/null: the daemon prints nothing; events go to stderr
         stderr=events_file,
-        # Job control from a terminal must not stop the daemon; SIGTERM/SIGINT/SIGHUP are serve()'s.
-        signal_map={signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None},
+        # Job control from a terminal must not stop the daemon, nor a SIGHUP (logrotate) while it
+        # is still starting. serve() then installs its own SIGTERM/SIGINT/SIGHUP handlers.
+        signal_map={signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None, signal.SIGHUP: None},
     )
     try:
         context.open()

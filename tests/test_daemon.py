@@ -310,7 +310,7 @@ def test_sigterm_during_a_stream_writes_everything_received(tmp_path: Path, ctl_
     assert not ctl.pidfile.exists()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_second_signal_forces_the_end(tmp_path: Path, daemon_factory: Any, signum: int) -> None:
     """A drain that cannot finish (a client that never reads its acks) ends at the second signal."""
     port = free_port()

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from .copytruncate import WriteJournal
 from .events import get_logger
 from .metrics import LatencyHistogram
 
@@ -63,7 +64,7 @@ class Batch:
 class LogFile:
     """One append-only log file: whole-line writes, undo on error, reopen, size rotation."""
 
-    __slots__ = ("fd", "mode", "path", "size", "truncate_to")
+    __slots__ = ("fd", "journal", "mode", "path", "pending", "size", "truncate_to")
 
     def __init__(self, path: Path, mode: int) -> None:
         self.path = path
@@ -71,6 +72,8 @@ class LogFile:
         self.fd = -1
         self.size = 0
         self.truncate_to = -1  # a failed write whose undo failed too: cut here before the next write
+        self.journal = WriteJournal()  # the last bytes written, to repair a copytruncate
+        self.pending = b""  # lines a truncation took, written again before the next write
 
     def __repr__(self) -> str:
         return f"<LogFile {self.path} fd={self.fd} size={self.size}>"
@@ -80,29 +83,52 @@ class LogFile:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, self.mode)
         try:
             size = os.fstat(fd).st_size
+            tail = b""
             if size:
-                size = _repair_tail(fd, size, self.path)
+                size, tail = _repair_tail(fd, size, self.path)
         except BaseException:
             os.close(fd)
             raise
         if self.fd >= 0:
             os.close(self.fd)
         self.fd, self.size = fd, size
+        self.journal.reset(size - len(tail), tail)  # a new file: offsets start again
 
     def close(self) -> None:
         if self.fd >= 0:
+            try:
+                if self.pending or os.fstat(self.fd).st_size < self.size:
+                    self.write(b"")  # lines a copytruncate took: write them now, not never
+            except OSError as exc:
+                log.error("records_not_written", path=str(self.path), bytes=len(self.pending), error=exc.strerror)
             os.close(self.fd)
             self.fd = -1
 
     def write(self, data: bytes) -> int:
-        """Append ``data`` (whole lines) completely and return the size before it, or leave the file
-        as it was and raise OSError."""
+        """Append ``data`` (whole lines) completely and return the offset where it landed (the size
+        before it), or leave the file as it was and raise OSError."""
         fd = self.fd
         if self.truncate_to >= 0:
             os.ftruncate(fd, self.truncate_to)  # raises again if the disk still refuses: retried
             self.truncate_to = -1
         # The file may have been truncated under us (logrotate copytruncate): ask, do not assume.
         start = os.fstat(fd).st_size
+        if start < self.size:
+            self._truncated()
+        if self.pending:
+            pending = self.pending
+            self._remember(self._append(pending, start), pending)
+            self.pending = b""
+            start = self.size
+        landed = self._append(data, start)
+        self._remember(landed, data)
+        return landed
+
+    def _append(self, data: bytes, start: int) -> int:
+        """Append ``data`` completely and return where it landed, or undo to ``start`` and raise."""
+        if not data:
+            return start
+        fd = self.fd
         view = memoryview(data)
         try:
             while view:
@@ -111,8 +137,27 @@ class LogFile:
         except OSError:
             self.undo(start)
             raise
-        self.size = start + len(data)
-        return start
+        # O_APPEND put the data at the end of the file as it was at that moment: ask where.
+        self.size = os.lseek(fd, 0, os.SEEK_CUR)
+        return self.size - len(data)
+
+    def _remember(self, landed: int, data: bytes) -> None:
+        if not data:
+            return
+        if landed < self.journal.end:
+            # Truncated between our fstat and the write: the lines it took go out with the next write.
+            self._truncated()
+        self.journal.add(landed, data)
+
+    def _truncated(self) -> None:
+        """Our file is shorter than what we wrote: keep what the truncating copy missed (``pending``)."""
+        lost, info = self.journal.lost_to_truncation(self.path)
+        self.pending += lost
+        if info["copy"] is None:
+            info["action"] = "no copy of the file found next to it: nothing written again"
+            log.warning("truncated", path=str(self.path), put_back_bytes=0, **info)
+        else:
+            log.info("truncated", path=str(self.path), put_back_bytes=len(lost), **info)
 
     def undo(self, start: int) -> None:
         """Cut a failed write (or an unsynced one) off: the file ends with whole lines again."""
@@ -126,29 +171,50 @@ class LogFile:
         os.fsync(self.fd)
 
     def rotate(self, keep: int) -> None:
-        """Rename path -> path.1 -> ... -> path.keep (the oldest dropped) and open a new file."""
-        for i in range(keep - 1, 0, -1):
-            older = Path(f"{self.path}.{i}")
-            if older.exists():
-                os.replace(older, f"{self.path}.{i + 1}")
-        os.replace(self.path, f"{self.path}.1")
+        """Rename path -> path.1 -> ... -> path.keep (the oldest dropped) and open a new file.
+
+        Retried after a failure (it runs under ``Writer._retry``): once our file has been renamed
+        away, only the open is left to do, so a retry never shifts the rotated files twice.
+        """
+        if self._is_at_path():
+            for i in range(keep - 1, 0, -1):
+                older = Path(f"{self.path}.{i}")
+                if older.exists():
+                    os.replace(older, f"{self.path}.{i + 1}")
+            os.replace(self.path, f"{self.path}.1")
         self.open()
 
+    def _is_at_path(self) -> bool:
+        """Is the file we write to still the one named ``path``?"""
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        ours = os.fstat(self.fd)
+        return (named.st_dev, named.st_ino) == (ours.st_dev, ours.st_ino)
 
-def _repair_tail(fd: int, size: int, path: Path) -> int:
-    """If the file does not end with a newline (a crash cut a write), drop the partial line."""
+
+def _repair_tail(fd: int, size: int, path: Path) -> tuple[int, bytes]:
+    """If the file does not end with a newline (a crash cut a write), drop the partial line.
+
+    Returns the size and the file's last bytes (up to 64 KiB, for the copytruncate journal).
+    """
     with open(path, "rb") as f:
+        ours = os.fstat(fd)
+        named = os.fstat(f.fileno())
+        if (named.st_dev, named.st_ino) != (ours.st_dev, ours.st_ino):
+            return size, b""  # renamed or replaced since we opened it: not the file to look at
         f.seek(max(0, size - 65536))
-        tail = f.read()
+        tail = f.read(min(size, 65536))
     if tail.endswith(b"\n"):
-        return size
+        return size, tail
     cut = tail.rfind(b"\n")
     if cut < 0 and size > len(tail):
-        return size  # a line longer than we looked at: leave the file alone
+        return size, b""  # a line longer than we looked at: leave the file alone
     new_size = size - len(tail) + cut + 1
     os.ftruncate(fd, new_size)
     log.warning("partial_line_removed", path=str(path), bytes=size - new_size)
-    return new_size
+    return new_size, tail[: cut + 1]
 
 
 class Writer:

@@ -124,7 +124,14 @@ def cmd_send(args: argparse.Namespace) -> int:
         if sys.stdin.isatty():
             print("reading NDJSON records from stdin (Ctrl-D to end)", file=sys.stderr)
         lines = list(read_records(sys.stdin.buffer))
-    result = send(address, lines, ack=args.ack, timeout=args.timeout)
+    tls = None
+    if args.tls:
+        from .tls import client_context
+
+        tls = client_context(args.ca, args.cert, args.key)
+    elif args.ca or args.cert or args.key or args.server_name:
+        raise ClientError("--ca, --cert, --key and --server-name need --tls")
+    result = send(address, lines, ack=args.ack, timeout=args.timeout, tls=tls, server_name=args.server_name)
     if args.ack:
         for index, _line, answer in result.refused:
             print(f"record {index + 1} refused: {answer.get('error')}", file=sys.stderr)
@@ -160,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time", help="send_time (default: now, local time)")
     p.add_argument("--ack", action="store_true", help="wait for acknowledgements; exit 1 if any record is refused")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon (default 10)")
+    p.add_argument("--tls", action="store_true", help="connect with TLS 1.2+ and verify the daemon's certificate")
+    p.add_argument("--ca", metavar="PATH", help="with --tls: the CA (PEM) that signed the daemon's certificate "
+                   "(default: the system's CAs)")
+    p.add_argument("--cert", metavar="PATH", help="with --tls: our client certificate (PEM)")
+    p.add_argument("--key", metavar="PATH", help="with --tls: the key of --cert (PEM; default: in the --cert file)")
+    p.add_argument("--server-name", metavar="NAME",
+                   help="with --tls: the name the daemon's certificate must carry (default: the address's host)")
     p.set_defaults(func=cmd_send)
 
     _register_daemon(sub)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import selectors
 import socket
+import ssl
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,9 +28,29 @@ def make_record(user: str, msg: str, when: str | None = None) -> bytes:
     return orjson.dumps({"send_user": user, "send_time": send_time, "send_msg": msg})
 
 
-def connect(address: str | Address, timeout: float = 10.0) -> socket.socket:
-    """A connected, blocking socket; raises ClientError naming the address."""
+class TLSError(ClientError):
+    """TLS failed (the server's certificate is not trusted, ours was refused): retrying will not help."""
+
+
+def _reason(exc: ssl.SSLError) -> str:
+    return str(exc.reason or exc).replace("_", " ").lower()
+
+
+def connect(
+    address: str | Address,
+    timeout: float = 10.0,
+    *,
+    tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
+) -> socket.socket:
+    """A connected, blocking socket; raises ClientError naming the address.
+
+    With ``tls`` (see ``nio_logd.tls.client_context``) the handshake is done here; the server's
+    certificate must match ``server_name`` (default: the address's host, a name or an IP).
+    """
     addr = parse_address(address) if isinstance(address, str) else address
+    if tls is not None and addr.scheme != "tcp":
+        raise ClientError(f"TLS needs a tcp:// address, not {addr}")
     try:
         if addr.scheme == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -39,7 +60,16 @@ def connect(address: str | Address, timeout: float = 10.0) -> socket.socket:
             sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
     except OSError as exc:
         raise ClientError(f"cannot connect to {addr}: {exc.strerror or exc}") from None
-    return sock
+    if tls is None:
+        return sock
+    try:
+        return tls.wrap_socket(sock, server_hostname=server_name or addr.host)
+    except ssl.SSLCertVerificationError as exc:
+        raise TLSError(f"TLS handshake with {addr} failed: certificate verify failed: {exc.verify_message}") from None
+    except ssl.SSLError as exc:
+        raise TLSError(f"TLS handshake with {addr} failed: {_reason(exc)}") from None
+    except OSError as exc:
+        raise ClientError(f"TLS handshake with {addr} failed: {exc.strerror or exc}") from None
 
 
 @dataclass
@@ -60,16 +90,25 @@ def send(
     timeout: float = 10.0,
     window: int = 10_000,
     retries: int = 5,
+    tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
 ) -> SendResult:
-    """Send every line; with ``ack``, wait until each has been answered."""
+    """Send every line; with ``ack``, wait until each has been answered. ``tls``: see ``connect``."""
     if not ack:
-        return _send_plain(address, lines, timeout)
-    return _send_acked(address, list(lines), timeout, window, retries)
+        return _send_plain(address, lines, timeout, tls=tls, server_name=server_name)
+    return _send_acked(address, list(lines), timeout, window, retries, tls=tls, server_name=server_name)
 
 
-def _send_plain(address: str | Address, lines: Iterable[bytes], timeout: float) -> SendResult:
+def _send_plain(
+    address: str | Address,
+    lines: Iterable[bytes],
+    timeout: float,
+    *,
+    tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
+) -> SendResult:
     result = SendResult()
-    sock = connect(address, timeout)
+    sock = connect(address, timeout, tls=tls, server_name=server_name)
     try:
         chunk: list[bytes] = []
         size = 0
@@ -85,9 +124,14 @@ def _send_plain(address: str | Address, lines: Iterable[bytes], timeout: float) 
             chunk.append(b"")
             sock.sendall(b"\n".join(chunk))
         # Half-close and wait for the daemon to close: then it has read every byte we sent.
-        sock.shutdown(socket.SHUT_WR)
-        while sock.recv(65536):
-            pass
+        if isinstance(sock, ssl.SSLSocket):
+            _tls_close_notify(sock)
+            while socket.socket.recv(sock, 65536):  # the raw stream, whatever it still carries
+                pass
+        else:
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):
+                pass
     except OSError as exc:
         raise ClientError(f"sending to {address}: {exc.strerror or exc}") from None
     finally:
@@ -95,14 +139,34 @@ def _send_plain(address: str | Address, lines: Iterable[bytes], timeout: float) 
     return result
 
 
+def _tls_close_notify(sock: ssl.SSLSocket) -> None:
+    """Tell the daemon the stream ends (close_notify); raise if it refused us (e.g. our certificate)."""
+    try:
+        sock.unwrap()
+    except ssl.SSLEOFError:
+        pass  # it has closed already
+    except ssl.SSLError as exc:
+        if exc.reason != "APPLICATION_DATA_AFTER_CLOSE_NOTIFY":  # acks on an ack listener: harmless
+            raise
+
+
 def _send_acked(
-    address: str | Address, lines: list[bytes], timeout: float, window: int, retries: int
+    address: str | Address,
+    lines: list[bytes],
+    timeout: float,
+    window: int,
+    retries: int,
+    *,
+    tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
 ) -> SendResult:
     result = SendResult()
     attempts = 0
     while result.answered < len(lines):
         try:
-            sock = connect(address, timeout)
+            sock = connect(address, timeout, tls=tls, server_name=server_name)
+        except TLSError:
+            raise
         except ClientError:
             attempts += 1
             if attempts > retries:
@@ -115,6 +179,9 @@ def _send_acked(
             _pump(sock, lines, window, timeout, result)
             attempts = 0
         except (OSError, ConnectionError) as exc:
+            if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError):
+                # A TLS alert, e.g. the daemon refused our certificate: retrying will not help.
+                raise TLSError(f"TLS error with {address}: {_reason(exc)}") from None
             attempts += 1
             if attempts > retries:
                 raise ClientError(
@@ -159,10 +226,16 @@ def _pump(sock: socket.socket, lines: list[bytes], window: int, timeout: float, 
                             result.resent += min(end, result.sent) - nxt
                         result.sent = max(result.sent, end)
                         nxt = end
-                    n = sock.send(out)
+                    try:
+                        n = sock.send(out)
+                    except BlockingIOError:  # TLS: a record that cannot be written yet; retried as is
+                        n = 0
                     out = out[n:]
                 if mask & selectors.EVENT_READ:
-                    data = sock.recv(262144)
+                    try:
+                        data = sock.recv(262144)
+                    except BlockingIOError:  # TLS: readable, but not a whole record yet
+                        continue
                     if not data:
                         raise ConnectionError("the daemon closed the connection")
                     deadline = time.monotonic() + timeout

@@ -83,6 +83,7 @@ class Connection:
 
     __slots__ = (
         "ack",
+        "client",
         "client_host",
         "closed",
         "drain_owed",
@@ -111,6 +112,7 @@ class Connection:
         self.listener = listener
         self.peer = peer
         self.client_host = host
+        self.client: str | None = None  # TLS: the client certificate's subject, written with each record
         self.framer = LineFramer(loop.server.settings.limits.max_record_bytes)
         self.ack = listener.settings.ack
         self.seq = 0  # records seen on this connection, numbered from 1 in acks
@@ -424,7 +426,7 @@ class IOLoop:
             sock.close()
             self.server.connection_closed(host)
             return
-        conn = Connection(self, sock, listener, peer, host)
+        conn = self.server.connection_factories.get(listener.name, Connection)(self, sock, listener, peer, host)
         conn.last_active = self.now = time.monotonic()
         self.connections.add(conn)
         self.stats["connections_total"] += 1
@@ -440,6 +442,9 @@ class IOLoop:
         """Validate and render the frames of one read into the batch being built."""
         validate = self.validate
         renderer = self.renderer
+        message: Callable[[Any, str, str], None] = renderer.message
+        if conn.client is not None:  # chosen once per read, not per record
+            message = functools.partial(renderer.message_with_client, client=conn.client)
         peer = conn.peer
         name = conn.listener.name
         accepted = 0
@@ -452,7 +457,7 @@ class IOLoop:
                 seq += 1
                 result = validate(frame)
                 if type(result) is dict:
-                    renderer.message(result, peer, name)
+                    message(result, peer, name)
                     accepted += 1
                     answers.append(b'{"seq":%d,"ok":true}\n' % seq)
                 else:
@@ -464,7 +469,7 @@ class IOLoop:
             for frame in frames:
                 result = validate(frame)
                 if type(result) is dict:
-                    renderer.message(result, peer, name)
+                    message(result, peer, name)
                     accepted += 1
                 else:
                     assert isinstance(result, Refusal)

@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+from .access import AllowList, OncePer
 from .config import Settings
 from .errors import StartupError
 from .events import get_logger
@@ -21,6 +22,7 @@ from .metrics import MetricsServer
 from .record import RecordValidator
 from .render import Renderer
 from .sink import Writer
+from .tls import ConnectionFactory, connection_factory, server_context
 
 log = get_logger()
 
@@ -51,6 +53,11 @@ class Server:
         self._per_client: collections.Counter[str] = collections.Counter()
         self.started_at = time.time()
         self._refusal_logged: dict[str, float] = {}
+        # Per listener name: how its connections are made (TLS) and who may connect (allow).
+        self.connection_factories: dict[str, ConnectionFactory] = {}
+        self._allow: dict[str, AllowList] = {}
+        self.not_allowed_logged = OncePer(60.0)  # a refused address is logged once a minute
+        self.tls_failures_logged = OncePer(60.0)  # a failed handshake: once a minute per address
 
     def __repr__(self) -> str:
         return f"<Server listeners={[listener.name for listener in self.listeners]} loops={len(self.loops)}>"
@@ -61,11 +68,22 @@ class Server:
     # -- lifecycle ---------------------------------------------------------------------------------
     def startup(self) -> None:
         """Open the files and bind the sockets; raise StartupError naming what failed."""
+        settings = self.settings
+        # Certificates and keys are read here, before binding and before privileges are dropped.
+        contexts = {
+            id(ls): server_context(ls.tls, settings.resolve, ls.address) for ls in settings.listeners if ls.tls
+        }
         try:
             self.writer.open()
         except OSError as exc:
             raise StartupError(f"cannot open log file {exc.filename}: {exc.strerror}") from None
         self.listeners = bind(self.settings)
+        for listener in self.listeners:
+            context = contexts.get(id(listener.settings))
+            if context is not None:
+                self.connection_factories[listener.name] = connection_factory(context)
+            if listener.settings.allow:
+                self._allow[listener.name] = AllowList(listener.settings.allow)
         self.loops = [IOLoop(self, i) for i in range(self.settings.server.io_threads)]
         for listener in self.listeners:
             self.loops[0].add_listener(listener)
@@ -82,7 +100,8 @@ class Server:
         for loop in self.loops:
             loop.start()
         for listener in self.listeners:
-            log.info("listening", address=describe(listener), ack=listener.settings.ack)
+            log.info("listening", address=describe(listener), ack=listener.settings.ack,
+                     tls=listener.name in self.connection_factories)
         if self.metrics is not None:
             self.metrics.start()
 
@@ -118,6 +137,8 @@ class Server:
     # -- connection admission ------------------------------------------------------------------------
     def admit(self, listener: Listener, host: str) -> str | None:
         """None if a new connection may proceed, else why not (it is then closed and counted)."""
+        if listener.settings.allow and not self._allow[listener.name].permits(host):
+            return "not_allowed"
         limits = self.settings.limits
         with self._conn_lock:
             if self.open_connections >= limits.max_connections:
@@ -138,6 +159,14 @@ class Server:
                 del self._per_client[host]
 
     def note_refused_connection(self, reason: str, listener: Listener, peer: str) -> None:
+        if reason == "not_allowed":
+            # Once per address per minute, with how many were not logged: a flood cannot fill the journal.
+            host = peer.rpartition(":")[0]
+            muted = self.not_allowed_logged.check(host)
+            if muted is not None:
+                log.warning("connection_refused", reason=reason, listener=listener.name, peer=peer,
+                            allow=list(listener.settings.allow), not_logged_since=muted)
+            return
         # Logged at most once per second per reason, so a flood cannot fill the journal.
         now = time.monotonic()
         last = self._refusal_logged.get(reason, 0.0)
@@ -198,6 +227,9 @@ class Server:
             "threads_alive": threads_alive,
             "stopping": self.stopping,
             "idle_closed": totals["idle_closed"],
+            "tls_handshakes": totals["tls_handshakes"],
+            "tls_handshake_failed": totals["tls_handshake_failed"],
+            "tls_handshake_incomplete": totals["tls_handshake_incomplete"],
         }
 
     def request_reopen(self) -> None:

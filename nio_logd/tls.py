@@ -1,0 +1,352 @@
+"""TLS: server and client contexts, a non-blocking TLS socket, and the TLS connection.
+
+design: ``TLSSocket`` (installed as the contexts' ``sslsocket_class``) gives a wrapped socket the
+semantics of a plain non-blocking socket: "no data yet" is ``BlockingIOError`` (not
+``SSLWantReadError``), the end of the stream is ``b""`` (with or without the client's
+close_notify), and ``recv`` drains what OpenSSL already decrypted (``pending()``), which epoll
+cannot report. So the loop's ``Connection`` code (reading, framing, acks, limits, backpressure,
+the drain at shutdown) runs unchanged on TLS connections and plain ones pay nothing.
+``TLSConnection`` only adds the handshake in front: driven by readable/writable events
+(``do_handshake_on_connect=False``), it never blocks the loop; until it completes, the
+connection reads no record, and a client that never completes it is closed by the idle sweep.
+"""
+
+from __future__ import annotations
+
+import errno
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import TLSSettings
+from .errors import ClientError, StartupError
+from .events import get_logger
+from .ioloop import READ, WRITE, Connection, _bytes_waiting
+
+if TYPE_CHECKING:
+    import socket
+
+    from .ioloop import IOLoop
+    from .listeners import Listener
+
+log = get_logger()
+
+TLS_RECORD = 16384  # the largest TLS plaintext record: one SSL_read returns at most this much
+
+ConnectionFactory = Callable[["IOLoop", "socket.socket", "Listener", str, str], Connection]
+
+
+class TLSSocket(ssl.SSLSocket):
+    """An SSLSocket that reads and writes like a plain non-blocking socket (see the module doc)."""
+
+    # False on a server socket until its handshake completed: the drain at shutdown must not
+    # complete a handshake behind our back (SSL_read would) and take records without a subject.
+    app_data = True
+    at_eof = False
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        """Up to ``buflen`` decrypted bytes (a little more if OpenSSL holds the rest of a record)."""
+        if not self.app_data:
+            raise BlockingIOError(errno.EAGAIN, "TLS handshake not complete")
+        if self.at_eof:
+            return b""
+        chunks: list[bytes] = []
+        total = 0
+        blocking = self.gettimeout() != 0.0
+        while total < buflen:
+            try:
+                data = super().recv(min(TLS_RECORD, buflen - total), flags)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                if not chunks:
+                    raise BlockingIOError(errno.EAGAIN, "no complete TLS record yet") from None
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                data = b""
+            if not data:
+                self.at_eof = True
+                break
+            chunks.append(data)
+            total += len(data)
+            if blocking:
+                break  # a blocking read returns what one record gave, like recv() on a socket
+        while not self.at_eof and self.pending():
+            chunks.append(super().recv(self.pending(), flags))
+        return b"".join(chunks)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        """Bytes taken from ``data``; ``BlockingIOError`` if none (then retry with the same bytes).
+
+        Written one record at a time so that a partly accepted write returns how much was taken,
+        as send() on a socket does; OpenSSL requires a blocked record to be retried with the same
+        bytes, which holds because the caller resends what was not taken.
+        """
+        view = memoryview(data).cast("B")
+        total = 0
+        size = len(view)
+        while total < size:
+            try:
+                total += super().send(view[total : total + TLS_RECORD], flags)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                if not total:
+                    raise BlockingIOError(errno.EAGAIN, "TLS send would block") from None
+                break
+        return total
+
+
+# -- contexts ----------------------------------------------------------------------------------------
+class _EncryptedKeyError(Exception):
+    pass
+
+
+def _no_password() -> str:
+    # Without a callback OpenSSL would prompt on the terminal for an encrypted key's passphrase.
+    raise _EncryptedKeyError
+
+
+def _check_readable(label: str, path: Path) -> None:
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise StartupError(f"TLS {label} file {path}: {exc.strerror}") from None
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    return str(exc.reason or exc.strerror or exc).replace("_", " ").lower()
+
+
+def server_context(tls: TLSSettings, resolve: Callable[[str], Path], listener: str) -> ssl.SSLContext:
+    """The context for one TLS listener; raises StartupError naming the file that is wrong."""
+    cert = resolve(tls.cert)
+    key = resolve(tls.key)
+    ca = resolve(tls.ca) if tls.ca else None
+    _check_readable("cert", cert)
+    _check_readable("key", key)
+    if ca is not None:
+        _check_readable("ca", ca)
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        probe.load_verify_locations(cafile=str(cert))
+    except ssl.SSLError as exc:
+        raise StartupError(
+            f"TLS cert file {cert} (listener {listener}): no PEM certificate in it ({_ssl_reason(exc)})"
+        ) from None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # No renegotiation (a TLS 1.2 DoS vector); a client that closes without close_notify ends its
+    # stream like a plain client that closes (its last record without newline counts).
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+    # No TLS 1.3 session tickets: one-record clients close without reading them, and unread data
+    # turns their close into a reset; we do not resume sessions anyway.
+    ctx.num_tickets = 0
+    ctx.sslsocket_class = TLSSocket
+    try:
+        ctx.load_cert_chain(str(cert), str(key), password=_no_password)
+    except _EncryptedKeyError:
+        raise StartupError(
+            f"TLS key file {key}: the key is encrypted; nio-logd needs an unencrypted key "
+            "(protect it with file permissions: it is read before privileges are dropped)"
+        ) from None
+    except ssl.SSLError as exc:
+        raise StartupError(
+            f"TLS key file {key}: cannot use it with certificate {cert} ({_ssl_reason(exc)}); "
+            "it must be the PEM private key of that certificate"
+        ) from None
+    if ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(ca))
+        except ssl.SSLError as exc:
+            raise StartupError(f"TLS ca file {ca}: no PEM CA certificate in it ({_ssl_reason(exc)})") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    return ctx
+
+
+def client_context(ca: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """A client context: the server's certificate is verified (against ``ca`` or the system's CAs)."""
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    except FileNotFoundError:
+        raise ClientError(f"TLS CA file {ca}: no such file") from None
+    except ssl.SSLError as exc:
+        raise ClientError(f"TLS CA file {ca}: no PEM CA certificate in it ({_ssl_reason(exc)})") from None
+    except OSError as exc:
+        raise ClientError(f"TLS CA file {ca}: {exc.strerror}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.sslsocket_class = TLSSocket
+    if key is not None and cert is None:
+        raise ClientError("a TLS key needs its certificate (--cert)")
+    if cert is not None:
+        try:
+            ctx.load_cert_chain(cert, key, password=_no_password)
+        except _EncryptedKeyError:
+            raise ClientError(f"TLS key file {key or cert}: encrypted keys are not supported") from None
+        except ssl.SSLError as exc:
+            raise ClientError(
+                f"TLS certificate {cert} / key {key or cert}: cannot load them ({_ssl_reason(exc)})"
+            ) from None
+        except OSError as exc:
+            raise ClientError(f"TLS certificate {cert} / key {key or cert}: {exc.strerror}") from None
+    return ctx
+
+
+# -- the client's subject ------------------------------------------------------------------------------
+# OpenSSL's long attribute names (what getpeercert() gives) and the short ones RFC 4514 (and
+# `openssl x509 -nameopt RFC2253`) write.
+_SHORT_NAMES = {
+    "commonName": "CN",
+    "countryName": "C",
+    "localityName": "L",
+    "stateOrProvinceName": "ST",
+    "streetAddress": "street",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "domainComponent": "DC",
+    "userId": "UID",
+    "surname": "SN",
+    "givenName": "GN",
+    "serialNumber": "serialNumber",
+    "emailAddress": "emailAddress",
+}
+
+
+def _escape(value: str) -> str:
+    out = []
+    for i, ch in enumerate(value):
+        if ch in ',+"\\<>;' or (ch == "#" and i == 0) or (ch == " " and i in (0, len(value) - 1)):
+            out.append("\\" + ch)
+        elif ch == "\0":
+            out.append("\\00")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def subject_string(cert: dict[str, Any]) -> str | None:
+    """The certificate's subject as an RFC 4514 string ("CN=client1,O=Example"), None if absent.
+
+    The same text as ``openssl x509 -noout -subject -nameopt RFC2253``: most specific first,
+    multi-valued parts joined with "+", special characters escaped.
+    """
+    rdns = cert.get("subject") or ()
+    parts = [
+        "+".join(f"{_SHORT_NAMES.get(name, name)}={_escape(value)}" for name, value in rdn) for rdn in reversed(rdns)
+    ]
+    return ",".join(parts) or None
+
+
+# -- the connection -----------------------------------------------------------------------------------
+class TLSConnection(Connection):
+    """A connection on a TLS listener: the handshake first, then exactly a plain Connection."""
+
+    __slots__ = ("handshaking", "want")
+
+    def __init__(
+        self, loop: IOLoop, sock: socket.socket, listener: Listener, peer: str, host: str, *, context: ssl.SSLContext
+    ) -> None:
+        try:
+            tls_sock: socket.socket = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ValueError):
+            tls_sock = sock  # the peer vanished at once; the handshake below fails and counts it
+        if isinstance(tls_sock, TLSSocket):
+            tls_sock.app_data = False
+        super().__init__(loop, tls_sock, listener, peer, host)
+        self.handshaking = True
+        self.want = READ  # the client speaks first (ClientHello)
+
+    def __repr__(self) -> str:
+        state = "handshaking" if self.handshaking else f"client={self.client!r}"
+        return f"<TLSConnection {self.peer} on {self.listener.name} {state} seq={self.seq}>"
+
+    def wanted_events(self) -> int:
+        if self.handshaking:
+            return self.want
+        return super().wanted_events()
+
+    def on_event(self, mask: int) -> None:
+        if self.handshaking:
+            self.handshake()
+        else:
+            super().on_event(mask)
+
+    def on_readable(self) -> None:
+        super().on_readable()
+        if self.closed:
+            return
+        if not self.eof and isinstance(self.sock, TLSSocket) and self.sock.at_eof:
+            # The client's close_notify came with its last records: recv() returned the records,
+            # and epoll will not report the end (the client waits for our close_notify).
+            super().on_readable()
+        if self.drain_owed > 0 and not self.closed:
+            # At shutdown the loop reads until the bytes the kernel held are delivered; it counts
+            # them in ciphertext but we delivered plaintext. What is owed is at most what is left.
+            self.drain_owed = min(self.drain_owed, _bytes_waiting(self.sock))
+
+    def handshake(self) -> None:
+        """One step of the handshake, as far as the socket allows without blocking."""
+        sock = self.sock
+        loop = self.loop
+        try:
+            if not isinstance(sock, TLSSocket):
+                raise ConnectionResetError(errno.ECONNRESET, "connection closed before the handshake")
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.want = READ
+            self.update_events()
+            return
+        except ssl.SSLWantWriteError:
+            self.want = WRITE
+            self.update_events()
+            return
+        except (OSError, ValueError) as exc:
+            self.fail(exc)
+            return
+        self.handshaking = False
+        sock.app_data = True
+        loop.stats["tls_handshakes"] += 1
+        self.client = subject_string(sock.getpeercert() or {})
+        self.last_active = loop.now
+        self.update_events()
+        if self.events & READ:
+            self.on_readable()  # a record may have come with the client's Finished
+
+    def fail(self, exc: BaseException) -> None:
+        """Count and (rate-limited per address) log a failed handshake, and close."""
+        self.loop.stats["tls_handshake_failed"] += 1
+        muted = self.loop.server.tls_failures_logged.check(self.client_host)
+        if muted is not None:
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                error = f"client certificate: {exc.verify_message}"
+            elif isinstance(exc, ssl.SSLError):
+                error = _ssl_reason(exc)
+            elif isinstance(exc, OSError) and exc.strerror:
+                error = exc.strerror
+            else:
+                error = str(exc) or type(exc).__name__
+            log.warning("tls_handshake_failed", peer=self.peer, listener=self.listener.name, error=error,
+                        not_logged_since=muted, action="closed")
+        self.handshaking = False  # failed, not incomplete
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if self.handshaking:
+            # Closed before the handshake completed: by the idle sweep (a client that never
+            # finishes it) or at shutdown.
+            self.loop.stats["tls_handshake_incomplete"] += 1
+        elif isinstance(self.sock, TLSSocket) and self.sock.app_data:
+            try:
+                self.sock.unwrap()  # send close_notify: the client can tell our close from a cut
+            except (OSError, ValueError):
+                pass  # SSLWantReadError (their close_notify has not come) or a dead socket
+        super().close()
+
+
+def connection_factory(context: ssl.SSLContext) -> ConnectionFactory:
+    """What the loop calls to adopt a socket accepted on a TLS listener."""
+
+    def make(loop: IOLoop, sock: socket.socket, listener: Listener, peer: str, host: str) -> Connection:
+        return TLSConnection(loop, sock, listener, peer, host, context=context)
+
+    return make

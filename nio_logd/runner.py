@@ -14,7 +14,6 @@ import selectors
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -158,9 +157,14 @@ def _control_loop(
 
 
 def _writer_healthy(server: Server, interval: float) -> bool:
-    """The watchdog is fed only while the writer makes progress (or has nothing to do)."""
+    """The watchdog is fed only while the writer makes progress (or has nothing to do) and every
+    thread still runs: systemd then restarts a daemon whose disk or threads are stuck."""
     writer = server.writer
-    return writer.depth == 0 or time.monotonic() - writer.last_progress < 2 * interval
+    if not writer.alive or not all(loop.thread is not None and loop.thread.is_alive() for loop in server.loops):
+        return False
+    # Measured from when records started waiting, not from the last write: after an idle hour the
+    # first record is not a stall.
+    return writer.stalled_seconds() < 2 * interval
 
 
 # The settings SIGHUP applies to the running daemon. Every other key (listeners, log paths and

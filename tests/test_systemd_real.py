@@ -1,0 +1,308 @@
+"""The shipped units in a real systemd, booted for these tests (tests/systemd_box/box.py).
+
+The package is installed inside the box the way an operator would (a venv under /opt/nio-logd with
+Debian's python3, the units in /etc/systemd/system, the config in /etc/nio-logd), then driven with
+systemctl. The box shares the host's network, so the records are sent from here. The tests run in
+file order on one box; the last one powers it off and checks that nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, free_port, record, wait_for
+from systemd_box.box import BOX_ENV, Box, BoxError, unavailable_reason
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+VENV = "/opt/nio-logd"
+LOG_DIR = "/var/log/nio-logd"
+CONFIG = "/etc/nio-logd/nio-logd.toml"
+
+
+def _install_reason() -> str | None:
+    """Why the package cannot be installed in the box the way the tests do it, or None."""
+    debian = Path("/usr/bin/python3")
+    if not debian.exists():
+        return "/usr/bin/python3 is missing: the box installs nio-logd in a venv made with the system Python"
+    probe = subprocess.run(
+        [str(debian), "-c", "import sys, venv, setuptools, wheel, pip; print(sys.version_info[:2])"],
+        capture_output=True, text=True, check=False, env=BOX_ENV,
+    )
+    if probe.returncode != 0:
+        return f"the system Python cannot build a venv and install a wheel (python3-venv python3-pip " \
+               f"python3-setuptools python3-wheel): {probe.stderr.strip().splitlines()[-1:]}"
+    if probe.stdout.strip() != str(sys.version_info[:2]):
+        return (f"/usr/bin/python3 is {probe.stdout.strip()}, the tests' Python {sys.version_info[:2]}: "
+                "their compiled dependencies (pydantic-core, orjson) cannot be reused in the box's venv")
+    if not str(Path(sys.executable).resolve()).startswith(("/root/", "/usr/", "/opt/", "/home/")):
+        return f"{sys.executable} may not be visible through the overlay of /"
+    return None
+
+
+def _skip_reason() -> str | None:
+    return unavailable_reason() or _install_reason()
+
+
+# -- the box -----------------------------------------------------------------------------------------
+def install(box: Box, port: int, socket_port: int) -> None:
+    """The package in a venv under /opt (visible despite ProtectHome=yes), the units, the config."""
+    box.run("sh", "-c", "mkdir /tmp/nio-logd-src && cp -r /src/pyproject.toml /src/README.md /src/nio_logd "
+            "/tmp/nio-logd-src/ && rm -rf /tmp/nio-logd-src/nio_logd/__pycache__")
+    # --system-site-packages: Debian's pip, setuptools and wheel build and install the package.
+    box.run("/usr/bin/python3", "-m", "venv", "--system-site-packages", "--without-pip", VENV)
+    site = box.run(f"{VENV}/bin/python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))").stdout
+    # The dependencies, offline: copied from the tests' own environment (same CPython version).
+    box.run(sys.executable, "/src/tests/systemd_box/copy_deps.py", "/tmp/nio-logd-src/pyproject.toml", site.strip())
+    box.run(f"{VENV}/bin/python", "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation",
+            "/tmp/nio-logd-src")
+    box.run("install", "-m", "0644", "/src/systemd/nio-logd.service", "/src/systemd/nio-logd.socket",
+            "/src/systemd/nio-logd-activated.service", "/etc/systemd/system/")
+    config, n = re.subn(r'address = "tcp://127\.0\.0\.1:8888"', f'address = "tcp://127.0.0.1:{port}"',
+                        (REPO / "config" / "nio-logd.systemd.toml").read_text())
+    assert n == 1
+    box.run("mkdir", "-p", "/etc/nio-logd", "/etc/systemd/system/nio-logd.socket.d")
+    box.path(CONFIG).write_text(config)
+    # How an operator moves the socket: a drop-in that resets ListenStream= and sets the new one.
+    box.path("/etc/systemd/system/nio-logd.socket.d/port.conf").write_text(
+        f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{socket_port}\n"
+    )
+    box.systemctl("daemon-reload")
+
+
+class Env:
+    """The booted box and the ports it serves on."""
+
+    def __init__(self, box: Box, port: int, socket_port: int) -> None:
+        self.box = box
+        self.port = port
+        self.socket_port = socket_port
+        self.shut_down: dict[str, list[str]] | None = None
+
+    def log(self, name: str = "messages.log") -> list[dict[str, Any]]:
+        path = self.box.path(f"{LOG_DIR}/{name}")
+        if not path.exists():
+            return []
+        data = path.read_bytes()
+        assert not data or data.endswith(b"\n"), f"partial line in {name}"
+        return [json.loads(line) for line in data.splitlines()]
+
+    def msgs(self, name: str = "messages.log") -> list[str]:
+        return [r["send_msg"] for r in self.log(name)]
+
+    def journal(self, unit: str) -> list[dict[str, Any]]:
+        events = []
+        for line in self.box.journal(unit).splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+        return events
+
+    def systemctl(self, *args: str) -> None:
+        """systemctl in the box; on failure, the error names the units' state and journal."""
+        try:
+            self.box.systemctl(*args)
+        except BoxError as exc:
+            units = [a for a in args[1:] if not a.startswith("-")]
+            raise AssertionError(f"{exc}\n" + "\n".join(self.why(u) for u in units)) from None
+
+    def why(self, unit: str) -> str:
+        """For assertion messages: the unit's state and its journal."""
+        state = self.box.show(unit, "ActiveState", "SubState", "Result", "MainPID", "NRestarts", "StatusText")
+        return f"{state}\n{self.box.journal(unit)[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    workdir = tmp_path_factory.mktemp("systemd-box")
+    box = Box(f"nio-logd-box-{uuid.uuid4().hex[:8]}", REPO, workdir)
+    e = Env(box, free_port(), free_port())
+    try:
+        box.boot()
+        install(box, e.port, e.socket_port)
+        yield e
+    finally:
+        if e.shut_down is None:
+            left = box.shutdown()
+            assert left == {}, f"the box left behind: {left}"
+
+
+def send(port: int, msgs: list[str], user: str = "alice") -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"".join(record(user, m) + b"\n" for m in msgs))
+
+
+def counters(status_text: str) -> dict[str, int]:
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", status_text)}
+
+
+# -- nio-logd.service --------------------------------------------------------------------------------
+def test_start_returns_once_ready_and_listening(env: Env) -> None:
+    """`systemctl start nio-logd` returns after READY=1: the daemon accepts a connection at once."""
+    started = time.monotonic()
+    env.systemctl("start", "nio-logd")
+    print(f"systemctl start nio-logd: {time.monotonic() - started:.2f} s")
+    with socket.create_connection(("127.0.0.1", env.port), timeout=5):
+        pass  # no retry: READY=1 came after the listening socket
+    state = env.box.show("nio-logd", "ActiveState", "SubState", "Type", "NotifyAccess", "WatchdogUSec")
+    assert state == {"ActiveState": "active", "SubState": "running", "Type": "notify", "NotifyAccess": "main",
+                     "WatchdogUSec": "30s"}, env.why("nio-logd")
+
+
+def test_runs_in_the_sandbox_as_a_dynamic_user(env: Env) -> None:
+    """The unit's sandbox really applies: no privileges, seccomp on, not root, no new privileges."""
+    main = int(env.box.show("nio-logd", "MainPID")["MainPID"])
+    status = Path(f"/proc/{env.box.host_pid(main)}/status").read_text()
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert fields["NoNewPrivs"].strip() == "1"
+    assert fields["Seccomp"].strip() == "2"
+    assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0
+    assert fields["Uid"].split()[0] != "0"
+    exe = Path(f"/proc/{env.box.host_pid(main)}/cmdline").read_bytes().split(b"\0")
+    assert exe[1:4] == [f"{VENV}/bin/nio-logd".encode(), b"run", b"--config"]
+
+
+def test_records_land_in_var_log_nio_logd(env: Env) -> None:
+    """Records sent from the host are in /var/log/nio-logd/messages.log; a refused one in rejects.log."""
+    send(env.port, [f"first-{i}" for i in range(5)])
+    with socket.create_connection(("127.0.0.1", env.port), timeout=10) as s:
+        s.sendall(b'{"send_user": "", "send_time": "2026-11-29 12:00:00", "send_msg": "refused"}\n')
+    wait_for(lambda: len(env.msgs()) == 5 and len(env.log("rejects.log")) == 1, timeout=15)
+    assert env.msgs() == [f"first-{i}" for i in range(5)]
+    assert env.box.path(LOG_DIR).is_dir()
+    assert env.box.run("readlink", LOG_DIR).stdout.strip() == "private/nio-logd"  # DynamicUser
+
+
+def test_status_text_has_the_live_counters(env: Env) -> None:
+    """`systemctl show -P StatusText` carries the daemon's STATUS= counters."""
+    def current() -> dict[str, int] | None:
+        text = env.box.systemctl("show", "-P", "StatusText", "nio-logd").stdout.strip()
+        c = counters(text)
+        return c if c.get("accepted") == 5 and c.get("refused") == 1 else None
+
+    c = wait_for(current, timeout=15)  # STATUS= is refreshed every 5 s at most
+    assert c["connections"] == 0 and c["queue_bytes"] == 0
+
+
+def test_reload_reopens_the_log_files(env: Env) -> None:
+    """`systemctl reload` (SIGHUP): after logrotate-style renaming, the daemon writes to a new file."""
+    live = env.box.path(f"{LOG_DIR}/messages.log")
+    live.rename(live.with_name("messages.log.1"))
+    env.systemctl("reload", "nio-logd")
+    wait_for(live.exists, timeout=10)
+    send(env.port, ["after-reload"])
+    wait_for(lambda: env.msgs() == ["after-reload"], timeout=10)
+    assert env.msgs("messages.log.1") == [f"first-{i}" for i in range(5)]
+    assert any(e.get("event") == "reopened" for e in env.journal("nio-logd"))
+    assert env.box.show("nio-logd", "ActiveState")["ActiveState"] == "active"
+
+
+def test_kill_9_is_followed_by_a_restart(env: Env) -> None:
+    """Restart=on-failure: after kill -9 of the main process systemd starts a new one, which serves."""
+    before = env.box.show("nio-logd", "MainPID", "NRestarts")
+    env.box.run("kill", "-9", before["MainPID"])
+
+    def restarted() -> dict[str, str] | None:
+        s = env.box.show("nio-logd", "MainPID", "NRestarts", "ActiveState", "SubState")
+        running = s["ActiveState"] == "active" and s["SubState"] == "running"
+        return s if running and s["MainPID"] not in ("0", before["MainPID"]) else None
+
+    after = wait_for(restarted, timeout=20)
+    assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
+    send(env.port, ["after-restart"])
+    wait_for(lambda: env.msgs() == ["after-reload", "after-restart"], timeout=10)
+
+
+def test_stop_ends_with_success(env: Env) -> None:
+    """`systemctl stop` (SIGTERM): the daemon drains, says STOPPING=1 and exits 0: Result=success."""
+    env.systemctl("stop", "nio-logd")
+    state = env.box.show("nio-logd", "ActiveState", "Result", "ExecMainStatus")
+    assert state == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, env.why("nio-logd")
+    assert "nio-logd.service: Deactivated successfully." in env.box.journal("nio-logd")
+    stopped = [e for e in env.journal("nio-logd") if e.get("event") == "stopped"]
+    assert stopped and stopped[-1]["clean"] is True
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", env.port), timeout=5)
+
+
+def _non_loopback_address() -> str | None:
+    """This machine's IPv4 address on its way out (no packet is sent), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address: str = s.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def test_ip_allow_list_admits_local_clients_only(env: Env) -> None:
+    """IPAddressDeny=any + IPAddressAllow=localhost is enforced: listening on every address, the daemon
+    serves 127.0.0.1, but a connection to the machine's network address gets no answer at all."""
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("no non-loopback IPv4 address on this machine to connect through")
+    config = env.box.path(CONFIG)
+    original = config.read_text()
+    config.write_text(original.replace('"tcp://127.0.0.1:', '"tcp://0.0.0.0:'))
+    try:
+        env.systemctl("start", "nio-logd")
+        send(env.port, ["via-localhost"])
+        with pytest.raises(TimeoutError):  # dropped by the unit's BPF filter: not even a refusal
+            socket.create_connection((address, env.port), timeout=2).close()
+        wait_for(lambda: env.msgs()[-1:] == ["via-localhost"], timeout=10)
+        env.systemctl("stop", "nio-logd")
+    finally:
+        config.write_text(original)
+
+
+# -- nio-logd.socket ---------------------------------------------------------------------------------
+def test_socket_activated_variant_serves(env: Env) -> None:
+    """nio-logd.socket listens; the first connection starts nio-logd-activated.service, which serves on
+    systemd's socket with no network of its own (PrivateNetwork=yes, RestrictAddressFamilies=AF_UNIX)."""
+    env.systemctl("start", "nio-logd.socket")
+    assert env.box.show("nio-logd-activated.service", "ActiveState")["ActiveState"] == "inactive"
+    send(env.socket_port, ["activated-1", "activated-2"], user="bob")
+    wait_for(lambda: env.msgs()[-2:] == ["activated-1", "activated-2"], timeout=20)
+    state = env.box.show("nio-logd-activated.service", "ActiveState", "SubState", "MainPID", "StatusText")
+    assert state["ActiveState"] == "active" and state["SubState"] == "running", env.why("nio-logd-activated")
+    host_pid = env.box.host_pid(int(state["MainPID"]))
+    assert Path(f"/proc/{host_pid}/ns/net").readlink() != Path("/proc/self/ns/net").readlink()
+    listening = [e for e in env.journal("nio-logd-activated") if e.get("event") == "listening"]
+    assert [e["address"] for e in listening] == [f"tcp://127.0.0.1:{env.socket_port}"]
+    send(env.socket_port, ["activated-3"], user="bob")
+    wait_for(lambda: env.msgs()[-1] == "activated-3", timeout=10)
+    env.systemctl("stop", "nio-logd.socket", "nio-logd-activated.service")
+    result = env.box.show("nio-logd-activated.service", "ActiveState", "Result")
+    assert result == {"ActiveState": "inactive", "Result": "success"}, env.why("nio-logd-activated")
+
+
+# -- last: tear the box down -------------------------------------------------------------------------
+def test_poweroff_leaves_no_process_mount_or_cgroup(env: Env) -> None:
+    """Powering the box off ends its PID 1; no process, mount or cgroup of it remains on the host."""
+    box = env.box
+    pid = box.pid
+    cgroups = list(box.cgroups)
+    env.shut_down = box.shutdown()
+    assert env.shut_down == {}
+    assert not Path(f"/proc/{pid}").exists() or "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    assert box.proc is not None and box.proc.returncode is not None
+    assert [cg for cg in cgroups if cg.exists()] == []
+    assert box.leftovers() == {"processes": [], "mounts": [], "cgroups": []}
+    assert not box.scratch.exists()
+    with pytest.raises(BoxError):
+        box.run("true")

@@ -91,6 +91,17 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def visible_in_box(path: Path) -> bool:
+    """Whether the box sees ``path``: on the root file system, and not where it mounts its own."""
+    real = path.resolve()
+    if real.parts[1:2] and real.parts[1] in ("tmp", "run", "dev", "proc", "sys"):
+        return False
+    try:
+        return os.stat(real).st_dev == os.stat("/").st_dev
+    except OSError:
+        return False
+
+
 class Box:
     """One booted systemd; ``run`` executes a command inside it, ``path`` reaches its files."""
 
@@ -120,7 +131,7 @@ class Box:
         script = (
             'for procs do echo $$ > "$procs" || exit 1; done; '
             "exec unshare --pid --fork --mount --uts --ipc --cgroup --propagation private "
-            f"{BOOT} {self.scratch} {self.src} {self.name}"
+            f"/bin/sh {BOOT} {self.scratch} {self.src} {self.name}"
         )
         procs = [str(cg / "cgroup.procs") for cg in self.cgroups]
         with self.console.open("wb") as console:

@@ -23,10 +23,10 @@ import pytest
 from conftest import free_port, read_lines, record, wait_for, write_config
 
 from nio_logd.client import send
-from nio_logd.config import load_file
+from nio_logd.config import TLSSettings, load_file
 from nio_logd.errors import ClientError, ConfigError, StartupError
 from nio_logd.server import Server
-from nio_logd.tls import client_context, subject_string
+from nio_logd.tls import client_context, server_context, subject_string
 
 OPENSSL_CNF = """\
 [req]
@@ -365,6 +365,32 @@ def test_many_slow_handshakes_at_once(tmp_path: Path, server_factory: Any, pki: 
     srv.wait_written(50)
     assert {m["send_user"] for m in read_lines(srv.messages)} == {f"slow{i}" for i in range(50)}
     assert srv.server.snapshot()["tls_handshakes"] == 50
+
+
+def test_tls_socket_recv_leaves_nothing_decrypted_behind(pki: PKI) -> None:
+    """recv() takes what OpenSSL already decrypted (pending), which epoll could never report."""
+    settings = TLSSettings(cert=str(pki.server.pem), key=str(pki.server.key))
+    a, b = socket.socketpair()
+    server = server_context(settings, Path, "test").wrap_socket(a, server_side=True, do_handshake_on_connect=False)
+    client = ctx_for(pki, None).wrap_socket(b, server_hostname="127.0.0.1", do_handshake_on_connect=False)
+    t = threading.Thread(target=client.do_handshake)
+    t.start()
+    server.do_handshake()
+    t.join(30)
+    with server, client:
+        for c in b"xyz":
+            assert client.send(bytes([c]) * 1000) == 1000  # one TLS record each
+        server.setblocking(False)
+        first = server.recv(1500)  # ends inside the second record...
+        assert first == b"x" * 1000 + b"y" * 1000  # ...which it still takes whole
+        assert server.pending() == 0
+        assert server.recv(1500) == b"z" * 1000
+        with pytest.raises(BlockingIOError):
+            server.recv(1500)
+        client.send(b"last")
+        socket.socket.shutdown(client, socket.SHUT_WR)  # the end of the stream, without close_notify
+        assert server.recv(1500) == b"last"
+        assert server.recv(1500) == b""
 
 
 # -- acks ----------------------------------------------------------------------------------------------

@@ -94,6 +94,30 @@ class TLSSocket(ssl.SSLSocket):
         return total
 
 
+class ClientTLSSocket(TLSSocket):
+    """The client's side: when the daemon has refused us, report its alert, not "broken pipe"."""
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        try:
+            return super().send(data, flags)
+        except (ssl.SSLEOFError, ConnectionError):
+            # With TLS 1.3 the daemon checks our certificate after our handshake has finished: its
+            # refusal (an alert) may be waiting unread while our write fails. Reading raises it.
+            timeout = self.gettimeout()
+            self.setblocking(False)
+            try:
+                ssl.SSLSocket.recv(self, 4096)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                pass
+            except ssl.SSLError as alert:
+                raise alert from None
+            except OSError:
+                pass
+            finally:
+                self.settimeout(timeout)
+            raise
+
+
 # -- contexts ----------------------------------------------------------------------------------------
 class _EncryptedKeyError(Exception):
     pass
@@ -173,7 +197,7 @@ def client_context(ca: str | None = None, cert: str | None = None, key: str | No
     except OSError as exc:
         raise ClientError(f"TLS CA file {ca}: {exc.strerror}") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.sslsocket_class = TLSSocket
+    ctx.sslsocket_class = ClientTLSSocket
     if key is not None and cert is None:
         raise ClientError("a TLS key needs its certificate (--cert)")
     if cert is not None:

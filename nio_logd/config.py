@@ -188,6 +188,7 @@ class MetricsSettings(_Frozen):
     """The optional Prometheus endpoint."""
 
     address: AddressText | None = None
+    health_stall_seconds: Seconds = 10.0  # /healthz answers 503 after the writer is stuck this long
 
 
 def _default_listeners() -> tuple[ListenerSettings, ...]:

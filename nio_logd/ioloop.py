@@ -21,8 +21,9 @@ idle daemon uses no CPU.
 
 Shutdown (``begin_drain``): stop accepting; every connection is read until it has delivered the
 bytes that were in its kernel receive buffer when the drain began (FIONREAD) and then has been
-quiet for ``DRAIN_QUIET`` seconds (or ``drain_window`` has passed, or the client closed); those
-records are written and acked; then the connection is closed.
+quiet for ``DRAIN_QUIET`` seconds with nothing unread in the kernel (or the client closed, or
+half of ``shutdown_timeout`` has passed); those records are written and acked; then the
+connection is closed.
 """
 
 from __future__ import annotations
@@ -645,7 +646,10 @@ class IOLoop:
         for conn in list(self.connections):
             if conn.draining or conn.eof or conn.closed:
                 continue
-            if conn.drain_owed <= 0 and (late or conn.last_active <= quiet_before):
+            if not late and conn.drain_owed > 0:
+                continue  # bytes that were waiting when the drain began: they are read first
+            # Quiet, and nothing unread in the kernel (a paused loop leaves bytes there): done.
+            if late or (conn.last_active <= quiet_before and not _bytes_waiting(conn.sock)):
                 conn.draining = True
                 if conn.framer.buffered:
                     dropped += 1

@@ -8,9 +8,10 @@ The HTTP server (wsgiref, one thread per request) runs in its own daemon thread 
 ``/metrics`` and ``/healthz``.
 
 ``/healthz`` answers 200 while the daemon can take records, and 503 with the reasons when
-- the writer has had records queued and made no progress for ``HEALTH_STALL_SECONDS``
-  (a stuck or failing disk: ENOSPC, EIO, a frozen filesystem), or
-- an I/O loop has been paused by backpressure without a break for ``HEALTH_STALL_SECONDS``, or
+- the writer has had records queued and made no progress for ``[metrics] health_stall_seconds``
+  (a stuck or failing disk: ENOSPC, EIO, a frozen filesystem), or writes have been failing
+  that long, or
+- an I/O loop has been paused by backpressure without a break for that long, or
 - a writer or I/O thread has died, or the daemon is stopping.
 A disk that is slow but keeps up with short pauses stays healthy: that is backpressure doing its
 job, visible in ``nio_logd_backpressure_paused_seconds_total``.
@@ -42,8 +43,6 @@ if TYPE_CHECKING:
     from .server import Server
 
 log = get_logger()
-
-HEALTH_STALL_SECONDS = 10.0
 
 # Seconds; one write() or fsync() of a whole group of batches, from 100 µs to 30 s.
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -84,15 +83,16 @@ class LatencyHistogram:
 def health(server: Server) -> tuple[bool, dict[str, Any]]:
     """Whether the daemon is healthy, and a JSON-able explanation."""
     s = server.snapshot()
+    limit = server.settings.metrics.health_stall_seconds
     problems: list[str] = []
     if s["stopping"]:
         problems.append("the daemon is stopping")
-    if s["writer_stalled_seconds"] >= HEALTH_STALL_SECONDS:
+    if s["writer_stalled_seconds"] >= limit:
         problems.append(f"the writer has made no progress for {s['writer_stalled_seconds']:.0f} s "
                         f"with {s['queue_bytes']} bytes queued")
-    if s["write_failing_seconds"] >= HEALTH_STALL_SECONDS:
+    if s["write_failing_seconds"] >= limit:
         problems.append(f"writes have been failing for {s['write_failing_seconds']:.0f} s: {s['last_write_error']}")
-    if s["paused_now_seconds"] >= HEALTH_STALL_SECONDS:
+    if s["paused_now_seconds"] >= limit:
         problems.append(f"reading has been paused by backpressure for {s['paused_now_seconds']:.0f} s")
     if not s["threads_alive"]:
         problems.append("a writer or I/O thread has died")

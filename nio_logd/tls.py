@@ -81,12 +81,12 @@ class TLSSocket(ssl.SSLSocket):
         as send() on a socket does; OpenSSL requires a blocked record to be retried with the same
         bytes, which holds because the caller resends what was not taken.
         """
-        view = memoryview(data).cast("B")
+        # Slices, not a memoryview: a view would pin the caller's bytearray (the loop resizes it).
         total = 0
-        size = len(view)
+        size = len(data)
         while total < size:
             try:
-                total += super().send(view[total : total + TLS_RECORD], flags)
+                total += super().send(data[total : total + TLS_RECORD], flags)
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 if not total:
                     raise BlockingIOError(errno.EAGAIN, "TLS send would block") from None

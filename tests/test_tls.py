@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import ssl
 import subprocess
@@ -414,6 +415,46 @@ def test_acks_over_tls(tmp_path: Path, server_factory: Any, pki: PKI) -> None:
     srv.wait_written(3051, 1)
     msgs = read_lines(srv.messages)
     assert len(msgs) == 3051 and {m["client"] for m in msgs} == {pki.client.subject}
+
+
+def test_acks_to_a_client_that_reads_them_late(tmp_path: Path, server_factory: Any, pki: PKI) -> None:
+    """The client writes and does not read until its writes stall: the daemon's TLS writes of
+    acks block (more acks than its send buffer and our 8 KiB receive buffer hold), it stops
+    reading, and then, once the client reads, every ack still arrives, whole and in order."""
+    srv = server_factory(write_config(tmp_path, listeners=[tls_listener(pki, ack=True)]))
+    n = 250_000  # about 6 MB of acks: more than a socket send buffer can grow to (4 MB)
+    data = b"".join(record("late", str(i)) + b"\n" for i in range(n))
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    raw.connect(srv.tcp)
+    s = ctx_for(pki, pki.client).wrap_socket(raw, server_hostname="127.0.0.1")
+    s.setblocking(False)
+    sent, answers = 0, bytearray()
+    reading = False  # not until our writes stall
+    with s:
+        while len(answers) < n * 20 or answers.count(b"\n") < n:
+            want_write = sent < len(data)
+            readable, writable, _ = select.select([s] if reading else [], [s] if want_write else [], [],
+                                                  30 if reading else 1.0)
+            if not readable and not writable:
+                assert not reading, "no progress for 30 s"
+                reading = True  # our writes stalled: the daemon stopped reading; now take the acks
+                continue
+            if writable:
+                try:
+                    sent += s.send(data[sent : sent + 65536])
+                except BlockingIOError:
+                    pass
+            if readable:
+                try:
+                    chunk = s.recv(65536)
+                except BlockingIOError:
+                    continue
+                assert chunk, "the daemon closed the connection"
+                answers += chunk
+    assert reading, "our writes never stalled: the scenario did not happen"
+    assert answers == b"".join(b'{"seq":%d,"ok":true}\n' % i for i in range(1, n + 1))
+    srv.wait_written(n)
 
 
 def test_sigterm_drains_tls_connections(tmp_path: Path, daemon_factory: Any, pki: PKI) -> None:

@@ -98,6 +98,8 @@ def make_record(rng: random.Random, size: int) -> bytes:
     def dump(text: str) -> bytes:
         return orjson.dumps({"send_user": user, "send_time": when, "send_msg": text})
 
+    if len(dump("")) > size:  # a small size and a long user or time: make room
+        user, when = "u", f"2026-11-29 {hms}"
     record = dump(msg)
     over = len(record) - size
     if over > 0:

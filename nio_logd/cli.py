@@ -189,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[_Parser]], None]] = []
 
 
+def _register_tail(sub: argparse._SubParsersAction[_Parser]) -> None:
+    from .tail import register
+
+    register(sub, _common)
+
+
+EXTRA_COMMANDS.append(_register_tail)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -9,6 +9,7 @@ EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3  # LSB: "program is not running"
 EXIT_CONFIG = 78  # EX_CONFIG
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: cannot bind, cannot write, cannot reach
+EXIT_NOINPUT = 66  # EX_NOINPUT: an input file does not exist or cannot be read
 
 
 class NioLogdError(Exception):
@@ -51,3 +52,15 @@ class StopTimeoutError(NioLogdError):
     """The classic daemon did not exit within the time `nio-logd stop` waits."""
 
     exit_code = EXIT_FAILURE
+
+
+class UsageError(NioLogdError):
+    """A command-line value the parser cannot check: a bad regular expression, an unreadable time."""
+
+    exit_code = EXIT_USAGE
+
+
+class NoInputError(NioLogdError):
+    """A file to read (``nio-logd tail FILE``) does not exist or cannot be read."""
+
+    exit_code = EXIT_NOINPUT

@@ -558,6 +558,7 @@ def test_tls_settings_errors_at_load(tmp_path: Path, pki: PKI) -> None:
         ("cert", "not a certificate\n", "no PEM certificate"),
         ("key", "not a key\n", "must be the PEM private key"),
         ("key", "other", "must be the PEM private key"),  # a valid key, of another certificate
+        ("key", "encrypted", "the key is encrypted"),  # never a passphrase prompt on the terminal
         ("ca", "not a CA\n", "no PEM CA certificate"),
     ],
 )
@@ -568,6 +569,8 @@ def test_bad_certificate_files_stop_the_start_naming_the_file(
     bad = tmp_path / f"bad-{which}.pem"
     if content == "other":
         bad = pki.client.key
+    elif content == "encrypted":
+        _openssl("pkey", "-in", str(pki.server.key), "-aes256", "-passout", "pass:secret", "-out", str(bad))
     elif content is not None:
         bad.write_text(content)
     files[which] = str(bad)

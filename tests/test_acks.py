@@ -1,0 +1,126 @@
+"""Acknowledgements (SPEC section 1): one answer per record, in order, and ``ok`` only once the
+record is in the log file (durability "write") or on disk (durability "fsync")."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port, read_lines, record, wait_for, write_config
+from faultkit import count_lines, logged_ids, make_line
+
+
+@pytest.mark.parametrize("durability", ["write", "fsync"])
+def test_ok_is_sent_only_once_the_record_is_in_the_file(
+    tmp_path: Path, daemon_factory: Any, durability: str
+) -> None:
+    """Each time answers arrive, the log already holds the newest record they acknowledge."""
+    d = daemon_factory(write_config(
+        tmp_path,
+        listeners=[{"address": "tcp://127.0.0.1:0", "ack": True}],
+        log={"durability": durability},
+    ))
+    total = 20_000
+    s = socket.create_connection(d.tcp)
+    sender = threading.Thread(target=lambda: s.sendall(b"".join(make_line(0, i) + b"\n" for i in range(total))))
+    sender.start()
+    s.settimeout(60)
+    acked = checks = 0
+    buf = b""
+    while acked < total:
+        chunk = s.recv(1 << 16)
+        assert chunk, "the daemon closed the connection"
+        buf += chunk
+        *answers, buf = buf.split(b"\n")
+        for raw in answers:
+            assert raw == b'{"seq":%d,"ok":true}' % (acked + 1)
+            acked += 1
+        if answers:
+            # The file is read after the answers came: it must hold at least that many lines,
+            # whole (no partial line at its end) and in order.
+            data = d.messages.read_bytes()
+            cut = data.rfind(b"\n") + 1
+            assert data[:cut].count(b"\n") >= acked, f"ack {acked} came before its record was written"
+            checks += 1
+    sender.join()
+    s.close()
+    assert checks > 1
+    assert logged_ids(d.messages) == [f"c0-{i}" for i in range(total)]
+
+
+def test_every_record_gets_one_answer_in_order_with_reasons(tmp_path: Path, server_factory: Any) -> None:
+    srv = server_factory(write_config(tmp_path, listeners=[{"address": f"tcp://127.0.0.1:{free_port()}", "ack": True}]))
+    lines = [record("a", "1"), b"{bad", record("", "2"), b"", b"  ", record("b", "3") + b"\r", b"[1]"]
+    with socket.create_connection(srv.tcp) as s:
+        s.sendall(b"\n".join(lines) + b"\n" + record("c", "last"))  # the last one ends at EOF
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(30)
+        buf = b""
+        while chunk := s.recv(65536):
+            buf += chunk
+    answers = [json.loads(a) for a in buf.splitlines()]
+    assert [(a["seq"], a["ok"]) for a in answers] == [
+        (1, True), (2, False), (3, False), (4, True), (5, False), (6, True)]  # blank lines are no records
+    assert answers[1]["reason"] == "invalid_json" and answers[1]["detail"][0]["field"] == "(record)"
+    assert answers[2]["reason"] == "invalid_fields" and answers[2]["detail"][0]["field"] == "send_user"
+    assert "send_user" in answers[2]["error"]
+    assert answers[4]["reason"] == "not_an_object"
+    assert [m["send_msg"] for m in read_lines(srv.messages)] == ["1", "3", "last"]
+
+
+def _cli_send(address: str, stdin: bytes, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "nio_logd", "send", "--address", address, "--ack", *args],
+                          input=stdin, capture_output=True, timeout=120)
+
+
+def test_cli_send_ack_exits_non_zero_and_lists_the_refusals(tmp_path: Path, server_factory: Any) -> None:
+    srv = server_factory(write_config(tmp_path, listeners=[{"address": f"tcp://127.0.0.1:{free_port()}", "ack": True}]))
+    good = _cli_send(srv.address, record("a", "1") + b"\n" + record("a", "2") + b"\n")
+    assert good.returncode == 0, good.stderr
+    assert b"2 acknowledged, 0 refused" in good.stderr
+    bad = _cli_send(srv.address, record("a", "3") + b"\n" + b"[]\n" + record(when="never") + b"\n")
+    assert bad.returncode == 1
+    err = bad.stderr.decode()
+    assert "record 2 refused: (record): not a JSON object" in err
+    assert "record 3 refused:" in err and "send_time" in err
+    assert "1 acknowledged, 2 refused" in err
+    one = _cli_send(srv.address, b"", "--user", "cli", "--msg", "hi")
+    assert one.returncode == 0
+    srv.wait_written(4)
+
+
+def test_cli_send_ack_resends_what_was_not_acked_after_the_daemon_restarts(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    """``nio-logd send --ack`` over a kill -9 and a restart on the same address: exit 0, all there."""
+    port = free_port()
+    cfg = write_config(tmp_path, listeners=[{"address": f"tcp://127.0.0.1:{port}", "ack": True}])
+    first = daemon_factory(cfg)
+    total = 200_000
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nio_logd", "send", "--address", f"tcp://127.0.0.1:{port}", "--ack"],
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(b"".join(make_line(7, i) + b"\n" for i in range(total)))
+    proc.stdin.close()
+    wait_for(lambda: count_lines(first.messages) >= 20_000, 60, 0.01)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    second = daemon_factory(cfg)
+    assert proc.stderr is not None
+    err = proc.stderr.read()  # until the CLI exits
+    assert proc.wait(60) == 0, err
+    proc.stderr.close()
+    assert f"{total} acknowledged, 0 refused".encode() in err
+    assert b"resent after" in err
+    second.stop()
+    ids = set(logged_ids(second.messages))
+    assert ids == {f"c7-{i}" for i in range(total)}

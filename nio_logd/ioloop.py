@@ -373,9 +373,11 @@ class IOLoop:
         self.listeners.append(listener)
         self.selector.register(listener.sock, READ, lambda _mask: self._accept(listener))
 
-    def _accept(self, listener: Listener) -> None:
+    def _accept(self, listener: Listener, *, draining: bool = False) -> None:
         server = self.server
-        for _ in range(ACCEPTS_PER_EVENT):
+        # At shutdown (draining) the whole backlog is taken, into this loop: those clients
+        # connected, and may have sent records, before the stop.
+        for _ in range(1 << 16 if draining else ACCEPTS_PER_EVENT):
             try:
                 sock, _addr = listener.sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -384,8 +386,9 @@ class IOLoop:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self.stats["accept_errors"] += 1
                     log.error("accept_failed", listener=listener.name, error=exc.strerror,
-                              action="pausing accepts for 0.5 s")
-                    self._pause_accepting(listener, 0.5)
+                              action="stopping" if draining else "pausing accepts for 0.5 s")
+                    if not draining:
+                        self._pause_accepting(listener, 0.5)
                     return
                 raise
             family = sock.family
@@ -404,10 +407,10 @@ class IOLoop:
             sock.setblocking(False)
             if family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            target = server.loops[self._next_loop % len(server.loops)]
+            target = self if draining else server.loops[self._next_loop % len(server.loops)]
             self._next_loop += 1
             if target is self:
-                self.adopt(sock, listener, peer, host)
+                self.adopt(sock, listener, peer, host, draining=draining)
             else:
                 target.call_soon_threadsafe(functools.partial(target.adopt, sock, listener, peer, host))
 
@@ -421,9 +424,9 @@ class IOLoop:
 
         self.call_later(seconds, accept_again)
 
-    def adopt(self, sock: socket.socket, listener: Listener, peer: str, host: str) -> None:
+    def adopt(self, sock: socket.socket, listener: Listener, peer: str, host: str, *, draining: bool = False) -> None:
         """Take a freshly accepted socket into this loop."""
-        if self.stopping:
+        if self.stopping and not draining:
             sock.close()
             self.server.connection_closed(host)
             return
@@ -623,7 +626,11 @@ class IOLoop:
             try:
                 self.selector.unregister(listener.sock)
             except (KeyError, ValueError):
-                pass
+                pass  # accepting was paused (EMFILE)
+            try:
+                self._accept(listener, draining=True)
+            except OSError as exc:
+                log.error("accept_failed", listener=listener.name, error=exc.strerror, action="stopping")
         self.now = time.monotonic()
         self.drain_until = self.now + self.server.settings.server.shutdown_timeout / 2
         for conn in list(self.connections):

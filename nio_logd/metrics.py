@@ -144,11 +144,12 @@ class ServerCollector(Collector):
                                   value=s["write_errors"])
         yield GaugeMetricFamily("nio_logd_write_failing", "1 while writes fail and are being retried.",
                                 value=1.0 if s["write_failing_seconds"] > 0 else 0.0)
-        for name, key, text in (
-            ("nio_logd_write_seconds", "write_hist", "Time of one write() of a group of batches to one file."),
-            ("nio_logd_fsync_seconds", "fsync_hist", "Time of one fsync() (group commit) of one file."),
+        writer = self.server.writer
+        for name, hist, text in (
+            ("nio_logd_write_seconds", writer.write_hist, "Time of one write() of a group of batches to one file."),
+            ("nio_logd_fsync_seconds", writer.fsync_hist, "Time of one fsync() (group commit) of one file."),
         ):
-            buckets, total = s[key].cumulative()
+            buckets, total = hist.cumulative()
             yield HistogramMetricFamily(name, text, buckets=buckets, sum_value=total)
         yield GaugeMetricFamily("nio_logd_backpressure_paused", "I/O loops not reading because the writer is behind.",
                                 value=s["paused_loops"])

@@ -215,8 +215,6 @@ class Server:
             "write_failing_seconds": 0.0 if failing_since is None else max(0.0, now - failing_since),
             "last_write_error": writer.last_error,
             "writer_stalled_seconds": writer.stalled_seconds(),
-            "write_hist": writer.write_hist,
-            "fsync_hist": writer.fsync_hist,
             "paused": paused_loops > 0,
             "paused_loops": paused_loops,
             "paused_now_seconds": paused_now,

@@ -53,12 +53,19 @@ def test_sigterm_mid_stream_writes_every_complete_record_sent(tmp_path: Path, da
 
 
 def test_sigterm_writes_and_acks_records_of_open_acked_connections(tmp_path: Path, daemon_factory: Any) -> None:
-    """Clients that sent records with ack and keep the connection open get every answer before the exit."""
+    """Clients that sent records with ack and keep the connection open get every answer before the exit,
+    even those whose connection was still in the listen backlog (not yet accepted) at the signal: the
+    daemon is stopped (SIGSTOP) while they connect and send, and gets SIGTERM before it runs again."""
     d = daemon_factory(write_config(tmp_path, listeners=[{"address": "tcp://127.0.0.1:0", "ack": True}]))
-    socks = [socket.create_connection(d.tcp) for _ in range(3)]
+    early = socket.create_connection(d.tcp)
+    early.sendall(make_line(9, 0) + b"\n")
+    assert early.recv(100) == b'{"seq":1,"ok":true}\n'
+    d.signal(signal.SIGSTOP)
+    socks = [early, *(socket.create_connection(d.tcp) for _ in range(3))]  # the kernel completes these
     for k, s in enumerate(socks):
-        s.sendall(b"".join(make_line(k, i) + b"\n" for i in range(2000)) + b'{"half a record')
+        s.sendall(b"".join(make_line(k, i) + b"\n" for i in range(1 if k == 0 else 0, 2000)) + b'{"half a record')
     d.signal(signal.SIGTERM)
+    d.signal(signal.SIGCONT)
     answers = []
     for s in socks:
         s.settimeout(30)
@@ -68,11 +75,12 @@ def test_sigterm_writes_and_acks_records_of_open_acked_connections(tmp_path: Pat
         answers.append(buf.splitlines())
         s.close()
     assert d.stop() == 0
-    for lines in answers:
+    assert answers[0] == [b'{"seq":%d,"ok":true}' % n for n in range(2, 2001)]
+    for lines in answers[1:]:
         assert lines == [b'{"seq":%d,"ok":true}' % n for n in range(1, 2001)]
-    assert count_lines(d.messages) == 6000
+    assert count_lines(d.messages) == 8000
     dropped = [ev["count"] for ev in d.events if ev.get("event") == "incomplete_records_dropped"]
-    assert sum(dropped) == 3
+    assert sum(dropped) == 4
 
 
 def test_second_signal_forces_the_exit_while_the_drain_waits(tmp_path: Path, daemon_factory: Any) -> None:

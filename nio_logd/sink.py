@@ -293,7 +293,8 @@ class Writer:
         """How long records have waited with no write finishing (0 when the queue is empty)."""
         if not self._depth:
             return 0.0
-        return max(0.0, time.monotonic() - max(self.last_progress, self.waiting_since))
+        grace = self.fsync_max_wait if self.fsync else 0.0  # a group commit waits on purpose
+        return max(0.0, time.monotonic() - max(self.last_progress, self.waiting_since) - grace)
 
     @property
     def alive(self) -> bool:

@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -273,3 +274,16 @@ class AckStream(threading.Thread):
         finally:
             sel.close()
             sock.close()
+
+
+def wait_stable(value: Callable[[], Any], period: float = 1.0, timeout: float = 60.0) -> Any:
+    """Wait until ``value()`` stays the same for ``period`` seconds; return it."""
+    deadline = time.monotonic() + timeout
+    last = value()
+    while time.monotonic() < deadline:
+        time.sleep(period)
+        now = value()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"{value} kept changing for {timeout} s")

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import free_port, read_lines, record, wait_for, write_config
-from faultkit import count_lines, logged_ids, make_line
+from faultkit import count_lines, logged_ids, make_line, wait_stable
 
 
 @pytest.mark.parametrize("durability", ["write", "fsync"])
@@ -124,3 +124,36 @@ def test_cli_send_ack_resends_what_was_not_acked_after_the_daemon_restarts(
     second.stop()
     ids = set(logged_ids(second.messages))
     assert ids == {f"c7-{i}" for i in range(total)}
+
+
+def test_a_client_that_does_not_read_its_acks_is_not_read_either(tmp_path: Path, daemon_factory: Any) -> None:
+    """Unread answers pile up to a bound, then the daemon stops reading that client (TCP makes it
+    wait) instead of buffering answers without end; once it reads, everything goes through."""
+    d = daemon_factory(write_config(tmp_path, listeners=[{"address": "tcp://127.0.0.1:0", "ack": True}]))
+    total, chunk = 400_000, 2000
+    s = socket.create_connection(d.tcp)
+    sent = [0]
+
+    def push() -> None:
+        for start in range(0, total, chunk):
+            s.sendall(b"".join(make_line(0, i) + b"\n" for i in range(start, start + chunk)))
+            sent[0] = start + chunk
+
+    pusher = threading.Thread(target=push, daemon=True)
+    pusher.start()
+    blocked_at = wait_stable(lambda: sent[0])
+    assert blocked_at < total, "the daemon read everything although nobody read its answers"
+    s.settimeout(60)
+    buf = b""
+    answers = 0
+    while answers < total:
+        data = s.recv(1 << 20)
+        assert data
+        buf += data
+        *lines, buf = buf.split(b"\n")
+        answers += len(lines)
+    pusher.join(60)
+    s.close()
+    assert sent[0] == total
+    assert count_lines(d.messages) == total
+    print(f"\n[unread acks] client blocked after {blocked_at} of {total} records until it read its answers")

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import collections
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from faultkit import (
     rss_kib,
     scrape,
     unmount,
+    wait_stable,
 )
 
 pytestmark = pytest.mark.root
@@ -53,19 +53,6 @@ def freezable_disk(tmp_path: Path) -> Iterator[Path]:
         pytest.skip(f"cannot loop-mount an ext4 image here: {exc} {detail.decode(errors='replace').strip()}")
     yield mountpoint
     unmount(mountpoint)  # thaws first; runs after daemon_factory has killed the daemon
-
-
-def wait_stable(value: Callable[[], Any], period: float = 1.0, timeout: float = 60.0) -> Any:
-    """Wait until ``value()`` stays the same for ``period`` seconds; return it."""
-    deadline = time.monotonic() + timeout
-    last = value()
-    while time.monotonic() < deadline:
-        time.sleep(period)
-        now = value()
-        if now == last:
-            return now
-        last = now
-    raise AssertionError(f"{value} kept changing for {timeout} s")
 
 
 @pytest.mark.slow

@@ -210,11 +210,29 @@ def _repair_tail(fd: int, size: int, path: Path) -> tuple[int, bytes]:
         return size, tail
     cut = tail.rfind(b"\n")
     if cut < 0 and size > len(tail):
-        return size, b""  # a line longer than we looked at: leave the file alone
+        # The partial line is longer than we looked at (records reach max_record_bytes): its
+        # start is the byte after the newline before it, or the start of the file.
+        new_size = _line_start(path, size - len(tail))
+        os.ftruncate(fd, new_size)
+        log.warning("partial_line_removed", path=str(path), bytes=size - new_size)
+        return new_size, b""
     new_size = size - len(tail) + cut + 1
     os.ftruncate(fd, new_size)
     log.warning("partial_line_removed", path=str(path), bytes=size - new_size)
     return new_size, tail[: cut + 1]
+
+
+def _line_start(path: Path, before: int) -> int:
+    """The offset just after the last newline before ``before`` (0 if there is none)."""
+    with open(path, "rb") as f:
+        while before > 0:
+            step = min(before, 1 << 20)
+            f.seek(before - step)
+            nl = f.read(step).rfind(b"\n")
+            if nl >= 0:
+                return before - step + nl + 1
+            before -= step
+    return 0
 
 
 class Writer:

@@ -11,6 +11,8 @@ import pytest
 from conftest import free_port, read_lines, wait_for, write_config
 from faultkit import AckedSender, logged_ids, make_line
 
+from nio_logd.client import send
+
 CLIENTS = 4
 RECORDS = 50_000
 
@@ -67,3 +69,21 @@ def test_kill_9_mid_stream_then_restart_loses_no_acknowledged_record(
     assert set(counts) == {f"c{c}-{i}" for c in range(CLIENTS) for i in range(RECORDS)}
     assert duplicates <= resent  # a duplicate can only come from a resend
     assert read_lines(second.rejects) == []
+
+
+@pytest.mark.parametrize("partial", [100, 300_000], ids=["short", "longer-than-64KiB"])
+def test_a_partial_last_line_left_by_a_crash_is_cut_at_restart(
+    tmp_path: Path, daemon_factory: Any, partial: int
+) -> None:
+    """kill -9 can cut a write() in the middle of a line (of any length up to max_record_bytes):
+    the restarted daemon cuts that partial line off before it appends, so every line stays whole."""
+    cfg = write_config(tmp_path, limits={"max_record_bytes": 400_000})
+    whole = b"".join(make_line(0, i) + b"\n" for i in range(3))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "messages.log").write_bytes(whole + b'{"send_user": "cut' + b"x" * partial)
+    d = daemon_factory(cfg)
+    assert d.event("partial_line_removed") is not None
+    send(d.address, [make_line(1, 0)])
+    wait_for(lambda: d.messages.read_bytes().count(b"\n") == 4, 10)
+    d.stop()
+    assert logged_ids(d.messages) == ["c0-0", "c0-1", "c0-2", "c1-0"]

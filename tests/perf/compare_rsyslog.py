@@ -45,6 +45,7 @@ from perfutil import (  # noqa: E402
     count_lines,
     cpu_ns,
     cpu_seconds,
+    enter_private_netns,
     median,
     snapshot,
     status_kb,
@@ -57,7 +58,6 @@ from nio_logd.bench import ONE_PER_CONNECTION, STREAM, Plan, run_bench  # noqa: 
 from nio_logd.config import parse_address  # noqa: E402
 
 BUFFER_LINES = 65536 // 100
-NETNS_ENV = "NIO_LOGD_PERF_NETNS"
 
 
 class Target:
@@ -268,15 +268,7 @@ def main() -> int:
                         help="run nio-logd from a git archive of REV (e.g. HEAD) instead of the working tree")
     args = parser.parse_args()
     ack_records = args.ack_records or args.records
-    if not args.host_netns and os.environ.get(NETNS_ENV) != "1":
-        # Re-run inside a new network namespace with its own loopback: ListenOverflows and friends
-        # then count our daemons only, not whatever else runs on this (shared) machine.
-        os.environ[NETNS_ENV] = "1"
-        script = 'ip link set lo up && exec "$0" "$@"'
-        os.execvp("unshare", ["unshare", "--net", "sh", "-c", script, sys.executable, *sys.argv])
-    network = ("a private network namespace (unshare --net): the TcpExt counters are this run's alone"
-               if os.environ.get(NETNS_ENV) == "1" else
-               "the host's network namespace: the TcpExt counters include every other process's connections")
+    network = enter_private_netns(not args.host_netns)
 
     base = Path(tempfile.mkdtemp(prefix="nio-logd-vs-rsyslog-"))
     print(f"working in {base}", file=sys.stderr)

@@ -23,16 +23,28 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from perfutil import NioLogd, ProtoDaemon, count_lines, cpu_seconds, median, status_kb  # noqa: E402
+from perfutil import (  # noqa: E402
+    NioLogd,
+    ProtoDaemon,
+    count_lines,
+    cpu_seconds,
+    enter_private_netns,
+    median,
+    status_kb,
+    tcp_ext,
+)
 
 from nio_logd.bench import Plan, run_bench  # noqa: E402
 from nio_logd.config import parse_address  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "bind once": ["--bind-once"],
-    "bind once + fast timestamp": ["--bind-once", "--fast-ts"],
+    "lines in a bytearray": ["--collect-bytearray"],
+    "bind once + bytearray": ["--bind-once", "--collect-bytearray"],
+    "bind once + bytearray + fast timestamp": ["--bind-once", "--collect-bytearray", "--fast-ts"],
     "2 workers (SO_REUSEPORT)": ["--workers", "2"],
-    "2 workers + bind once + fast timestamp": ["--workers", "2", "--bind-once", "--fast-ts"],
+    "2 workers + bind once + bytearray + fast timestamp": ["--workers", "2", "--bind-once", "--collect-bytearray",
+                                                           "--fast-ts"],
 }
 
 
@@ -44,14 +56,24 @@ def main() -> int:
     parser.add_argument("--source", type=Path)
     parser.add_argument("--only", action="append", help="run only these variants (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--mode", choices=["stream", "one-per-connection"], default="stream")
+    parser.add_argument("--processes", type=int, default=2, help="generator processes (default 2)")
+    parser.add_argument("--host-netns", action="store_true", help="do not run in a private network namespace")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                        help='an extra prototype variant, e.g. "accept 4096=--accepts-per-event 4096"')
     args = parser.parse_args()
+    network = enter_private_netns(not args.host_netns)
+    for extra in args.variant:
+        name, _, flags = extra.partition("=")
+        VARIANTS[name] = flags.split()
     base = Path(tempfile.mkdtemp(prefix="nio-logd-variants-"))
     daemons: list[NioLogd] = []
     runs: list[dict[str, Any]] = []
     try:
         daemons.append(NioLogd(base / "current", name="nio-logd (current)", source=args.source))
         for name, flags in VARIANTS.items():
-            if args.only and name not in args.only:
+            if (args.only and name not in args.only) or (args.variant and not args.only and
+                                                         name not in [v.partition("=")[0] for v in args.variant]):
                 continue
             daemons.append(ProtoDaemon(base / name.replace(" ", "_").replace("/", ""), name=name, flags=flags,
                                        source=args.source))
@@ -59,19 +81,22 @@ def main() -> int:
             order = daemons[r % len(daemons):] + daemons[: r % len(daemons)]
             for d in order:
                 plan = Plan(address=parse_address(f"tcp://127.0.0.1:{d.port}"), connections=args.connections,
-                            records=args.records, processes=2, timeout=600)
+                            records=args.records, processes=min(args.processes, args.connections), timeout=600,
+                            mode=args.mode)
                 pids = d.pids
-                cpu0 = sum(cpu_seconds(p) for p in pids)
-                result = run_bench(plan, wait_file=str(d.output), wait_slack=args.records // 1000)
-                cpu1 = sum(cpu_seconds(p) for p in pids)
+                cpu0, ovf0 = sum(cpu_seconds(p) for p in pids), tcp_ext("ListenOverflows")
+                result = run_bench(plan, wait_file=str(d.output), wait_slack=args.records // 1000, settle=5.0)
+                cpu1, ovf1 = sum(cpu_seconds(p) for p in pids), tcp_ext("ListenOverflows")
                 run = {
                     "round": r + 1, "variant": d.name, "records_per_s": result["written"]["records_per_s"],
                     "complete": result["written"]["complete"],
                     "cpu_s_per_million": round((cpu1 - cpu0) / args.records * 1e6, 2),
+                    "listen_overflows": ovf1 - ovf0,
                 }
                 runs.append(run)
                 print(f"  round {r + 1} {d.name:<40} {run['records_per_s'] or 0:>10,.0f} records/s  "
-                      f"cpu {run['cpu_s_per_million']:.2f} s/M", file=sys.stderr, flush=True)
+                      f"cpu {run['cpu_s_per_million']:.2f} s/M  overflows {run['listen_overflows']}", file=sys.stderr,
+                      flush=True)
         rss = {d.name: round(max(status_kb(p, "VmHWM") for p in d.pids) / 1024, 1) for d in daemons}
         lines = {d.name: count_lines(d.output) for d in daemons}
     finally:
@@ -82,12 +107,12 @@ def main() -> int:
         else:
             shutil.rmtree(base, ignore_errors=True)
     ref = daemons[0].name
-    print(f"stream: {args.records:,} records over {args.connections} connections, {args.rounds} interleaved rounds"
-          + (f", source {args.source}" if args.source else ""))
+    print(f"{args.mode}: {args.records:,} records over {args.connections} connections, {args.rounds} interleaved "
+          f"rounds, {network}" + (f", source {args.source}" if args.source else ""))
     print()
     print("| variant | records/s median | per round | / current (per round) | CPU-s per M (median) | peak RSS MB"
-          " (per process) | all arrived |")
-    print("| --- | ---: | --- | --- | ---: | ---: | --- |")
+          " (per process) | listen overflows (all rounds) | all arrived |")
+    print("| --- | ---: | --- | --- | ---: | ---: | ---: | --- |")
     summary = {}
     for d in daemons:
         mine = [x for x in runs if x["variant"] == d.name]
@@ -101,6 +126,7 @@ def main() -> int:
         print(f"| {d.name} | {median(rates):,.0f} | {', '.join(f'{x:,.0f}' for x in rates)}"
               f" | {median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)})"
               f" | {summary[d.name]['cpu_s_per_million']:.2f} | {rss[d.name]}"
+              f" | {sum(x['listen_overflows'] for x in mine)}"
               f" | {'yes' if lines[d.name] == args.records * args.rounds else f'NO: {lines[d.name]:,}'} |")
     print()
     print(json.dumps({"summary": summary, "runs": runs}, indent=1))

@@ -271,3 +271,21 @@ class ProtoDaemon(NioLogd):
     @property
     def pids(self) -> list[int]:
         return [self.pid, *children_of(self.pid)]
+
+
+NETNS_ENV = "NIO_LOGD_PERF_NETNS"
+
+
+def enter_private_netns(enabled: bool = True) -> str:
+    """Re-run this script in a new network namespace (lo up) unless already there; describe where we run.
+
+    The TcpExt counters (ListenOverflows, ...) are per namespace: in a private one they count our
+    daemons alone, not every other process on a shared machine.
+    """
+    if enabled and os.environ.get(NETNS_ENV) != "1":
+        os.environ[NETNS_ENV] = "1"
+        os.execvp("unshare", ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" "$@"',
+                              sys.executable, *sys.argv])
+    if os.environ.get(NETNS_ENV) == "1":
+        return "a private network namespace (unshare --net): the TcpExt counters are this run's alone"
+    return "the host's network namespace: the TcpExt counters include every other process's connections"

@@ -8,7 +8,10 @@ Run by hand (needs py-spy and ptrace rights, e.g. root):
 Starts a nio-logd daemon, attaches ``py-spy record --format raw --threads --idle`` to it, runs
 ``nio-logd bench`` (stream), and sorts every sample of the I/O thread and of the writer thread
 into a stage by the frames on its stack (the innermost matching rule wins): recv, framing,
-validation, rendering, batching, writing, waiting. ``µs/record`` is samples / rate / records.
+validation, rendering, batching, writing, waiting. "wall µs/record" is samples / rate / records
+(wall-clock time, inflated by py-spy's pauses and by waiting for a CPU); "CPU µs/record" spreads
+the thread's measured CPU time (/proc) over its non-waiting stages by their share of samples.
+schedstat gives each thread's time on a CPU and its time runnable but waiting for one.
 With ``--gil`` only samples holding the GIL are kept (Python CPU; blocking calls drop out).
 Also reports each thread's CPU time from /proc/PID/task/TID/stat over the run.
 """
@@ -109,14 +112,16 @@ def parse_raw(path: Path) -> dict[str, collections.Counter[str]]:
     return threads
 
 
-def thread_cpu(pid: int) -> dict[int, float]:
+def thread_cpu(pid: int) -> dict[int, tuple[float, float, float]]:
+    """Per thread: (utime+stime s, on-CPU s and runqueue-wait s from schedstat)."""
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             fields = (task / "stat").read_text().rpartition(")")[2].split()
-        except OSError:
+            on_cpu, waiting, _slices = (task / "schedstat").read_text().split()
+        except (OSError, ValueError):
             continue
-        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        out[int(task.name)] = ((int(fields[11]) + int(fields[12])) / CLK_TCK, int(on_cpu) / 1e9, int(waiting) / 1e9)
     return out
 
 
@@ -185,10 +190,20 @@ def main() -> int:
                 "us_per_record": round(n / args.rate / records * 1e6, 3),
             })
     tids = {int(m[1]): m[2] for h in threads if (m := re.match(r"thread \((\d+)\): (.*)", h))}
-    per_thread = {
-        tids.get(tid, str(tid)): round(threads1[tid] - threads0.get(tid, 0.0), 2) for tid in threads1
-        if threads1[tid] - threads0.get(tid, 0.0) > 0
-    }
+    per_thread: dict[str, dict[str, float]] = {}
+    for tid, (cpu, on, wait) in threads1.items():
+        cpu0, on0, wait0 = threads0.get(tid, (0.0, 0.0, 0.0))
+        if cpu - cpu0 > 0:
+            per_thread[tids.get(tid, str(tid))] = {
+                "cpu_s": round(cpu - cpu0, 2), "on_cpu_share": round((on - on0) / wall, 3),
+                "runqueue_wait_share": round((wait - wait0) / wall, 3),
+            }
+    # Stage shares of a thread's busy samples (not waiting), scaled to that thread's CPU time.
+    for name, info in per_thread.items():
+        rows = [r for r in table if r["thread"] == name and not r["stage"].startswith("wait")]
+        busy = sum(r["samples"] for r in rows)
+        for r in rows:
+            r["cpu_us_per_record"] = round(r["samples"] / busy * info["cpu_s"] / records * 1e6, 2)
     doc = {
         "records": records, "wall_s": round(wall, 3), "records_per_s": result["written"]["records_per_s"],
         "process_cpu_s": round(cpu1 - cpu0, 2), "cpu_us_per_record": round((cpu1 - cpu0) / records * 1e6, 2),
@@ -199,13 +214,18 @@ def main() -> int:
         return 0
     print(f"{records:,} records in {wall:.2f} s ({doc['records_per_s']:,.0f} records/s in the file); "
           f"daemon CPU {doc['process_cpu_s']} s = {doc['cpu_us_per_record']} µs/record; "
-          f"per thread: {per_thread}; py-spy {args.rate} Hz{' GIL only' if args.gil else ''}")
+          f"py-spy {args.rate} Hz{' GIL only' if args.gil else ''}")
     print()
-    print("| thread | stage | samples | share of thread | µs / record |")
-    print("| --- | --- | ---: | ---: | ---: |")
+    for name, info in per_thread.items():
+        print(f"  {name}: CPU {info['cpu_s']} s; on a CPU {info['on_cpu_share']:.0%} of the run, "
+              f"runnable but waiting for a CPU {info['runqueue_wait_share']:.0%}")
+    print()
+    print("| thread | stage | samples | share of thread's samples | wall µs / record | CPU µs / record |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
     for row in table:
+        cpu = f"{row['cpu_us_per_record']:.2f}" if "cpu_us_per_record" in row else "–"
         print(f"| {row['thread']} | {row['stage']} | {row['samples']} | {row['share'] * 100:.1f}% "
-              f"| {row['us_per_record']:.2f} |")
+              f"| {row['us_per_record']:.2f} | {cpu} |")
     return 0
 
 

@@ -8,6 +8,14 @@ by side with the real daemon:
                    same processors, same output, no BoundLoggerLazyProxy re-assembly per record.
   --fast-ts        TimeStamper(fmt="iso", utc=True) replaced by a processor writing the same text
                    per record with the date part cached per second (see micro_render.py).
+  --collect-bytearray
+                   rendered message lines are appended to one bytearray per batch (the orjson
+                   result, a 4 KiB allocation, is freed at once) and handed on as ONE pre-joined
+                   element, so the writer's join writes the same bytes. The prototype leaves the
+                   writer's per-batch line count wrong (1 per batch); the file is right.
+  --accepts-per-event N
+                   how many connections the loop accepts per readiness of the listening socket
+                   (the daemon's ioloop.ACCEPTS_PER_EVENT, 256 today).
   --workers K      K processes, each a whole Server with its own SO_REUSEPORT listening socket
                    (the kernel spreads connections over them), I/O thread and writer thread, all
                    appending whole batches to the same O_APPEND file. Only a measurement: the
@@ -35,6 +43,7 @@ if "--source" in sys.argv:
 
 import structlog  # noqa: E402
 
+from nio_logd import render as render_module  # noqa: E402
 from nio_logd import server as server_module  # noqa: E402
 from nio_logd.config import load_file  # noqa: E402
 from nio_logd.listeners import Listener  # noqa: E402
@@ -57,6 +66,29 @@ def reuseport_bind(settings: Any) -> list[Listener]:
     return out
 
 
+class ByteCollector:
+    """Drop-in for render._Collector: keeps one growing buffer instead of a list of lines."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def info(self, line: bytes) -> None:
+        self.buf += line
+        self.buf += b"\n"
+
+    warning = info
+
+    @property
+    def lines(self) -> list[bytes]:
+        return [bytes(self.buf[:-1])] if self.buf else []  # the writer's join adds the last newline
+
+    @lines.setter
+    def lines(self, _value: list[bytes]) -> None:
+        self.buf = bytearray()
+
+
 def patch_loop(loop: Any, bind_once: bool, fast_ts: bool) -> None:
     renderer = loop.renderer
     for attr in ("_msg", "_rej"):
@@ -70,8 +102,10 @@ def patch_loop(loop: Any, bind_once: bool, fast_ts: bool) -> None:
         setattr(renderer, attr, logger)
 
 
-def serve_one(config: Path, bind_once: bool, fast_ts: bool, reuseport: bool) -> None:
+def serve_one(config: Path, bind_once: bool, fast_ts: bool, reuseport: bool, collect_bytearray: bool) -> None:
     settings = load_file(config)
+    if collect_bytearray:
+        render_module._Collector = ByteCollector  # type: ignore[misc,assignment]
     if reuseport:
         server_module.bind = reuseport_bind  # type: ignore[assignment]
     server = server_module.Server(settings)
@@ -93,17 +127,25 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--bind-once", action="store_true")
     parser.add_argument("--fast-ts", action="store_true")
+    parser.add_argument("--collect-bytearray", action="store_true")
+    parser.add_argument("--accepts-per-event", type=int)
     parser.add_argument("--source", help="import nio_logd from this tree")
     args = parser.parse_args()
+    if args.accepts_per_event:
+        from nio_logd import ioloop
+
+        ioloop.ACCEPTS_PER_EVENT = args.accepts_per_event
     if args.workers == 1:
-        serve_one(args.config, args.bind_once, args.fast_ts, reuseport=False)
+        serve_one(args.config, args.bind_once, args.fast_ts, reuseport=False,
+                  collect_bytearray=args.collect_bytearray)
         return 0
     children = []
     for _ in range(args.workers):
         pid = os.fork()
         if pid == 0:
             try:
-                serve_one(args.config, args.bind_once, args.fast_ts, reuseport=True)
+                serve_one(args.config, args.bind_once, args.fast_ts, reuseport=True,
+                          collect_bytearray=args.collect_bytearray)
             finally:
                 os._exit(0)
         children.append(pid)

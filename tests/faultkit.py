@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,20 @@ def logged_ids(path: Path) -> list[str]:
     return [msg_id(json.loads(line)["send_msg"]) for line in data.splitlines()]
 
 
+_STREAMS: weakref.WeakSet[Streamer] = weakref.WeakSet()
+
+
+def close_streams() -> None:
+    """Close every Streamer's socket (wakes a blocked sendall): a failed test must not leak them."""
+    for stream in list(_STREAMS):
+        stream.stop.set()
+        try:
+            stream.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        stream.sock.close()
+
+
 class Streamer(threading.Thread):
     """An un-acked client: sends ``total`` records in chunks of ``chunk`` with sendall().
 
@@ -105,6 +120,7 @@ class Streamer(threading.Thread):
         self.error: BaseException | None = None
         self.finished = threading.Event()
         self.sock = socket.create_connection(address)
+        _STREAMS.add(self)
 
     def run(self) -> None:
         try:

@@ -22,6 +22,7 @@ from faultkit import (
     AckStream,
     RssSampler,
     Streamer,
+    close_streams,
     healthz,
     is_root,
     logged_ids,
@@ -43,6 +44,12 @@ QUEUE_BYTES = 1 << 20
 # reading went on without a bound, 4 clients at full speed would add tens of MiB per second.
 RSS_PEAK_BOUND_KIB = 160 * 1024
 RSS_GROWTH_WHILE_FULL_BOUND_KIB = 24 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _streams_closed() -> Iterator[None]:
+    yield
+    close_streams()
 
 
 class FullDisk:

@@ -13,12 +13,19 @@ import collections
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import read_lines, wait_for, write_config
-from faultkit import Streamer, count_lines, logged_ids, make_line
+from faultkit import Streamer, close_streams, count_lines, logged_ids, make_line
+
+
+@pytest.fixture(autouse=True)
+def _streams_closed() -> Iterator[None]:
+    yield
+    close_streams()
 
 
 @pytest.mark.slow

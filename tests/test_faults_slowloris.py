@@ -7,15 +7,22 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import wait_for, write_config
-from faultkit import Streamer, count_lines, logged_ids, metric, metrics_address, scrape
+from faultkit import Streamer, close_streams, count_lines, logged_ids, metric, metrics_address, scrape
 
 SLOW = 1000
 ROUNDS = 4  # seconds of dribbling: a bounded loop
+
+
+@pytest.fixture(autouse=True)
+def _streams_closed() -> Iterator[None]:
+    yield
+    close_streams()
 
 
 @pytest.mark.slow

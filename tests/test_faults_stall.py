@@ -17,6 +17,7 @@ from faultkit import (
     AckStream,
     RssSampler,
     Streamer,
+    close_streams,
     have_tools,
     healthz,
     is_root,
@@ -37,6 +38,12 @@ RECORDS = 50_000
 # Stated bounds with queue_bytes = 1 MiB (see test_faults_disk.py for what makes up the RSS).
 RSS_PEAK_BOUND_KIB = 160 * 1024
 RSS_GROWTH_WHILE_STALLED_BOUND_KIB = 24 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _streams_closed() -> Iterator[None]:
+    yield
+    close_streams()
 
 
 @pytest.fixture
@@ -71,7 +78,9 @@ def test_frozen_filesystem_blocks_clients_bounds_memory_and_loses_nothing(
     mx = metrics_address(d)
     idle = rss_kib(d.pid)
     acked = [AckStream(d.tcp, c, RECORDS, window=5000) for c in range(CLIENTS)]
-    pushers = [Streamer(d.tcp, 100 + c, RECORDS) for c in range(CLIENTS)]
+    # ~470-byte records: 50,000 of them (23 MB) are more than the kernel's socket buffers can hold
+    # (several MB each way on loopback), so the stall must reach the clients.
+    pushers = [Streamer(d.tcp, 100 + c, RECORDS, pad=400) for c in range(CLIENTS)]
     for s in [*acked, *pushers]:
         s.start()
     wait_for(lambda: sum(s.acked for s in acked) >= 5000 and sum(p.sent for p in pushers) >= 5000, 60)

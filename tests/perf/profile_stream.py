@@ -46,6 +46,11 @@ STAGES_IO = (
     ("framing (LineFramer)", lambda f, src: f.startswith("LineFramer.")),
     ("validation (pydantic)", lambda f, src: f.startswith(("RecordValidator.", "TypeAdapter."))),
     ("rendering (structlog + orjson)", lambda f, src: f.startswith("Renderer.") or "structlog" in src),
+    ("accept + connection set-up/close", lambda f, src: f in {
+        "IOLoop._accept", "IOLoop.adopt", "Connection.__init__", "Connection.close", "IOLoop.forget",
+        "Server.admit", "Server.connection_closed", "_peer_name", "Connection.update_events",
+        "Connection.finish_if_done"} or f.startswith(("EpollSelector.register", "EpollSelector.unregister",
+                                                       "EpollSelector.modify", "socket.accept"))),
     ("batching + hand-off", lambda f, src: f in {
         "IOLoop._flush_batch", "Batch.__init__", "Writer.submit", "IOLoop._complete", "IOLoop.batch_done",
         "IOLoop.call_soon_threadsafe", "IOLoop._on_wake", "Renderer.take"}),
@@ -129,6 +134,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=500_000)
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--mode", choices=["stream", "one-per-connection"], default="stream")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second (default 250)")
     parser.add_argument("--gil", action="store_true", help="keep only samples holding the GIL")
     parser.add_argument("--svg", type=Path, help="also record a flame graph (a second, separate run)")
@@ -147,7 +153,7 @@ def main() -> int:
         spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1.5)  # py-spy attaches
         plan = Plan(address=parse_address(f"tcp://127.0.0.1:{daemon.port}"), connections=args.connections,
-                    records=args.records, processes=2)
+                    records=args.records, processes=min(2, args.connections), mode=args.mode)
         cpu0, threads0, t0 = cpu_seconds(daemon.pid), thread_cpu(daemon.pid), time.monotonic()
         result = run_bench(plan, wait_file=str(daemon.output))
         wall = time.monotonic() - t0

@@ -16,6 +16,8 @@ by side with the real daemon:
   --accepts-per-event N
                    how many connections the loop accepts per readiness of the listening socket
                    (the daemon's ioloop.ACCEPTS_PER_EVENT, 256 today).
+  --recv-bytes N   the largest recv() per readable socket (the daemon's ioloop.RECV_BYTES, 256 KiB
+                   today): smaller reads mean smaller batches in flight per loop pass.
   --workers K      K processes, each a whole Server with its own SO_REUSEPORT listening socket
                    (the kernel spreads connections over them), I/O thread and writer thread, all
                    appending whole batches to the same O_APPEND file. Only a measurement: the
@@ -129,12 +131,15 @@ def main() -> int:
     parser.add_argument("--fast-ts", action="store_true")
     parser.add_argument("--collect-bytearray", action="store_true")
     parser.add_argument("--accepts-per-event", type=int)
+    parser.add_argument("--recv-bytes", type=int)
     parser.add_argument("--source", help="import nio_logd from this tree")
     args = parser.parse_args()
-    if args.accepts_per_event:
-        from nio_logd import ioloop
+    from nio_logd import ioloop
 
+    if args.accepts_per_event:
         ioloop.ACCEPTS_PER_EVENT = args.accepts_per_event
+    if args.recv_bytes:
+        ioloop.RECV_BYTES = args.recv_bytes
     if args.workers == 1:
         serve_one(args.config, args.bind_once, args.fast_ts, reuseport=False,
                   collect_bytearray=args.collect_bytearray)

@@ -18,6 +18,8 @@ by side with the real daemon:
                    (the daemon's ioloop.ACCEPTS_PER_EVENT, 256 today).
   --recv-bytes N   the largest recv() per readable socket (the daemon's ioloop.RECV_BYTES, 256 KiB
                    today): smaller reads mean smaller batches in flight per loop pass.
+  --nice N         os.nice(N) at start (what a unit's Nice= would do), e.g. -5: the daemon's threads
+                   then win CPU from busy clients on a small machine.
   --workers K      K processes, each a whole Server with its own SO_REUSEPORT listening socket
                    (the kernel spreads connections over them), I/O thread and writer thread, all
                    appending whole batches to the same O_APPEND file. Only a measurement: the
@@ -132,6 +134,7 @@ def main() -> int:
     parser.add_argument("--collect-bytearray", action="store_true")
     parser.add_argument("--accepts-per-event", type=int)
     parser.add_argument("--recv-bytes", type=int)
+    parser.add_argument("--nice", type=int)
     parser.add_argument("--source", help="import nio_logd from this tree")
     args = parser.parse_args()
     from nio_logd import ioloop
@@ -140,6 +143,8 @@ def main() -> int:
         ioloop.ACCEPTS_PER_EVENT = args.accepts_per_event
     if args.recv_bytes:
         ioloop.RECV_BYTES = args.recv_bytes
+    if args.nice:
+        os.nice(args.nice)
     if args.workers == 1:
         serve_one(args.config, args.bind_once, args.fast_ts, reuseport=False,
                   collect_bytearray=args.collect_bytearray)

@@ -130,6 +130,39 @@ def thread_cpu(pid: int) -> dict[int, tuple[float, float, float]]:
     return out
 
 
+def schedstat_only(args: argparse.Namespace) -> int:
+    """Without the profiler's pauses: how busy each thread is while the bench's clock runs."""
+    base = Path(tempfile.mkdtemp(prefix="nio-logd-profile-"))
+    daemon = NioLogd(base / "nio-logd", source=args.source)
+    print("| run | records/s in the file | thread (by CPU) | on a CPU | runnable, waiting for a CPU "
+          "| CPU µs / record |")
+    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    try:
+        for run in range(args.no_spy):
+            plan = Plan(address=parse_address(f"tcp://127.0.0.1:{daemon.port}"), connections=args.connections,
+                        records=args.records, processes=min(2, args.connections), mode=args.mode)
+            box: dict[str, Any] = {}
+
+            def started(box: dict[str, Any] = box) -> None:
+                box["t0"], box["threads"] = time.monotonic(), thread_cpu(daemon.pid)
+
+            result = run_bench(plan, wait_file=str(daemon.output), on_started=started)
+            wall, after = time.monotonic() - box["t0"], thread_cpu(daemon.pid)
+            rows = []
+            for tid, (_cpu, on, wait) in after.items():
+                _c0, on0, wait0 = box["threads"].get(tid, (0.0, 0.0, 0.0))
+                rows.append((on - on0, wait - wait0, tid))
+            rows.sort(reverse=True)
+            for rank, (on, wait, tid) in enumerate(rows[:3]):
+                name = "main thread" if tid == daemon.pid else ("busiest (the I/O thread)" if rank == 0 else
+                                                                f"thread {tid}")
+                print(f"| {run + 1} | {result['written']['records_per_s']:,.0f} | {name} | {on / wall:.0%} "
+                      f"| {wait / wall:.0%} | {on / result['written']['lines'] * 1e6:.2f} |")
+    finally:
+        daemon.stop()
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=500_000)
@@ -140,7 +173,11 @@ def main() -> int:
     parser.add_argument("--svg", type=Path, help="also record a flame graph (a second, separate run)")
     parser.add_argument("--source", type=Path, help="run the daemon from this source tree (default: this repo)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--no-spy", type=int, metavar="RUNS", default=0,
+                        help="no py-spy: RUNS plain runs, each thread's schedstat from the start of the clock")
     args = parser.parse_args()
+    if args.no_spy:
+        return schedstat_only(args)
 
     base = Path(tempfile.mkdtemp(prefix="nio-logd-profile-"))
     daemon = NioLogd(base / "nio-logd", source=args.source)

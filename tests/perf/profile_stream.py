@@ -22,6 +22,7 @@ import argparse
 import collections
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,6 +161,7 @@ def schedstat_only(args: argparse.Namespace) -> int:
                       f"| {wait / wall:.0%} | {on / result['written']['lines'] * 1e6:.2f} |")
     finally:
         daemon.stop()
+        shutil.rmtree(base, ignore_errors=True)
     return 0
 
 
@@ -211,9 +213,10 @@ def main() -> int:
         print(f"py-spy wrote nothing: {err.decode(errors='replace')}", file=sys.stderr)
         return 1
 
+    threads = parse_raw(raw)
+    shutil.rmtree(base, ignore_errors=True)
     records = result["written"]["lines"]
     sources = Sources([args.source or Path(__file__).resolve().parents[2], *map(Path, sys.path)])
-    threads = parse_raw(raw)
     table: list[dict[str, Any]] = []
     for head, stacks in sorted(threads.items()):
         name = head.split(": ", 1)[-1]

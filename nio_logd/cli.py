@@ -176,10 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --tls: the name the daemon's certificate must carry (default: the address's host)")
     p.set_defaults(func=cmd_send)
 
-    _register_daemon(sub)
     from .bench import register as register_bench
 
     register_bench(sub)
+    _register_daemon(sub)
     for register in EXTRA_COMMANDS:
         register(sub)
     return parser

@@ -488,14 +488,15 @@ class IOLoop:
 
     def _flush_batch(self) -> None:
         self.pass_bytes = 0
-        messages, rejects = self.renderer.take()
+        renderer = self.renderer
         acks = self.pending_acks
-        if not messages and not rejects and not acks:
+        if not renderer.accepted and not renderer.refused and not acks:
             return
+        messages, accepted, rejects, refused = renderer.take()
         self.pending_acks = {}
         for conn in acks:
             conn.in_flight += 1
-        batch = Batch(self, messages, rejects, acks or None)
+        batch = Batch(self, messages, accepted, rejects=rejects, refused=refused, acks=acks or None)
         if self.server.writer.submit(batch) and not self.paused:
             self._pause()
 

@@ -1,13 +1,19 @@
-"""Render accepted records and refusals as JSON lines through structlog.
+"""Render accepted records and refusals as JSON lines through a structlog processor chain.
 
-design: each I/O loop owns a ``Renderer``: two structlog loggers (messages, rejects) whose
-processor chains end in an orjson renderer and whose "logger" only collects the rendered bytes
-into the batch being built. Rendering happens on the I/O thread, so the writer thread only
-concatenates whole lines and writes them.
+design: each I/O loop owns a ``Renderer``. A line is the output of one structlog processor chain,
+``[stamp, JSONRenderer(orjson)]``: ``stamp`` puts the UTC ISO timestamp, the level and the event
+first (the same text as ``TimeStamper(fmt="iso", utc=True)`` + ``add_log_level``, in a stable key
+order) and structlog's ``JSONRenderer`` serializes with orjson. The hot path calls the chain
+directly, as structlog's ``BoundLogger`` would, without the logger's per-call overhead (about
+5 µs a record, more than validation and serialization together); ``structlog_logger()`` wraps
+the very same processors in a real structlog logger, and the tests check both give the same
+bytes. Lines are appended to one ``bytearray`` per batch: a list of small ``bytes`` would hold
+about 4 KiB each (orjson over-allocates), costing memory and page faults.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -17,35 +23,58 @@ from structlog.typing import EventDict, WrappedLogger
 from .record import Fields, Refusal
 
 
-def _put_first(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
-    """Stable key order: timestamp, level, event, then the fields as given."""
-    timestamp = event_dict.pop("timestamp")
-    level = event_dict.pop("level")
-    event = event_dict.pop("event")
-    return {"timestamp": timestamp, "level": level, "event": event, **event_dict}
+class Stamp:
+    """Processor: ``timestamp`` (UTC, ISO 8601, ``Z``), ``level``, ``event`` first, then the rest.
+
+    The date-and-time part is formatted once per second; the text equals what
+    ``datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")`` gives (no fraction when
+    the microseconds are zero), which is structlog's ``TimeStamper(fmt="iso", utc=True)``.
+    """
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, _logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        micro = int((now - second) * 1_000_000)
+        stamp = f"{self._prefix}.{micro:06d}Z" if micro else f"{self._prefix}Z"
+        return {"timestamp": stamp, "level": name, "event": event_dict.pop("event"), **event_dict}
+
+
+def processors() -> list[Any]:
+    """The processor chain of both log files."""
+    return [Stamp(), structlog.processors.JSONRenderer(serializer=orjson.dumps)]
 
 
 class _Collector:
-    """A structlog "logger" that appends each rendered line to ``lines``."""
+    """A structlog "logger" that appends each rendered line to a bytearray."""
 
-    __slots__ = ("lines",)
+    __slots__ = ("buf",)
 
     def __init__(self) -> None:
-        self.lines: list[bytes] = []
+        self.buf = bytearray()
 
-    def info(self, line: bytes) -> None:
-        self.lines.append(line)
+    def msg(self, line: bytes) -> None:
+        self.buf += line
+        self.buf += b"\n"
 
-    warning = info
+    info = warning = msg
 
 
-def _processors() -> list[Any]:
-    return [
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
-        _put_first,
-        structlog.processors.JSONRenderer(serializer=orjson.dumps),
-    ]
+def structlog_logger(chain: list[Any]) -> tuple[Any, _Collector]:
+    """A real structlog logger over ``chain`` (for checking the fast path gives the same bytes)."""
+    collector = _Collector()
+    logger = structlog.wrap_logger(
+        collector, processors=chain, wrapper_class=structlog.make_filtering_bound_logger(0)
+    ).bind()
+    return logger, collector
 
 
 def escape_raw(raw: bytes, limit: int) -> tuple[str, bool]:
@@ -57,43 +86,50 @@ def escape_raw(raw: bytes, limit: int) -> tuple[str, bool]:
 class Renderer:
     """Turns validated fields and refusals into JSON lines, collected per batch."""
 
-    __slots__ = ("_msg", "_rej", "messages", "raw_limit", "rejects")
+    __slots__ = ("_dump", "_stamp", "accepted", "messages", "raw_limit", "refused", "rejects")
 
     def __init__(self, raw_limit: int) -> None:
         self.raw_limit = raw_limit
-        self.messages = _Collector()
-        self.rejects = _Collector()
-        wrapper = structlog.make_filtering_bound_logger(0)
-        self._msg = structlog.wrap_logger(
-            self.messages, processors=_processors(), wrapper_class=wrapper
-        )
-        self._rej = structlog.wrap_logger(
-            self.rejects, processors=_processors(), wrapper_class=wrapper
-        )
+        self._stamp, self._dump = processors()
+        self.messages = bytearray()
+        self.rejects = bytearray()
+        self.accepted = 0
+        self.refused = 0
 
-    def take(self) -> tuple[list[bytes], list[bytes]]:
-        """The lines rendered since the last call."""
-        messages, rejects = self.messages.lines, self.rejects.lines
-        self.messages.lines = []
-        self.rejects.lines = []
-        return messages, rejects
+    def take(self) -> tuple[bytearray, int, bytearray, int]:
+        """The lines rendered since the last call (newline-terminated) and how many of each."""
+        out = self.messages, self.accepted, self.rejects, self.refused
+        self.messages = bytearray()
+        self.rejects = bytearray()
+        self.accepted = self.refused = 0
+        return out
 
     def message(self, fields: Fields, peer: str, listener: str) -> None:
-        self._msg.info("message", **fields, peer=peer, listener=listener)
+        self.messages += self._dump(
+            None, "info", self._stamp(None, "info", {"event": "message", **fields, "peer": peer, "listener": listener})
+        )
+        self.messages += b"\n"
+        self.accepted += 1
 
     def message_with_client(self, fields: Fields, peer: str, listener: str, client: str) -> None:
-        self._msg.info("message", **fields, peer=peer, listener=listener, client=client)
+        event = {"event": "message", **fields, "peer": peer, "listener": listener, "client": client}
+        self.messages += self._dump(None, "info", self._stamp(None, "info", event))
+        self.messages += b"\n"
+        self.accepted += 1
 
     def reject(self, refusal: Refusal, peer: str, listener: str) -> None:
         raw, truncated = escape_raw(refusal.raw, self.raw_limit)
-        self._rej.warning(
-            "rejected",
-            reason=refusal.reason,
-            error=refusal.message,
-            errors=refusal.errors,
-            peer=peer,
-            listener=listener,
-            raw=raw,
-            raw_bytes=len(refusal.raw),
-            raw_truncated=truncated,
-        )
+        event = {
+            "event": "rejected",
+            "reason": refusal.reason,
+            "error": refusal.message,
+            "errors": refusal.errors,
+            "peer": peer,
+            "listener": listener,
+            "raw": raw,
+            "raw_bytes": len(refusal.raw),
+            "raw_truncated": truncated,
+        }
+        self.rejects += self._dump(None, "warning", self._stamp(None, "warning", event))
+        self.rejects += b"\n"
+        self.refused += 1

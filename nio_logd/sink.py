@@ -45,17 +45,20 @@ class Batch:
     def __init__(
         self,
         owner: Completion | None,
-        messages: list[bytes],
-        rejects: list[bytes],
+        messages: bytes | bytearray,
+        accepted: int,
+        *,
+        rejects: bytes | bytearray = b"",
+        refused: int = 0,
         acks: dict[Any, list[bytes]] | None = None,
     ) -> None:
         self.owner = owner
-        self.messages = messages
+        self.messages = messages  # whole lines, each ending in a newline
         self.rejects = rejects
         self.acks = acks  # connection -> answer lines, sent by the owner after the write
-        self.accepted = len(messages)
-        self.refused = len(rejects)
-        self.nbytes = sum(map(len, messages)) + sum(map(len, rejects)) + self.accepted + self.refused
+        self.accepted = accepted
+        self.refused = refused
+        self.nbytes = len(messages) + len(rejects)
 
     def __repr__(self) -> str:
         return f"<Batch {self.accepted} accepted, {self.refused} refused, {self.nbytes} bytes>"
@@ -383,16 +386,14 @@ class Writer:
         log.error("records_not_written", records=lost, reason="forced stop while the disk was failing; none was acked")
 
     def _write(self, batches: list[Batch]) -> None:
-        messages = [line for b in batches for line in b.messages]
-        rejects = [line for b in batches for line in b.rejects]
+        messages = b"".join([b.messages for b in batches])
+        rejects = b"".join([b.rejects for b in batches])
         if messages:
-            messages.append(b"")
-            self._commit(self.messages, b"\n".join(messages))
+            self._commit(self.messages, messages)
         if rejects:
-            rejects.append(b"")
-            self._commit(self.rejects, b"\n".join(rejects))
-        self.written_records += len(messages) - 1 if messages else 0
-        self.written_rejects += len(rejects) - 1 if rejects else 0
+            self._commit(self.rejects, rejects)
+        self.written_records += sum(b.accepted for b in batches)
+        self.written_rejects += sum(b.refused for b in batches)
         self.last_progress = time.monotonic()
         nbytes = 0
         records = 0

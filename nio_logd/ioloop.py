@@ -54,7 +54,7 @@ log = get_logger()
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
-RECV_BYTES = 256 * 1024
+RECV_BYTES = 64 * 1024
 ACCEPTS_PER_EVENT = 256
 OUT_LIMIT = 1 << 20  # unsent ack bytes past which a connection is not read (its client must read them)
 DRAIN_QUIET = 0.2  # at shutdown, a connection silent this long has sent all it is going to

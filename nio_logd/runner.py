@@ -63,8 +63,11 @@ class SignalCatcher:
             pass
 
     def restore(self) -> None:
+        # Stop signals that arrive after the drain (the process is about to exit) must not kill it
+        # with their default action and turn a clean exit 0 into death by SIGTERM.
         for s, old in self._old.items():
-            signal.signal(s, old)
+            stop_signal = s in (signal.SIGTERM, signal.SIGINT) and self._stop_seen
+            signal.signal(s, signal.SIG_IGN if stop_signal else old)
         signal.set_wakeup_fd(self._old_wakeup)
         self._r.close()
         self._w.close()

@@ -74,11 +74,17 @@ def record(user: str = "alice", msg: str = "hello", when: str = "2026-11-29 12:0
     return json.dumps({"send_user": user, "send_time": when, "send_msg": msg}).encode()
 
 
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    """Every line of a log file, parsed; fails on a partial or invalid line."""
+def read_lines(path: Path, *, writing: bool = False) -> list[dict[str, Any]]:
+    """Every line of a log file, parsed; fails on a partial or invalid line.
+
+    ``writing=True`` is for polling a file the daemon is still appending to: a reader can see a
+    write() half done, so a trailing partial line is left out instead of failing.
+    """
     if not path.exists():
         return []
     data = path.read_bytes()
+    if writing:
+        data = data[: data.rfind(b"\n") + 1]
     assert not data or data.endswith(b"\n"), f"{path} ends with a partial line: {data[-200:]!r}"
     return [json.loads(line) for line in data.splitlines()]
 

@@ -75,8 +75,8 @@ def test_rate_limit_is_per_connection(tmp_path: Path, server_factory: Any) -> No
     slow.sendall(b"".join(make_line(0, i) + b"\n" for i in range(2500)))  # 4 s of tokens
     wait_for(lambda: srv.server.writer.written_records >= 500)
     _stream(srv.tcp, [make_line(1, i) for i in range(100)])  # within its own burst
-    wait_for(lambda: sum(1 for m in read_lines(srv.messages) if m["send_user"] == "u1") == 100)
-    written_first = sum(1 for m in read_lines(srv.messages) if m["send_user"] == "u0")
+    wait_for(lambda: sum(1 for m in read_lines(srv.messages, writing=True) if m["send_user"] == "u1") == 100)
+    written_first = sum(1 for m in read_lines(srv.messages, writing=True) if m["send_user"] == "u0")
     assert written_first < 2500  # the first is still being paced while the second went through
     slow.shutdown(socket.SHUT_WR)
     slow.settimeout(60)

@@ -50,7 +50,7 @@ class LineFramer:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._buf = b""
+        self._buf = bytearray()  # an unfinished line
         self._discarding = False  # inside an oversize line: drop bytes up to the next newline
 
     @property
@@ -60,6 +60,7 @@ class LineFramer:
 
     def feed(self, data: bytes) -> list[Frame]:
         """Take the next chunk of the stream; return the records it completes."""
+        limit = self.max_bytes
         if self._discarding:
             cut = data.find(_NL)
             if cut < 0:
@@ -67,10 +68,20 @@ class LineFramer:
             self._discarding = False
             data = data[cut + 1 :]
         if self._buf:
-            data = self._buf + data
+            # Only the new bytes are searched, and an unfinished line grows in place: a line that
+            # arrives a byte at a time costs linear, not quadratic, time.
+            if _NL not in data:
+                self._buf += data
+                if len(self._buf) > limit:
+                    prefix = bytes(self._buf[:limit])
+                    self._buf = bytearray()
+                    self._discarding = True
+                    return [TooLarge(prefix)]
+                return []
+            data = bytes(self._buf) + data
+            self._buf = bytearray()
         lines: list[bytes] = data.split(_NL)
         tail = lines.pop()
-        limit = self.max_bytes
         out: list[Frame] = []
         for line in lines:
             if len(line) > limit:
@@ -83,13 +94,14 @@ class LineFramer:
         if len(tail) > limit:
             out.append(TooLarge(tail[:limit]))
             self._discarding = True
-            tail = b""
-        self._buf = tail
+        elif tail:
+            self._buf = bytearray(tail)
         return out
 
     def eof(self) -> list[Frame]:
         """The stream ended: the bytes after the last newline are one last record."""
-        tail, self._buf = self._buf, b""
+        tail = bytes(self._buf)
+        self._buf = bytearray()
         self._discarding = False
         if not tail:
             return []

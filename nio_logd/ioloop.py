@@ -327,7 +327,10 @@ class IOLoop:
                 events = select(timeout)
                 self.now = time.monotonic()
                 for key, mask in events:
-                    key.data(mask)
+                    try:
+                        key.data(mask)
+                    except Exception:  # noqa: BLE001 - one connection's bug must not end the loop
+                        self._handler_failed(key.data)
                 if timers:
                     self._run_timers()
                 self._flush_batch()
@@ -361,6 +364,15 @@ class IOLoop:
         while timers and timers[0][0] <= now:
             heapq.heappop(timers)[2]()
 
+    def _handler_failed(self, handler: Callable[[int], None]) -> None:
+        """An unexpected error in one handler: log it, close that connection, keep serving."""
+        self.stats["handler_errors"] += 1
+        conn = getattr(handler, "__self__", None)
+        log.exception("handler_failed", loop=self.index, connection=repr(conn),
+                      action="closing the connection" if isinstance(conn, Connection) else "continuing")
+        if isinstance(conn, Connection):
+            conn.close()
+
     def _on_wake(self, _mask: int) -> None:
         try:
             while self._wake_r.recv(4096):
@@ -390,7 +402,11 @@ class IOLoop:
                     if not draining:
                         self._pause_accepting(listener, 0.5)
                     return
-                raise
+                # accept(2) also passes on a pending network error of the new connection (EPROTO,
+                # ENETUNREACH, EPERM from a firewall, ...): that connection is gone, the listener is not.
+                self.stats["accept_errors"] += 1
+                log.warning("accept_failed", listener=listener.name, error=exc.strerror, action="skipped")
+                continue
             family = sock.family
             peer = _peer_name(sock, family)
             host = peer.rpartition(":")[0] if family != socket.AF_UNIX else "unix"

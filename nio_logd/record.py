@@ -8,6 +8,7 @@ datetime; so epoch numbers ("1700000000") that pydantic would otherwise take are
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -18,6 +19,24 @@ from typing_extensions import TypedDict
 
 from .config import RecordSettings
 from .framing import Frame, TooLarge
+
+_FIELDS = frozenset({"send_user", "send_time", "send_msg"})
+
+
+def _writable(value: Any) -> bool:
+    """Whether a kept extra value survives the JSON renderer unchanged: pydantic's parser takes
+    integers of any size and 1e400 as infinity, orjson refuses the first and writes null for the
+    second."""
+    if type(value) is int:
+        return -(1 << 63) <= value < (1 << 64)
+    if type(value) is float:
+        return math.isfinite(value)
+    if type(value) is list:
+        return all(map(_writable, value))
+    if type(value) is dict:
+        return all(map(_writable, value.values()))
+    return True
+
 
 # Keys the daemon writes itself; a kept extra field may not use them.
 RESERVED_KEYS = frozenset({"timestamp", "level", "event", "peer", "listener", "client"})
@@ -102,12 +121,20 @@ class RecordValidator:
     def _validate_keeping(self, frame: Frame) -> Fields | Refusal:
         result = self._validate(frame)
         if type(result) is dict and len(result) > 3:
+            assert isinstance(frame, bytes)
             clash = sorted(RESERVED_KEYS.intersection(result))
             if clash:
-                assert isinstance(frame, bytes)
                 return Refusal(
                     "invalid_fields",
                     [{"field": name, "error": "reserved: the daemon writes this key itself"} for name in clash],
+                    frame,
+                )
+            bad = [name for name in result if name not in _FIELDS and not _writable(result[name])]
+            if bad:
+                return Refusal(
+                    "invalid_fields",
+                    [{"field": name, "error": "cannot be written: an integer beyond 64 bits or a number "
+                      "out of range"} for name in bad],
                     frame,
                 )
         return result

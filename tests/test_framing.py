@@ -85,3 +85,21 @@ def test_no_frame_exceeds_the_bound_and_nothing_contains_a_newline(data: bytes, 
         raw = frame.prefix if isinstance(frame, TooLarge) else frame
         assert len(raw) <= max_bytes
         assert b"\n" not in raw
+
+
+def test_a_long_line_arriving_a_byte_at_a_time_is_one_record() -> None:
+    """(The unfinished line grows in place: this took seconds of CPU when each byte re-split it.)"""
+    framer = LineFramer(300_000)
+    line = b"x" * 200_000
+    for i in range(len(line)):
+        assert framer.feed(line[i : i + 1]) == []
+    assert framer.buffered == 200_000
+    assert framer.feed(b"\n") == [line]
+
+
+def test_oversize_detected_while_a_line_dribbles_in() -> None:
+    framer = LineFramer(10)
+    out = []
+    for byte in b"abcdefghijklmnop\nok\n":
+        out += framer.feed(bytes([byte]))
+    assert out == [TooLarge(b"abcdefghij"), b"ok"]

@@ -115,3 +115,20 @@ def test_kept_extra_field_may_not_use_a_key_the_daemon_writes(name: str) -> None
     out = RecordValidator(RecordSettings(extra="keep"), 1024).validate(rec(**{name: "spoofed"}))
     assert isinstance(out, Refusal)
     assert out.errors == [{"field": name, "error": "reserved: the daemon writes this key itself"}]
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [(b'"n": 100000000000000000000000', "n"), (b'"f": 1e400', "f"), (b'"deep": {"a": [1, -1e999]}', "deep")],
+)
+def test_kept_extra_numbers_the_renderer_cannot_write_are_refused(raw: bytes, field: str) -> None:
+    line = b'{"send_user": "a", "send_time": "2026-11-29 12:00:00", "send_msg": "x", ' + raw + b"}"
+    out = RecordValidator(RecordSettings(extra="keep"), 1024).validate(line)
+    assert isinstance(out, Refusal), out
+    assert out.errors[0]["field"] == field and "cannot be written" in out.errors[0]["error"]
+
+
+def test_kept_extra_values_in_range_are_kept() -> None:
+    line = b'{"send_user": "a", "send_time": "2026-11-29 12:00:00", "send_msg": "x", "n": 18446744073709551615, "s": "inf"}'
+    out = RecordValidator(RecordSettings(extra="keep"), 1024).validate(line)
+    assert isinstance(out, dict) and out["n"] == 2**64 - 1 and out["s"] == "inf"

@@ -222,3 +222,15 @@ def test_run_subprocess_sigterm_writes_everything_and_exits_0(tmp_path: Path, da
     msgs = {m["send_msg"] for m in read_lines(d.messages)}
     assert len(msgs) == n
     assert d.event("stopped") is not None and d.event("stopped")["clean"] is True
+
+
+def test_a_record_the_renderer_cannot_write_does_not_stop_the_daemon(tmp_path: Path, server_factory: Any) -> None:
+    """With extra = "keep", a 100-bit integer used to kill the accepting loop (orjson refuses it)."""
+    srv = server_factory(write_config(tmp_path, record={"extra": "keep"}))
+    bad = b'{"send_user": "a", "send_time": "2026-11-29 12:00:00", "send_msg": "x", "n": 100000000000000000000000}'
+    send(srv.address, [bad, record("a", "same connection")])
+    send(srv.address, [record("b", "new connection")])  # the listener still accepts
+    srv.wait_written(2, 1)
+    assert [m["send_msg"] for m in read_lines(srv.messages)] == ["same connection", "new connection"]
+    [rej] = read_lines(srv.rejects)
+    assert rej["errors"][0]["field"] == "n"

@@ -129,6 +129,7 @@ def test_kept_extra_numbers_the_renderer_cannot_write_are_refused(raw: bytes, fi
 
 
 def test_kept_extra_values_in_range_are_kept() -> None:
-    line = b'{"send_user": "a", "send_time": "2026-11-29 12:00:00", "send_msg": "x", "n": 18446744073709551615, "s": "inf"}'
+    line = (b'{"send_user": "a", "send_time": "2026-11-29 12:00:00", "send_msg": "x", '
+            b'"n": 18446744073709551615, "s": "inf"}')
     out = RecordValidator(RecordSettings(extra="keep"), 1024).validate(line)
     assert isinstance(out, dict) and out["n"] == 2**64 - 1 and out["s"] == "inf"

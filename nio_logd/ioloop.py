@@ -225,6 +225,8 @@ class Connection:
                 self.close()
                 return
             del self.out[:n]
+            if n:
+                self.last_active = self.loop.now  # the client reads its answers: not idle
         if (self.eof or self.draining) and not self.owes_acks and not self.held:
             self.close()
             return
@@ -620,7 +622,9 @@ class IOLoop:
         if self.paused or self.stopping:
             return
         deadline = self.now - self.idle_timeout
-        idle = [c for c in self.connections if c.last_active < deadline and not c.out]
+        # A client that neither sends nor reads its answers for idle_timeout is idle too: otherwise
+        # it would hold its connection and up to OUT_LIMIT of answers for as long as TCP lets it.
+        idle = [c for c in self.connections if c.last_active < deadline]
         for conn in idle:
             if conn.in_flight or conn.held:
                 continue

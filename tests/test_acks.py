@@ -157,3 +157,35 @@ def test_a_client_that_does_not_read_its_acks_is_not_read_either(tmp_path: Path,
     assert sent[0] == total
     assert count_lines(d.messages) == total
     print(f"\n[unread acks] client blocked after {blocked_at} of {total} records until it read its answers")
+
+
+def test_a_client_that_never_reads_its_acks_is_closed_after_idle_timeout(tmp_path: Path, daemon_factory: Any) -> None:
+    """The connection is not held for as long as TCP allows; every record read from it is written."""
+    d = daemon_factory(write_config(
+        tmp_path, listeners=[{"address": "tcp://127.0.0.1:0", "ack": True}], limits={"idle_timeout": 1.0},
+    ))
+    total, chunk = 400_000, 2000
+    s = socket.create_connection(d.tcp)
+    sent = [0]
+
+    def push() -> None:
+        try:
+            for start in range(0, total, chunk):
+                s.sendall(b"".join(make_line(0, i) + b"\n" for i in range(start, start + chunk)))
+                sent[0] = start + chunk
+        except OSError:
+            pass  # the daemon closed the idle connection under a blocked sendall
+
+    pusher = threading.Thread(target=push, daemon=True)
+    pusher.start()
+    blocked_at = wait_stable(lambda: sent[0])
+    assert blocked_at < total  # the daemon stopped reading a client that does not read
+    closed = wait_for(lambda: any(ev.get("event") == "idle_closed" for ev in d.events), timeout=30)
+    assert closed
+    pusher.join(60)
+    s.close()
+    assert d.stop() == 0
+    stopping = d.event("stopping")
+    assert stopping is not None and stopping["connections"] == 0
+    # Every record the daemon read is in the file (what stayed unread in the kernel was never acked).
+    assert 0 < count_lines(d.messages) == stopping["accepted"]

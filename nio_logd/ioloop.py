@@ -469,7 +469,6 @@ class IOLoop:
             message = functools.partial(renderer.message_with_client, client=conn.client)
         peer = conn.peer
         name = conn.listener.name
-        accepted = 0
         if conn.ack:
             answers = self.pending_acks.get(conn)
             if answers is None:
@@ -480,7 +479,6 @@ class IOLoop:
                 result = validate(frame)
                 if type(result) is dict:
                     message(result, peer, name)
-                    accepted += 1
                     answers.append(b'{"seq":%d,"ok":true}\n' % seq)
                 else:
                     assert isinstance(result, Refusal)
@@ -492,12 +490,10 @@ class IOLoop:
                 result = validate(frame)
                 if type(result) is dict:
                     message(result, peer, name)
-                    accepted += 1
                 else:
                     assert isinstance(result, Refusal)
                     self._refuse(result, peer, name)
             conn.seq += len(frames)
-        self.stats["accepted"] += accepted
 
     def _refuse(self, refusal: Refusal, peer: str, listener: str) -> None:
         self.renderer.reject(refusal, peer, listener)
@@ -511,6 +507,7 @@ class IOLoop:
         if not renderer.accepted and not renderer.refused and not acks:
             return
         messages, accepted, rejects, refused = renderer.take()
+        self.stats["accepted"] += accepted  # counted once, by the renderer, not again per record here
         self.pending_acks = {}
         for conn in acks:
             conn.in_flight += 1

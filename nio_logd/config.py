@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +190,11 @@ class MetricsSettings(_Frozen):
 
     address: AddressText | None = None
     health_stall_seconds: Seconds = 10.0  # /healthz answers 503 after the writer is stuck this long
+    # Each metrics connection costs a thread and an fd: hostile or stuck scrapers must not be able
+    # to take every fd of the daemon (and with them its log clients).
+    allow: tuple[NetworkText, ...] = ()  # if not empty, only these networks may scrape
+    max_connections: Annotated[int, Field(ge=1, le=1024)] = 16  # past this, closed at once
+    read_timeout: Seconds = 5.0  # a client must have sent its whole request within this
 
 
 def _default_listeners() -> tuple[ListenerSettings, ...]:
@@ -256,25 +262,103 @@ def load_settings(explicit: str | None = None) -> Settings:
     return load_file(path)
 
 
-def load_file(path: Path) -> Settings:
-    """Read and validate one TOML file."""
+# A real config is a few KiB. The cap keeps an endless or huge file (/dev/zero, a log given by
+# mistake) from being read into memory and handed to the parser.
+MAX_CONFIG_BYTES = 1 << 20
+# The deepest a valid config goes is 3 (listeners, a listener's table, its allow list); anything
+# far deeper is hostile, and would exhaust the recursion of json or pydantic's JSON parser.
+_MAX_NESTING = 32
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _not_regular(path: Path, mode: int) -> ConfigError:
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), f"file type {stat.S_IFMT(mode):o}")
+    return ConfigError(f"{path}: not a regular file ({kind})")
+
+
+def _read_config_bytes(path: Path) -> bytes:
+    """The file's bytes, refusing anything that is not a regular file of at most MAX_CONFIG_BYTES."""
     try:
-        raw = path.read_bytes()
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer for ever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):  # a Unix socket cannot be opened at all (ENXIO): say what it is
+            raise _not_regular(path, mode) from None
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st.st_mode)
+        too_large = ConfigError(f"{path}: larger than the {MAX_CONFIG_BYTES >> 20} MiB limit for a config file")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise too_large
+        chunks: list[bytes] = []
+        total = 0
+        # At most one byte past the cap: a file growing while it is read is refused all the same.
+        while chunk := os.read(fd, MAX_CONFIG_BYTES + 1 - total):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > MAX_CONFIG_BYTES:
+                raise too_large
+        return b"".join(chunks)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _too_deep(data: dict[str, Any]) -> str | None:
+    """The key of the first value nested deeper than _MAX_NESTING, or None (iterative: no recursion)."""
+    stack: list[tuple[object, int, str]] = [(data, 0, "")]
+    while stack:
+        value, depth, key = stack.pop()
+        if depth > _MAX_NESTING:
+            return key or "(top level)"
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1, f"{key}.{k}" if key else str(k)) for k, v in value.items())
+        elif isinstance(value, list):
+            # Indices only for tables (listeners.0); "log.path" names a pile of nested arrays better
+            # than "log.path.0.0.0...".
+            stack.extend((v, depth + 1, f"{key}.{i}" if isinstance(v, dict) else key) for i, v in enumerate(value))
+    return None
+
+
+def load_file(path: Path) -> Settings:
+    """Read and validate one TOML file."""
+    raw = _read_config_bytes(path)
     try:
         data: dict[str, Any] = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays and inline tables
+        raise ConfigError(f"{path}: invalid TOML: arrays or inline tables nested too deeply") from None
+    except MemoryError:
+        raise ConfigError(f"{path}: invalid TOML: too large to parse") from None
+    deep = _too_deep(data)
+    if deep is not None:
+        raise ConfigError(f"{path}: {deep}: nested too deeply (more than {_MAX_NESTING} levels)")
     for reserved in ("base_dir", "source"):
         if reserved in data:
             raise ConfigError(f"{path}: {reserved}: unknown key")
     base_dir = str(path.resolve().parent)
-    # Validated in JSON mode: strict types, yet TOML arrays become tuples and integers floats.
-    document = json.dumps({**data, "base_dir": base_dir, "source": str(path)}, default=_no_dates)
     try:
+        # Validated in JSON mode: strict types, yet TOML arrays become tuples and integers floats.
+        document = json.dumps({**data, "base_dir": base_dir, "source": str(path)}, default=_no_dates)
         return Settings.model_validate_json(document)
     except ValidationError as exc:
         raise ConfigError(_format_error(path, exc)) from None
+    except (RecursionError, MemoryError):  # _too_deep bounds the nesting; this is the last guard
+        raise ConfigError(f"{path}: nested too deeply or too large to validate") from None

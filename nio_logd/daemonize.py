@@ -92,7 +92,7 @@ def start(explicit_config: str | None, timeout: float) -> int:
         raise AlreadyRunningError(f"already running (pid {running}, pidfile {pidfile.path})")
     stale = pidfile.read()
     if stale is not None:
-        print(f"nio-logd start: replacing stale pidfile {pidfile.path} (pid {stale} is not running)",
+        print(f"nio-logd start: replacing stale pidfile {pidfile.path} (pid {stale} is not a running nio-logd)",
               file=sys.stderr)
 
     ready_r, ready_w = os.pipe()
@@ -246,12 +246,12 @@ def _daemon_main(
     log = get_logger()
     pid = os.getpid()
     log.info("daemon_starting", pid=pid, config=settings.source, pidfile=str(pidfile.path), events=str(events))
-    other = pidfile.running_pid()
-    if other is not None and other != pid:
-        readiness.error(EXIT_FAILURE, f"already running (pid {other}, pidfile {pidfile.path})")
-        return EXIT_FAILURE
+    # Held (locked) until the daemon exits: the lock, not the pid, is what marks it as running.
     try:
-        pidfile.write(pid)
+        pidfile.acquire(pid)
+    except AlreadyRunningError as exc:
+        readiness.error(exc.exit_code, str(exc))
+        return exc.exit_code
     except OSError as exc:
         readiness.error(EXIT_FAILURE, f"cannot write pidfile {pidfile.path}: {exc.strerror}")
         return EXIT_FAILURE
@@ -341,24 +341,21 @@ def _reopen_events(path: Path, mode: int) -> None:
 def _not_running(pidfile: PidFile) -> str:
     stale = pidfile.read()
     if stale is not None:
-        return f"not running (stale pidfile {pidfile.path}: pid {stale} is gone)"
+        return f"not running (stale pidfile {pidfile.path}: pid {stale} is not a running nio-logd)"
     return f"not running (no pidfile at {pidfile.path})"
 
 
 def stop(settings: Settings, timeout: float) -> int:
     """SIGTERM, then wait until the process is gone; 0 also if it was not running (LSB)."""
     pidfile = pidfile_of(settings)
-    pid = pidfile.running_pid()
+    try:
+        pid = pidfile.send_signal(signal.SIGTERM)
+    except PermissionError:
+        raise NioLogdError(f"cannot signal the daemon of {pidfile.path}: permission denied "
+                           "(run as root or as its user)") from None
     if pid is None:
         print(f"nio-logd {_not_running(pidfile)}")
         return EXIT_OK
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        print(f"nio-logd stopped (pid {pid})")
-        return EXIT_OK
-    except PermissionError:
-        raise NioLogdError(f"cannot signal pid {pid}: permission denied (run as root or as its user)") from None
     deadline = time.monotonic() + timeout
     while is_alive(pid):
         if time.monotonic() >= deadline:
@@ -382,15 +379,13 @@ def status(settings: Settings) -> int:
 def reload(settings: Settings) -> int:
     """SIGHUP: reopen the log files and re-read the settings that need no restart."""
     pidfile = pidfile_of(settings)
-    pid = pidfile.running_pid()
+    try:
+        pid = pidfile.send_signal(signal.SIGHUP)
+    except PermissionError:
+        raise NioLogdError(f"cannot signal the daemon of {pidfile.path}: permission denied "
+                           "(run as root or as its user)") from None
     if pid is None:
         raise NotRunningError(_not_running(pidfile))
-    try:
-        os.kill(pid, signal.SIGHUP)
-    except ProcessLookupError:
-        raise NotRunningError(f"not running (pid {pid} just exited)") from None
-    except PermissionError:
-        raise NioLogdError(f"cannot signal pid {pid}: permission denied (run as root or as its user)") from None
     print(f"nio-logd reload: sent SIGHUP to pid {pid}")
     return EXIT_OK
 

@@ -2,9 +2,11 @@
 
 design: ``feed()`` takes whatever ``recv()`` returned and gives back every record it completes,
 in order. A record is the bytes of one line without its ``\\n`` (and without a ``\\r`` before it);
-empty and blank lines are skipped. A line longer than ``max_bytes`` comes out once as a
-``TooLarge`` marker holding its first ``max_bytes`` bytes; the rest of it, up to the next newline,
-is discarded, and framing goes on after that newline. ``eof()`` turns the bytes after the last
+empty and blank lines are skipped. The bound applies to the record, not to its line ending, so
+``\n`` and ``\r\n`` clients get the same limit. A record longer than ``max_bytes`` comes out once
+as a ``TooLarge`` marker holding its first ``max_bytes`` bytes; the rest of it, up to the next
+newline, is discarded, and framing goes on after that newline. At most ``max_bytes + 1`` bytes
+are held: a full record and the ``\r`` that may end it. ``eof()`` turns the bytes after the last
 newline into one final record, as the one-record-per-connection client needs. The output does not
 depend on how the stream was split into chunks.
 """
@@ -43,6 +45,18 @@ def _clean(line: bytes) -> bytes:
     return line
 
 
+def _overflows(unfinished: bytes | bytearray, limit: int) -> bool:
+    """Whether a line still missing its ``\n`` is already too long, whatever comes next.
+
+    One byte over the limit is not yet too long if it is a ``\r``: with the ``\n`` that may come
+    next it is a line ending, not part of the record. Deciding it early in every other case is what
+    keeps the buffer bounded, and gives the same answer as waiting for the ``\n``, so the output
+    does not depend on where the stream was split.
+    """
+    size = len(unfinished)
+    return size > limit + 1 or (size == limit + 1 and unfinished[-1] != 0x0D)
+
+
 class LineFramer:
     """Split a byte stream into newline-delimited records."""
 
@@ -72,7 +86,7 @@ class LineFramer:
             # arrives a byte at a time costs linear, not quadratic, time.
             if _NL not in data:
                 self._buf += data
-                if len(self._buf) > limit:
+                if _overflows(self._buf, limit):
                     prefix = bytes(self._buf[:limit])
                     self._buf = bytearray()
                     self._discarding = True
@@ -84,14 +98,13 @@ class LineFramer:
         tail = lines.pop()
         out: list[Frame] = []
         for line in lines:
-            if len(line) > limit:
-                out.append(TooLarge(line[:limit]))
-                continue
             if line[-1:] == b"\r":
                 line = line[:-1]  # noqa: PLW2901 - the line without its CR is the record
-            if line and not line.isspace():
+            if len(line) > limit:
+                out.append(TooLarge(line[:limit]))
+            elif line and not line.isspace():
                 out.append(line)
-        if len(tail) > limit:
+        if _overflows(tail, limit):
             out.append(TooLarge(tail[:limit]))
             self._discarding = True
         elif tail:

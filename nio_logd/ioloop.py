@@ -79,6 +79,10 @@ def _peer_name(sock: socket.socket, family: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class DeadSocketError(Exception):
+    """The accepted socket was already dead (reset before accept): no connection to make."""
+
+
 class Connection:
     """One client connection, owned by one loop."""
 
@@ -344,9 +348,12 @@ class IOLoop:
                 elif self.now - last_sweep >= sweep_every:
                     last_sweep = self.now
                     self._sweep_idle()
-        except Exception:
-            log.exception("io_loop_crashed", loop=self.index)
-            raise
+        except Exception as exc:  # noqa: BLE001 - a loop that dies takes the daemon down, loudly
+            try:
+                self._flush_batch()  # what was rendered is written (not acked: its connections close)
+            except Exception:  # noqa: BLE001, S110 - already failing; the first error is the one reported
+                pass
+            self.server.fail(f"I/O loop {self.index}", exc)
         finally:
             for conn in list(self.connections):
                 conn.close()
@@ -365,6 +372,14 @@ class IOLoop:
         now = time.monotonic()
         while timers and timers[0][0] <= now:
             heapq.heappop(timers)[2]()
+
+    def _each(self, fn: Callable[[Connection], None]) -> None:
+        """Apply ``fn`` to every connection; one connection's failure closes it, not the loop."""
+        for conn in list(self.connections):
+            try:
+                fn(conn)
+            except Exception:  # noqa: BLE001 - the same rule as for event handlers
+                self._handler_failed(conn.on_event)
 
     def _handler_failed(self, handler: Callable[[int], None]) -> None:
         """An unexpected error in one handler: log it, close that connection, keep serving."""
@@ -448,7 +463,17 @@ class IOLoop:
             sock.close()
             self.server.connection_closed(host)
             return
-        conn = self.server.connection_factories.get(listener.name, Connection)(self, sock, listener, peer, host)
+        try:
+            conn = self.server.connection_factories.get(listener.name, Connection)(self, sock, listener, peer, host)
+        except DeadSocketError:
+            # Reset before we could accept it (a health check's RST): nothing to serve, no slot kept.
+            self.stats["accept_dead"] += 1
+            try:
+                sock.close()
+            except OSError:
+                pass
+            self.server.connection_closed(host)
+            return
         conn.last_active = self.now = time.monotonic()
         self.connections.add(conn)
         self.stats["connections_total"] += 1
@@ -575,8 +600,7 @@ class IOLoop:
         self.paused_since = time.monotonic()
         self.stats["pauses"] += 1
         self._pause_logged = False
-        for conn in self.connections:
-            conn.update_events()
+        self._each(Connection.update_events)
         # Under a steady overload pauses come many times a second: log an edge at most once a
         # second, and a pause that outlasts that second in any case (metrics count every one).
         if self.paused_since - self._pause_logged_at >= 1.0:
@@ -603,9 +627,13 @@ class IOLoop:
         if self._pause_logged or paused_for >= 1.0:
             log.info("reading_resumed", loop=self.index, paused_seconds=round(paused_for, 3),
                      pauses=self.stats["pauses"])
-        for conn in list(self.connections):
-            conn.last_active = self.now  # time spent paused is not the client's idleness
+        now = self.now
+
+        def resume(conn: Connection) -> None:
+            conn.last_active = now  # time spent paused is not the client's idleness
             conn.update_events()
+
+        self._each(resume)
 
     def paused_seconds(self) -> float:
         """Seconds spent paused by backpressure, the current pause included (any thread)."""
@@ -651,17 +679,19 @@ class IOLoop:
                 log.error("accept_failed", listener=listener.name, error=exc.strerror, action="stopping")
         self.now = time.monotonic()
         self.drain_until = self.now + self.server.settings.server.shutdown_timeout / 2
-        for conn in list(self.connections):
-            if conn.held:  # rate-limited frames were received before the stop: they are written now
-                frames, conn.held = conn.held, []
-                self.take_frames(conn, frames)
-            if conn.eof:
-                conn.finish_if_done()
-            else:
-                conn.drain_owed = _bytes_waiting(conn.sock)
-                conn.update_events()
+        self._each(self._drain_one)
         self._flush_batch()
         self._drain_check()
+
+    def _drain_one(self, conn: Connection) -> None:
+        if conn.held:  # rate-limited frames were received before the stop: they are written now
+            frames, conn.held = conn.held, []
+            self.take_frames(conn, frames)
+        if conn.eof:
+            conn.finish_if_done()
+        else:
+            conn.drain_owed = _bytes_waiting(conn.sock)
+            conn.update_events()
 
     def _drain_check(self) -> None:
         """While stopping: stop reading connections that have sent everything they are going to."""

@@ -7,6 +7,18 @@ never per record under a lock). A custom prometheus_client ``Collector`` reads
 The HTTP server (wsgiref, one thread per request) runs in its own daemon thread and serves
 ``/metrics`` and ``/healthz``.
 
+The listener must not be a way to take the daemon down, since each connection costs a thread and
+an fd, and the fds are shared with the log clients:
+- at most ``[metrics] max_connections`` are served at a time; past that a new connection is
+  closed at once (the kernel's listen backlog holds no fd of ours);
+- a client must send its whole request head within ``read_timeout`` (a deadline, not a per-recv
+  timeout: a byte every few seconds cannot hold a slot), and each send of the answer gets as long;
+- when accept fails for want of fds (EMFILE, ENFILE) the accept loop sleeps (50 ms doubling to
+  0.5 s) instead of spinning: the pending connection keeps the listening socket readable;
+- ``[metrics] allow`` networks, checked before anything is read.
+Refusals, timeouts and accept failures are counted in ``nio_logd_metrics_*`` and logged at most
+once a minute (per address for ``not_allowed``).
+
 ``/healthz`` answers 200 while the daemon can take records, and 503 with the reasons when
 - the writer has had records queued and made no progress for ``[metrics] health_stall_seconds``
   (a stuck or failing disk: ENOSPC, EIO, a frozen filesystem), or writes have been failing
@@ -19,12 +31,16 @@ job, visible in ``nio_logd_backpressure_paused_seconds_total``.
 
 from __future__ import annotations
 
+import errno
+import io
 import socket
+import sys
 import threading
+import time
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from wsgiref.simple_server import WSGIRequestHandler
 
 import orjson
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -33,7 +49,8 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from .config import parse_address
+from .access import AllowList, OncePer
+from .config import MetricsSettings, parse_address
 from .errors import StartupError
 from .events import get_logger
 
@@ -51,6 +68,13 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 # Reasons always exported (as 0 until they happen), so dashboards and alerts see every series.
 RECORD_REFUSAL_REASONS = ("invalid_json", "invalid_utf8", "not_an_object", "invalid_fields", "too_large")
 CONNECTION_REFUSAL_REASONS = ("max_connections", "max_connections_per_client", "not_allowed")
+METRICS_REFUSAL_REASONS = ("max_connections", "not_allowed")
+
+# accept() errors that mean "no fd or memory for one more connection": retrying at once cannot
+# succeed, and the connection still waiting keeps the listening socket readable.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_BACKOFF_FIRST = 0.05
+_BACKOFF_MAX = 0.5  # also the most a shutdown waits for the accept loop to notice it
 
 
 class LatencyHistogram:
@@ -94,6 +118,8 @@ def health(server: Server) -> tuple[bool, dict[str, Any]]:
         problems.append(f"writes have been failing for {s['write_failing_seconds']:.0f} s: {s['last_write_error']}")
     if s["paused_now_seconds"] >= limit:
         problems.append(f"reading has been paused by backpressure for {s['paused_now_seconds']:.0f} s")
+    if s["fatal"]:
+        problems.append(s["fatal"])
     if not s["threads_alive"]:
         problems.append("a writer or I/O thread has died")
     body = {
@@ -178,13 +204,177 @@ def _by_reason(name: str, text: str, counts: dict[str, int], known: Iterable[str
     return family
 
 
+def _peer(client_address: Any) -> str:
+    host, port = client_address[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Reads a socket, each recv limited to what is left of one deadline for the whole request."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request was not complete within read_timeout")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+
 class _QuietHandler(WSGIRequestHandler):
+    server: _BoundedWSGIServer
+
+    def setup(self) -> None:
+        super().setup()
+        # The stock reader's timeout is per recv, which a slow drip resets forever; one deadline
+        # for the whole head instead. Closed first: its reference keeps the socket's fd open.
+        self.rfile.close()
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, time.monotonic() + self.server.read_timeout))
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        # The head is read (the app reads no body); the answer's sends get read_timeout each,
+        # not what the deadline left over.
+        self.connection.settimeout(self.server.read_timeout)
+        return ok
+
     def log_message(self, format: str, *args: Any) -> None:
         pass  # scrapes every few seconds are not events worth a line each
 
 
-class _V6Server(ThreadingWSGIServer):
+class _BoundedWSGIServer(ThreadingWSGIServer):
+    """A thread per connection, but a bounded number of them, with an allow list and EMFILE back-off.
+
+    Counters are changed by the accept thread (refusals, accept errors) or under ``_lock`` (the
+    handler threads); the collector reads them without a lock.
+    """
+
+    request_queue_size = 128  # a burst of scrapers waits in the kernel instead of being dropped
+    block_on_close = False  # close() must not wait for a client that is still being timed out
+
+    def __init__(self, server_address: tuple[str, int], settings: MetricsSettings) -> None:
+        self.allow = AllowList(settings.allow)
+        self.max_connections = settings.max_connections
+        self.read_timeout = settings.read_timeout
+        self.active = 0
+        self.served = 0
+        self.timed_out = 0
+        self.accept_errors = 0
+        self.refused = dict.fromkeys(METRICS_REFUSAL_REASONS, 0)
+        self._lock = threading.Lock()
+        self._backoff = 0.0
+        self._logged = OncePer(60.0)
+        super().__init__(server_address, _QuietHandler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            request, client_address = self.socket.accept()
+        except OSError as exc:
+            if exc.errno in _OUT_OF_RESOURCES:
+                self._back_off(exc)
+            raise  # serve_forever drops it and selects again
+        self._backoff = 0.0
+        return request, client_address
+
+    def _back_off(self, exc: OSError) -> None:
+        self.accept_errors += 1
+        self._backoff = min(_BACKOFF_MAX, max(_BACKOFF_FIRST, self._backoff * 2))
+        muted = self._logged.check("accept_failed")
+        if muted is not None:
+            log.warning("metrics_accept_failed", errno=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                        error=exc.strerror, backoff_max=_BACKOFF_MAX, not_logged_since=muted)
+        time.sleep(self._backoff)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if self.allow.permits(client_address[0]):
+            return True
+        self._refuse("not_allowed", client_address, client_address[0])
+        return False  # closed by the caller, before a byte is read
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            full = self.active >= self.max_connections
+            if not full:
+                self.active += 1
+        if full:
+            self._refuse("max_connections", client_address, "max_connections")
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release()  # no thread started: its slot is free again
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self.active -= 1
+            self.served += 1
+
+    def _refuse(self, reason: str, client_address: Any, key: str) -> None:
+        self.refused[reason] += 1
+        muted = self._logged.check(f"{reason} {key}")
+        if muted is None:
+            return
+        detail: dict[str, Any] = (
+            {"allow": [str(n) for n in self.allow.networks]} if reason == "not_allowed"
+            else {"limit": self.max_connections}
+        )
+        log.warning("metrics_connection_refused", reason=reason, peer=_peer(client_address),
+                    not_logged_since=muted, **detail)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # The stock one prints a traceback to stderr, where our JSON events go.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, TimeoutError):
+            with self._lock:
+                self.timed_out += 1
+        elif isinstance(exc, OSError):
+            pass  # the client went away (reset, broken pipe): nothing for the operator to do
+        else:
+            muted = self._logged.check("request_failed")
+            if muted is not None:
+                log.warning("metrics_request_failed", peer=_peer(client_address), error=repr(exc),
+                            not_logged_since=muted)
+
+
+class _V6Server(_BoundedWSGIServer):
     address_family = socket.AF_INET6
+
+
+class _ListenerCollector(Collector):
+    """The metrics listener's own counters."""
+
+    def __init__(self, httpd: _BoundedWSGIServer) -> None:
+        self.httpd = httpd
+
+    def collect(self) -> Iterator[Metric]:
+        h = self.httpd
+        yield GaugeMetricFamily("nio_logd_metrics_connections_open", "Metrics (HTTP) connections being served now.",
+                                value=h.active)
+        yield CounterMetricFamily("nio_logd_metrics_connections", "Metrics connections served.", value=h.served)
+        yield _by_reason("nio_logd_metrics_connections_refused",
+                         "Metrics connections closed at once (allow, max_connections), by reason.",
+                         dict(h.refused), METRICS_REFUSAL_REASONS)
+        yield CounterMetricFamily("nio_logd_metrics_connections_timed_out",
+                                  "Metrics connections closed by read_timeout (request too slow, or answer not read).",
+                                  value=h.timed_out)
+        yield CounterMetricFamily("nio_logd_metrics_accept_errors",
+                                  "Failed accepts on the metrics listener (EMFILE, ENFILE): each backs off.",
+                                  value=h.accept_errors)
 
 
 class MetricsServer:
@@ -195,16 +385,17 @@ class MetricsServer:
         if addr.scheme != "tcp":
             raise StartupError(f"cannot serve metrics on {address}: only tcp://HOST:PORT addresses are supported")
         self.server = server
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(ServerCollector(server))
-        ProcessCollector(registry=registry)  # resident memory, CPU, open fds
-        self._metrics_app = make_wsgi_app(registry)
-        server_class = _V6Server if ":" in addr.host else ThreadingWSGIServer
+        server_class = _V6Server if ":" in addr.host else _BoundedWSGIServer
         try:
-            self.httpd = make_server(addr.host, addr.port, self._app, server_class=server_class,
-                                     handler_class=_QuietHandler)
+            self.httpd = server_class((addr.host, addr.port), server.settings.metrics)
         except OSError as exc:
             raise StartupError(f"cannot listen on metrics address {address}: {exc.strerror or exc}") from None
+        self.httpd.set_app(self._app)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(ServerCollector(server))
+        registry.register(_ListenerCollector(self.httpd))
+        ProcessCollector(registry=registry)  # resident memory, CPU, open fds
+        self._metrics_app = make_wsgi_app(registry)
         host, port = self.httpd.socket.getsockname()[:2]
         self.address = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
         self._thread: threading.Thread | None = None

@@ -4,14 +4,17 @@ design: the model is a TypedDict validated by a pydantic ``TypeAdapter`` straigh
 bytes, so parsing, UTF-8 checking and every rule run in pydantic-core (Rust) in one call, about a
 microsecond per record. ``send_time`` is a chain: a string that looks like a date and time, then a
 datetime; so epoch numbers ("1700000000") that pydantic would otherwise take are refused.
+pydantic-core keeps the last of duplicate keys; a record with any is refused instead (a log is
+evidence), by an exact check that runs only when a count of ``"`` bytes says a duplicate is possible.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import ConfigDict, GetPydanticSchema, TypeAdapter, ValidationError
 from pydantic_core import core_schema as cs
@@ -42,7 +45,7 @@ def _writable(value: Any) -> bool:
 RESERVED_KEYS = frozenset({"timestamp", "level", "event", "peer", "listener", "client"})
 
 TIME_RULE = "must be 'YYYY-MM-DD HH:MM:SS' or ISO 8601 / RFC 3339, e.g. 2026-11-29T12:00:00Z"
-USER_RULE = "must not contain control characters"
+USER_RULE = "must not contain control or bidirectional formatting characters"
 
 _TIME_SCHEMA = cs.custom_error_schema(
     cs.chain_schema(
@@ -63,13 +66,97 @@ def _user_schema(max_chars: int) -> cs.CoreSchema:
         [
             cs.str_schema(min_length=1, max_length=max_chars),
             cs.custom_error_schema(
-                # C0 controls, DEL and C1 controls; pydantic-core's regex runs in Rust.
-                cs.str_schema(pattern=r"^[^\x00-\x1f\x7f-\x9f]*$"),
+                # C0 controls, DEL and C1 controls, and the bidi controls (embeddings, overrides,
+                # isolates, the ALM/LRM/RLM marks) that make one name display as another.
+                # pydantic-core's regex runs in Rust.
+                cs.str_schema(pattern=r"^[^\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]*$"),
                 custom_error_type="send_user_control",
                 custom_error_message=USER_RULE,
             ),
         ]
     )
+
+
+# Every `"` byte in JSON opens or closes a string or is escaped inside one, and an accepted record
+# has three string keys with three string values: 12 at least. A duplicate key is one more string,
+# so a record with exactly 12 cannot have one, and the exact check is skipped on the common path.
+# (An extra field, kept or ignored, is one more string too: the count covers those records.)
+_PLAIN_RECORD_QUOTES: Final = 12
+
+
+class _Repeated(Exception):
+    """A key occurs twice in one object (raised from the parser's hook, to stop at the first)."""
+
+
+def _refuse_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _Repeated
+    return obj
+
+
+# Shared by every record and thread: building a decoder per call (what json.loads does when given
+# a hook) costs more than the parse. Numbers stay text: their values do not matter here, and int()
+# refuses more than 4300 digits.
+_REPEAT_FINDER: Final = json.JSONDecoder(object_pairs_hook=_refuse_repeats, parse_int=str, parse_float=str)
+
+
+def _duplicate_key_errors(frame: bytes) -> list[dict[str, str]]:
+    """One error per key repeated in one object, at any depth, named by its dotted path; keys
+    compare after JSON unescaping, as the parser that accepted the record compared them."""
+    try:
+        text = frame.decode("utf-8")
+        try:
+            _REPEAT_FINDER.decode(text)
+        except _Repeated:
+            return _name_repeats(text)
+    except RecursionError:
+        # Only reachable with extra = "keep" near pydantic-core's own depth limit; refusing beats
+        # ending the I/O thread.
+        return [{"field": "(record)", "error": "nested too deeply to check for duplicate keys"}]
+    except ValueError:
+        # pydantic-core accepted these bytes, so Python's parser should too; if not, the record
+        # cannot be shown to be unambiguous.
+        return [{"field": "(record)", "error": "cannot be checked for duplicate keys"}]
+    return []
+
+
+def _name_repeats(text: str) -> list[dict[str, str]]:
+    """The rare path, once a duplicate is known: parse again, noting every object with one."""
+    # Every flagged object stays referenced here, so no id() is reused while the tree is walked.
+    flagged: dict[int, tuple[dict[str, Any], list[str]]] = {}
+
+    def note_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            seen: set[str] = set()
+            repeated: dict[str, None] = {}  # an ordered set: a list would make this quadratic
+            for key, _ in pairs:
+                if key in seen:
+                    repeated[key] = None
+                seen.add(key)
+            flagged[id(obj)] = (obj, list(repeated))
+        return obj
+
+    root = json.loads(text, object_pairs_hook=note_repeats, parse_int=str, parse_float=str)
+    # A duplicate's discarded value may hold flagged objects of its own: only what is reachable
+    # from the root is named. Iterative, since the tree may be as deep as the parser allowed.
+    errors: list[dict[str, str]] = []
+    stack: list[tuple[Any, str]] = [(root, "")]
+    while stack:
+        node, path = stack.pop()
+        prefix = f"{path}." if path else ""
+        if type(node) is dict:
+            entry = flagged.get(id(node))
+            if entry is not None and entry[0] is node:
+                errors.extend({"field": prefix + key, "error": "duplicate key"} for key in entry[1])
+            children = [(value, prefix + key) for key, value in node.items()]
+        elif type(node) is list:
+            children = [(value, f"{prefix}{i}") for i, value in enumerate(node)]
+        else:
+            continue
+        stack.extend(reversed(children))  # document order
+    return errors
 
 
 class Refusal:
@@ -143,9 +230,14 @@ class RecordValidator:
         """The record's fields, or why it is refused."""
         if type(frame) is bytes:
             try:
-                return self._validate_json(frame)
+                fields = self._validate_json(frame)
             except ValidationError as exc:
                 return _refusal(frame, exc)
+            if frame.count(b'"') > _PLAIN_RECORD_QUOTES:
+                errors = _duplicate_key_errors(frame)
+                if errors:
+                    return Refusal("invalid_fields", errors, frame)
+            return fields
         assert isinstance(frame, TooLarge)
         return Refusal(
             "too_large",

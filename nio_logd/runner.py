@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = get_logger()
 
 STATUS_INTERVAL = 5.0
+FATAL = -1  # not a signal: a thread died (``Server.fail``); the control loop stops the daemon
 
 
 class SignalCatcher:
@@ -51,6 +52,14 @@ class SignalCatcher:
                 self.force.set()
             self._stop_seen = True
         self.received.append(signum)
+
+    def post(self, signum: int) -> None:
+        """Any thread: queue ``signum`` as if it had arrived, and wake the control loop."""
+        self.received.append(signum)
+        try:
+            self._w.send(b"\0")
+        except OSError:
+            pass  # the wake-up is already pending, or we are exiting
 
     def fileno(self) -> int:
         return self._r.fileno()
@@ -99,6 +108,7 @@ def serve(
     catcher = SignalCatcher((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
     try:
         server = Server(settings)
+        server.on_fatal = functools.partial(catcher.post, FATAL)
         server.startup()
         if after_startup is not None:
             after_startup(server)
@@ -110,8 +120,9 @@ def serve(
         if on_ready is not None:
             on_ready(server)
         _control_loop(server, catcher, notifier, reload_settings)
-        notifier.send("STOPPING=1", "STATUS=stopping: writing what was received")
-        log.info("stopping", reason="signal", **server.snapshot())
+        notifier.send("STOPPING=1", "STATUS=stopping: writing what was received"
+                      + (f" ({server.fatal})" if server.fatal else ""))
+        log.info("stopping", reason=server.fatal or "signal", **server.snapshot())
         clean = server.shutdown(force=catcher.force)
         log.info("stopped", clean=clean, written=server.writer.written_records,
                  rejected=server.writer.written_rejects)
@@ -140,6 +151,9 @@ def _control_loop(
             catcher.drain()
             while catcher.received:
                 signum = catcher.received.popleft()
+                if signum == FATAL:
+                    log.error("stopping", reason=server.fatal)
+                    return
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     log.info("signal", signal=signal.Signals(signum).name, action="shutting down")
                     return
@@ -163,7 +177,7 @@ def _writer_healthy(server: Server, interval: float) -> bool:
     """The watchdog is fed only while the writer makes progress (or has nothing to do) and every
     thread still runs: systemd then restarts a daemon whose disk or threads are stuck."""
     writer = server.writer
-    if not writer.alive or not all(loop.thread is not None and loop.thread.is_alive() for loop in server.loops):
+    if server.fatal is not None or not writer.alive or not all(loop.thread is not None and loop.thread.is_alive() for loop in server.loops):
         return False
     # Measured from when records started waiting, not from the last write: after an idle hour the
     # first record is not a stall.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .access import AllowList, OncePer
@@ -44,6 +45,7 @@ class Server:
             rotate_bytes=log_settings.rotate_bytes,
             rotate_keep=log_settings.rotate_keep,
         )
+        self.writer.on_fatal = self.fail
         self.metrics: MetricsServer | None = None
         self.stopping = False
         self.listeners: list[Listener] = []
@@ -56,6 +58,9 @@ class Server:
         # Per listener name: how its connections are made (TLS) and who may connect (allow).
         self.connection_factories: dict[str, ConnectionFactory] = {}
         self._allow: dict[str, AllowList] = {}
+        # The first error that escaped a loop or the writer (a bug): the daemon stops, exit 1.
+        self.fatal: str | None = None
+        self.on_fatal: Callable[[], None] | None = None
         self.not_allowed_logged = OncePer(60.0)  # a refused address is logged once a minute
         self.tls_failures_logged = OncePer(60.0)  # a failed handshake: once a minute per address
 
@@ -105,6 +110,16 @@ class Server:
         if self.metrics is not None:
             self.metrics.start()
 
+    def fail(self, component: str, exc: BaseException) -> None:
+        """``component`` (a thread) died of ``exc``: health fails and the daemon stops, exit 1."""
+        reason = f"{component} failed: {type(exc).__name__}: {exc}"
+        log.error("fatal", component=component, error=reason, exc_info=exc,
+                  action="stopping: writing what was received, then exit 1")
+        if self.fatal is None:
+            self.fatal = reason
+        if self.on_fatal is not None:
+            self.on_fatal()
+
     def addresses(self) -> list[str]:
         return [describe(listener) for listener in self.listeners]
 
@@ -132,7 +147,7 @@ class Server:
         written = self.writer.stop(left if force is None or not force.is_set() else 0.5)
         if self.metrics is not None:
             self.metrics.close()
-        return clean and written
+        return clean and written and self.fatal is None
 
     # -- connection admission ------------------------------------------------------------------------
     def admit(self, listener: Listener, host: str) -> str | None:
@@ -223,6 +238,7 @@ class Server:
             "rate_limited": totals["rate_limited"],
             "incomplete_dropped": totals["incomplete_dropped"],
             "threads_alive": threads_alive,
+            "fatal": self.fatal,
             "stopping": self.stopping,
             "idle_closed": totals["idle_closed"],
             "tls_handshakes": totals["tls_handshakes"],

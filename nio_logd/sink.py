@@ -280,6 +280,7 @@ class Writer:
         self.write_hist = LatencyHistogram()
         self.fsync_hist = LatencyHistogram()
         self.on_progress: Callable[[], None] | None = None
+        self.on_fatal: Callable[[str, BaseException], None] | None = None
 
     # -- called from other threads -------------------------------------------------------------
     def open(self) -> None:
@@ -364,6 +365,11 @@ class Writer:
                 except OSError:
                     self._abandon(batches)  # only when a forced stop gave up on a failing disk
                     break
+                del batches  # not held while waiting for the next ones
+        except Exception as exc:  # noqa: BLE001 - a dead writer stops the daemon, loudly
+            if self.on_fatal is not None:
+                self.on_fatal("writer", exc)
+            raise
         finally:
             self.messages.close()
             self.rejects.close()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .config import TLSSettings
 from .errors import ClientError, StartupError
 from .events import get_logger
-from .ioloop import READ, WRITE, Connection, _bytes_waiting
+from .ioloop import READ, WRITE, Connection, DeadSocketError, _bytes_waiting
 
 if TYPE_CHECKING:
     import socket
@@ -269,11 +269,16 @@ class TLSConnection(Connection):
         self, loop: IOLoop, sock: socket.socket, listener: Listener, peer: str, host: str, *, context: ssl.SSLContext
     ) -> None:
         try:
-            tls_sock: socket.socket = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        except (OSError, ValueError):
-            tls_sock = sock  # the peer vanished at once; the handshake below fails and counts it
-        if isinstance(tls_sock, TLSSocket):
-            tls_sock.app_data = False
+            # A peer that reset before we accepted (a health check's RST) has no peer name. Asked
+            # first, because wrap_socket detaches the socket before it finds out and then leaves
+            # the descriptor in an object we never get.
+            sock.getpeername()
+            tls_sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ValueError) as exc:
+            loop.stats["tls_handshake_failed"] += 1
+            raise DeadSocketError(str(exc)) from None
+        assert isinstance(tls_sock, TLSSocket)
+        tls_sock.app_data = False
         super().__init__(loop, tls_sock, listener, peer, host)
         self.handshaking = True
         self.want = READ  # the client speaks first (ClientHello)
@@ -310,9 +315,8 @@ class TLSConnection(Connection):
         """One step of the handshake, as far as the socket allows without blocking."""
         sock = self.sock
         loop = self.loop
+        assert isinstance(sock, TLSSocket)
         try:
-            if not isinstance(sock, TLSSocket):
-                raise ConnectionResetError(errno.ECONNRESET, "connection closed before the handshake")
             sock.do_handshake()
         except ssl.SSLWantReadError:
             self.want = READ

@@ -9,7 +9,10 @@ end in blocks. Following polls the path, like ``tail -F``: when another file app
 reopened yet; when the file gets shorter (truncation), or its last bytes we read change, it is
 read again from its start. After a truncation, the lines a ``copytruncate`` copy holds that we
 had not read yet are read from the copy, and the lines the daemon writes again (see
-``copytruncate.py``) are not printed twice.
+``copytruncate.py``) are not printed twice. Only regular files are read: a directory, FIFO or
+device at the path is reported (and waited out when following), and opening never blocks. On a
+terminal no control or bidi character is written raw, in JSON mode either; piped, JSON mode writes
+the lines byte for byte.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -268,8 +272,12 @@ class Filter:
 
 
 # -- output ------------------------------------------------------------------------------------------
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+class TooDeepError(ValueError):
+    """A value nested too deeply for orjson and for the bounded json fallback to write."""
 
 
 def _escape_char(match: re.Match[str]) -> str:
@@ -279,13 +287,26 @@ def _escape_char(match: re.Match[str]) -> str:
     return f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
 
 
+def _dumps(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson.JSONEncodeError: integers beyond 64 bits, or nested deeper than 254
+        pass
+    try:
+        # orjson parses up to 1024 levels, deeper than it writes: json writes more, within the
+        # interpreter's recursion limit, which bounds it.
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except RecursionError:
+        raise TooDeepError("nested too deeply") from None
+
+
 def safe_text(value: Any) -> str:
-    """A value as one line of text a terminal cannot misread: control and bidi characters escaped."""
+    """A value as one line of text a terminal cannot misread: control and bidi characters escaped.
+
+    TooDeepError if it is nested too deeply to be written as JSON.
+    """
     if not isinstance(value, str):
-        try:
-            value = orjson.dumps(value).decode()
-        except TypeError:  # integers beyond 64 bits, from the json fallback
-            value = json.dumps(value, ensure_ascii=False)
+        value = _dumps(value)
     return _UNSAFE.sub(_escape_char, value)
 
 
@@ -294,6 +315,20 @@ def render_json(line: Line) -> bytes:
     if line.obj is not None:
         return line.raw + b"\n"
     return orjson.dumps({"malformed": True, "error": line.error, "bytes": line.length, "raw": line.text}) + b"\n"
+
+
+def _escape_json_char(match: re.Match[str]) -> str:
+    # In a line that parsed, a C0 character can only be whitespace between tokens (JSON allows
+    # none raw inside a string); every other unsafe character is inside a string, where its
+    # \u escape is the same value.
+    ch = match.group()
+    return " " if ch < " " else f"\\u{ord(ch):04x}"
+
+
+def render_json_terminal(line: Line) -> bytes:
+    """``render_json`` for a terminal: the same JSON values, with no control or bidi character raw."""
+    text = render_json(line)[:-1].decode("utf-8", "backslashreplace")
+    return _UNSAFE.sub(_escape_json_char, text).encode() + b"\n"
 
 
 # Keys structlog's ConsoleRenderer treats specially (tracebacks, columns): a record's own are renamed.
@@ -309,29 +344,40 @@ class PrettyRenderer:
         self.colors = colors
         self._console = ConsoleRenderer(colors=colors, sort_keys=False, pad_event_to=30)
         self._bad = f"{BRIGHT}{RED}[malformed]{RESET_ALL}" if colors else "[malformed]"
+        self._deep = f"{BRIGHT}{RED}[too deep]{RESET_ALL}" if colors else "[too deep]"
 
     def __call__(self, line: Line) -> bytes:
-        obj = line.obj
-        if obj is None:
-            more = "…" if line.length > len(line.raw) or len(line.raw) > PREVIEW else ""
-            text = f"{self._bad} {line.error}: {safe_text(line.text[:PREVIEW])}{more}"
+        if line.obj is None:
+            text = f"{self._bad} {safe_text(line.error)}: {self._preview(line)}"
         else:
-            fields = dict(obj)
-            event = fields.pop("event", "")
-            if event == "message" and "send_msg" in fields:
-                event = fields.pop("send_msg")
-            event_dict: dict[str, Any] = {
-                "timestamp": safe_text(fields.pop("timestamp", "")),
-                "level": safe_text(fields.pop("level", "")),
-                "event": safe_text(event),
-            }
-            for key, value in fields.items():
-                name = safe_text(key)
-                while name in _SPECIAL or name in event_dict:
-                    name += "_"
-                event_dict[name] = safe_text(value)
-            text = self._console(None, "info", event_dict)
+            try:
+                text = self._record(line.obj)
+            except TooDeepError:
+                text = f"{self._deep} JSON nested too deeply to show as fields: {self._preview(line)}"
         return text.encode("utf-8", "backslashreplace") + b"\n"
+
+    @staticmethod
+    def _preview(line: Line) -> str:
+        more = "…" if line.length > len(line.raw) or len(line.raw) > PREVIEW else ""
+        return f"{safe_text(line.text[:PREVIEW])}{more}"
+
+    def _record(self, obj: dict[str, Any]) -> str:
+        fields = dict(obj)
+        event = fields.pop("event", "")
+        if event == "message" and "send_msg" in fields:
+            event = fields.pop("send_msg")
+        event_dict: dict[str, Any] = {
+            "timestamp": safe_text(fields.pop("timestamp", "")),
+            "level": safe_text(fields.pop("level", "")),
+            "event": safe_text(event),
+        }
+        for key, value in fields.items():
+            name = safe_text(key)
+            while name in _SPECIAL or name in event_dict:
+                name += "_"
+            event_dict[name] = safe_text(value)
+        text: str = self._console(None, "info", event_dict)
+        return text
 
 
 class Printer:
@@ -352,6 +398,42 @@ class Printer:
 
 
 # -- reading the file --------------------------------------------------------------------------------
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+class NotRegularFileError(OSError):
+    """The path names a directory, FIFO, device or socket: only regular files are read."""
+
+    def __init__(self, st: os.stat_result) -> None:
+        super().__init__(f"{_KINDS.get(stat.S_IFMT(st.st_mode), 'an unknown kind of file')}, not a regular file")
+        self.st = st
+
+
+def open_regular(path: str | os.PathLike[str]) -> int:
+    """A read-only descriptor of ``path`` if it is a regular file; NotRegularFileError if it is not."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):  # not even opened: opening a device can act (a tape rewinds)
+        raise NotRegularFileError(st)
+    # The path can change between the two looks. O_NONBLOCK: open() returns at once on a FIFO
+    # without a writer instead of waiting for one; O_NOCTTY: a terminal does not become ours.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(st)
+        os.set_blocking(fd, True)  # the flag was for open() only; reads of the file keep their usual meaning
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def complete_end(fd: int, size: int) -> int:
     """The offset just after the file's last newline: a last line still being written is not done."""
     pos = size
@@ -421,11 +503,13 @@ class Follower:
 
     def __init__(self, path: Path, emit: Callable[[list[Line]], None], notice: Callable[[str], None]) -> None:
         self.path = path
+        self.shown = safe_text(str(path))  # a file name can hold terminal escapes too
         self.emit = emit
         self.notice = notice
         self.current: _Source | None = None
         self.draining: list[_Source] = []
         self.waiting = False
+        self.refused: tuple[int, int] | None = None  # the non-regular file at the path last reported
 
     def start_at(self, fd: int, pos: int) -> None:
         """Follow the open file ``fd`` from ``pos`` (where the initial output stopped)."""
@@ -435,7 +519,7 @@ class Follower:
 
     def run(self) -> None:
         if self.current is None and not self.path.exists():
-            self.notice(f"{self.path}: no such file yet; waiting for it to appear")
+            self.notice(f"{self.shown}: no such file yet; waiting for it to appear")
             self.waiting = True
         while True:
             if not self.step():
@@ -463,22 +547,35 @@ class Follower:
         if current is not None and current.same_file(named):
             return got
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_regular(self.path)
+        except NotRegularFileError as exc:
+            self._refuse(exc)
+            return got  # as when it is moved away: the file still open goes on being read
         except OSError:
             return got
+        self.refused = None
         new = _Source(fd)
         if current is not None:
             self._read(current)  # what was written before the switch
             current.idle_since = now
             self.draining.append(current)
-            self.notice(f"{self.path}: replaced by a new file (rotated); following the new file")
+            self.notice(f"{self.shown}: replaced by a new file (rotated); following the new file")
             for missed in self._rotated_between(current, new):
                 got |= self._read_whole(missed)
         elif self.waiting:
-            self.notice(f"{self.path}: has appeared; following it")
+            self.notice(f"{self.shown}: has appeared; following it")
             self.waiting = False
         self.current = new
         return self._read(new) or got
+
+    def _refuse(self, exc: NotRegularFileError) -> None:
+        """Say once per file that the path is not a regular file; wait for one to take its place."""
+        if self.current is None:
+            self.waiting = True
+        key = (exc.st.st_dev, exc.st.st_ino)
+        if key != self.refused:
+            self.refused = key
+            self.notice(f"{self.shown}: {exc}; waiting for a regular file")
 
     def _rotated_between(self, old: _Source, new: _Source) -> list[_Source]:
         """Files rotated after ``old`` and before ``new`` (several rotations between two looks),
@@ -495,7 +592,7 @@ class Follower:
             gap = 0
             for i in range(1, 10_000):
                 try:
-                    fd = os.open(f"{self.path}.{i}", os.O_RDONLY | os.O_CLOEXEC)
+                    fd = open_regular(f"{self.path}.{i}")
                 except OSError:
                     gap += 1  # a rotation may be shifting the names right now: look a little further
                     if gap > 2:
@@ -550,7 +647,7 @@ class Follower:
             probe = src.seen[-64:]
             if not probe or os.pread(src.fd, len(probe), src.pos - len(probe)) == probe:
                 return
-        self.notice(f"{self.path}: truncated; reading it again from the start")
+        self.notice(f"{self.shown}: truncated; reading it again from the start")
         self._catch_up_from_copy(src)
         # The whole lines printed last (not a partial one): the daemon may write them again at the top.
         src.skip_seen = src.seen[src.seen.find(b"\n") + 1 : src.seen.rfind(b"\n") + 1]
@@ -573,7 +670,7 @@ class Follower:
             if name == self.path.name or not name.startswith(prefix) or name.endswith(COMPRESSED):
                 continue
             try:
-                with open(entry.path, "rb") as f:
+                with os.fdopen(open_regular(entry.path), "rb") as f:
                     if os.fstat(f.fileno()).st_size < src.pos:
                         continue
                     f.seek(src.pos - len(probe))
@@ -656,7 +753,11 @@ def cmd_tail(args: argparse.Namespace) -> int:
     path = _log_path(args)
     out = sys.stdout.buffer
     pretty = args.pretty or (not args.json and out.isatty())
-    render = PrettyRenderer(_use_colors(args.color, out)) if pretty else render_json
+    render: Callable[[Line], bytes]
+    if pretty:
+        render = PrettyRenderer(_use_colors(args.color, out))
+    else:  # piped, the lines as they are; a terminal must not get them raw
+        render = render_json_terminal if out.isatty() else render_json
     printer = Printer(out, keep, render)
     n = args.lines if args.lines is not None else (-1 if keep.by_time else DEFAULT_LINES)
 
@@ -669,14 +770,19 @@ def cmd_tail(args: argparse.Namespace) -> int:
         printer.flush()
 
     follower = Follower(path, emit, notice) if args.follow else None
+    shown = safe_text(str(path))
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular(path)
     except FileNotFoundError:
         if follower is None:
-            raise NoInputError(f"{path}: no such file (-f waits for it to appear)") from None
+            raise NoInputError(f"{shown}: no such file (-f waits for it to appear)") from None
         fd = -1
+    except NotRegularFileError as exc:
+        if follower is None:
+            raise NoInputError(f"{shown}: {exc}") from None
+        fd = -1  # the follower says so, and waits for a regular file as for a missing one
     except OSError as exc:
-        raise NoInputError(f"{path}: cannot open: {exc.strerror}") from None
+        raise NoInputError(f"{shown}: cannot open: {exc.strerror}") from None
     if fd >= 0:
         try:
             end = complete_end(fd, os.fstat(fd).st_size)
@@ -685,9 +791,6 @@ def cmd_tail(args: argparse.Namespace) -> int:
             else:
                 printer(last_lines(fd, end, n, keep))
             printer.flush()
-        except IsADirectoryError:
-            os.close(fd)
-            raise NoInputError(f"{path}: is a directory") from None
         except BaseException:
             os.close(fd)
             raise
@@ -715,9 +818,13 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
     p.add_argument("-n", "--lines", type=_count, metavar="N",
                    help="print the last N lines that pass the filters, or 'all' "
                         f"(default: {DEFAULT_LINES}; all with --since/--until)")
-    p.add_argument("-f", "--follow", action="store_true",
-                   help="then print new lines as they come, across rotation (rename + new file, truncation), "
-                        "like tail -F; waits for a missing file; Ctrl-C stops")
+    p.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="then print new lines as they come, across rotation (rename + new file, truncation), like tail -F; "
+        "waits for a missing file (or for a regular file in place of a directory, FIFO or device); Ctrl-C stops",
+    )
     p.add_argument("--user", action="append", metavar="U",
                    help="only records whose send_user is U (repeat for several users)")
     p.add_argument("--since", metavar="T", help=f"only lines whose timestamp is T or later; T is {TIME_FORMS}")

@@ -144,6 +144,9 @@ class LogSettings(_Frozen):
     rotate_keep: Annotated[int, Field(ge=1, le=1000)] = 5
     file_mode: ModeText = "0640"
     reject_raw_bytes: Annotated[int, Field(ge=0, le=1 << 20)] = 1024
+    # Reject lines per second per connection (burst: one second's worth); past it they are counted
+    # and summed up in one "rejects_suppressed" line. 0: no limit.
+    rejects_per_second: Annotated[float, Field(ge=0)] = 100.0
 
 
 class RecordSettings(_Frozen):
@@ -163,6 +166,11 @@ class LimitSettings(_Frozen):
     rate_limit: Annotated[float, Field(ge=0)] = 0.0
     idle_timeout: Seconds = 300.0
     queue_bytes: Annotated[int, Field(ge=1 << 16, le=1 << 34)] = 32 * 1024 * 1024
+    # Unfinished lines, records read but not yet taken, and unsent answers, over all connections;
+    # past it the connections holding the most are closed.
+    buffer_bytes: Annotated[int, Field(ge=1 << 20, le=1 << 36)] = 64 * 1024 * 1024
+    # A connection whose records are (nearly: 99 %) all refused is closed after this many. 0: never.
+    refused_close_after: Annotated[int, Field(ge=0)] = 1000
 
 
 class ServerSettings(_Frozen):

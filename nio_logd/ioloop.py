@@ -56,7 +56,9 @@ READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
 RECV_BYTES = 64 * 1024
 ACCEPTS_PER_EVENT = 256
-OUT_LIMIT = 1 << 20  # unsent ack bytes past which a connection is not read (its client must read them)
+# Answer bytes a connection may owe (made, not yet sent) before it is neither read nor its records
+# taken: a refused 2-byte line costs a 130-byte answer, so the bound counts answers, not input.
+OUT_LIMIT = 256 << 10
 DRAIN_QUIET = 0.2  # at shutdown, a connection silent this long has sent all it is going to
 
 
@@ -98,16 +100,25 @@ class Connection:
         "fd",
         "framer",
         "held",
+        "held_bytes",
         "in_flight",
         "last_active",
         "listener",
         "loop",
+        "mem",
         "out",
+        "owed",
         "peer",
+        "refused",
+        "reject_at",
+        "reject_tokens",
         "seq",
         "sock",
+        "suppressed",
         "tokens",
         "tokens_at",
+        "window_refused",
+        "window_seq",
     )
 
     def __init__(self, loop: IOLoop, sock: socket.socket, listener: Listener, peer: str, host: str) -> None:
@@ -131,14 +142,23 @@ class Connection:
         self.drain_owed = 0  # at shutdown: bytes the kernel held for us when the drain began
         self.tokens = loop.rate_burst  # rate limit: records this connection may send now
         self.tokens_at = self.last_active
-        self.held: list[Frame] = []  # rate limit: frames read but waiting for tokens
+        self.held: list[Frame] = []  # frames read but not taken yet: waiting for rate tokens or answer room
+        self.held_bytes = 0
+        self.owed = 0  # answer bytes made and not yet sent: in this pass's batch, at the writer, in out
+        self.mem = 0  # what this connection holds as counted in loop.mem (partial line, held, out)
+        self.refused = 0  # records refused on this connection
+        self.window_seq = 0  # refused_close_after: where the current window of records began
+        self.window_refused = 0
+        self.reject_tokens = loop.rejects_burst  # reject lines this connection may have written now
+        self.reject_at = self.last_active
+        self.suppressed = 0  # reject lines left out since the last one written
 
     def __repr__(self) -> str:
         return f"<Connection {self.peer} on {self.listener.name} seq={self.seq} in_flight={self.in_flight}>"
 
     def wanted_events(self) -> int:
         events = 0
-        if not self.eof and not self.draining and not self.loop.paused and not self.held and len(self.out) < OUT_LIMIT:
+        if not self.eof and not self.draining and not self.loop.paused and not self.held and self.owed < OUT_LIMIT:
             events |= READ
         if self.out:
             events |= WRITE
@@ -181,7 +201,6 @@ class Connection:
         if data:
             n = len(data)
             loop.stats["bytes_in"] += n
-            loop.pass_bytes += n
             if self.drain_owed > 0:
                 self.drain_owed -= n
             frames = self.framer.feed(data)
@@ -193,10 +212,30 @@ class Connection:
                 frames = loop.rate_gate(self, frames)
             if frames:
                 loop.take_frames(self, frames)
+        if self.closed:
+            return
+        self.account()
+        if loop.mem > loop.mem_limit:
+            loop.shed()
+            if self.closed:
+                return
         if self.eof:
             self.finish_if_done()
-        if loop.pass_bytes >= loop.pass_limit:
-            loop._flush_batch()  # hand over early: the writer's bound holds even on a huge pass
+        if loop.renderer.nbytes + loop.pass_answer_bytes >= loop.pass_limit:
+            # Hand over early: the writer's bound holds even on a huge pass. Counted in what was
+            # rendered, not in what was read: a refused line renders a hundred times its size.
+            loop._flush_batch()
+
+    def account(self) -> None:
+        """Bring ``loop.mem`` up to date with what this connection holds now."""
+        mem = self.framer.buffered + self.held_bytes + len(self.out)
+        self.loop.mem += mem - self.mem
+        self.mem = mem
+
+    def hold(self, frames: list[Frame]) -> None:
+        """Keep ``frames`` (read, not taken) until the rate limit or the answer room lets them in."""
+        self.held = frames
+        self.held_bytes = sum(len(f) if isinstance(f, bytes) else len(f.prefix) for f in frames)
 
     def finish_if_done(self) -> None:
         """After EOF (or a drain): close once every ack owed has been sent."""
@@ -230,7 +269,13 @@ class Connection:
                 return
             del self.out[:n]
             if n:
+                self.owed -= n
                 self.last_active = self.loop.now  # the client reads its answers: not idle
+                if self.held and not self.loop.rate and self.owed < OUT_LIMIT // 2:
+                    self.loop.release_held(self)  # room for answers again: take what waits
+                    if self.closed:
+                        return
+            self.account()
         if (self.eof or self.draining) and not self.owes_acks and not self.held:
             self.close()
             return
@@ -240,8 +285,13 @@ class Connection:
         if self.closed:
             return
         self.closed = True
+        loop = self.loop
+        loop.mem -= self.mem
+        self.mem = 0
+        if self.suppressed:
+            loop.note_suppressed(self)
         if self.events:
-            self.loop.selector.unregister(self.sock)
+            loop.selector.unregister(self.sock)
             self.events = 0
         try:
             self.sock.close()
@@ -278,9 +328,19 @@ class IOLoop:
         self.stats: collections.Counter[str] = collections.Counter()
         self.refused_by_reason: collections.Counter[str] = collections.Counter()
         self.connections_refused_by_reason: collections.Counter[str] = collections.Counter()
-        # Bytes read in this pass; past pass_limit the batch goes to the writer before the pass ends.
-        self.pass_bytes = 0
+        # Bytes rendered in this pass (lines, answers); past pass_limit the batch goes to the writer
+        # before the pass ends.
+        self.pass_answer_bytes = 0
         self.pass_limit = max(RECV_BYTES, min(settings.limits.queue_bytes // 4, 8 << 20))
+        # What the connections hold (partial lines, records read and not taken, unsent answers):
+        # past mem_limit the ones holding the most are closed.
+        self.mem = 0
+        self.mem_limit = max(RECV_BYTES, settings.limits.buffer_bytes // settings.server.io_threads)
+        self._shed_logged = -1e9
+        self.refused_close_after = settings.limits.refused_close_after
+        self.rejects_rate = settings.log.rejects_per_second  # reject lines/s per connection; 0 = all
+        self.rejects_burst = max(1.0, self.rejects_rate)
+        self._closed_logged = -1e9
         self.rate = settings.limits.rate_limit  # records/s per connection; 0 = off
         self.rate_burst = max(1.0, self.rate)
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -412,6 +472,8 @@ class IOLoop:
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
+                    return  # the listener itself is closed (shutdown): not a connection's error
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self.stats["accept_errors"] += 1
                     log.error("accept_failed", listener=listener.name, error=exc.strerror,
@@ -486,7 +548,12 @@ class IOLoop:
 
     # -- records --------------------------------------------------------------------------------
     def take_frames(self, conn: Connection, frames: list[Any]) -> None:
-        """Validate and render the frames of one read into the batch being built."""
+        """Validate and render the frames of one read into the batch being built.
+
+        On an ack listener the frames are taken while the connection owes fewer than OUT_LIMIT
+        answer bytes; the rest wait in ``conn.held`` (and the connection is not read) until its
+        client has read enough answers.
+        """
         validate = self.validate
         renderer = self.renderer
         message: Callable[[Any, str, str], None] = renderer.message
@@ -494,49 +561,139 @@ class IOLoop:
             message = functools.partial(renderer.message_with_client, client=conn.client)
         peer = conn.peer
         name = conn.listener.name
+        seq = conn.seq
+        closing = False
         if conn.ack:
             answers = self.pending_acks.get(conn)
             if answers is None:
                 answers = self.pending_acks[conn] = []
-            seq = conn.seq
+            owed = conn.owed
+            taken = 0
+            for frame in frames:
+                if owed >= OUT_LIMIT:
+                    break
+                taken += 1
+                seq += 1
+                result = validate(frame)
+                if type(result) is dict:
+                    message(result, peer, name)
+                    answer = b'{"seq":%d,"ok":true}\n' % seq
+                else:
+                    assert isinstance(result, Refusal)
+                    answer = _nack(seq, result)
+                    if self._refuse(conn, result, seq):
+                        closing = True
+                        break
+                answers.append(answer)
+                owed += len(answer)
+            self.pass_answer_bytes += owed - conn.owed
+            conn.owed = owed
+            if taken < len(frames) and not closing:
+                conn.hold(frames[taken:] + conn.held)
+        else:
             for frame in frames:
                 seq += 1
                 result = validate(frame)
                 if type(result) is dict:
                     message(result, peer, name)
-                    answers.append(b'{"seq":%d,"ok":true}\n' % seq)
                 else:
                     assert isinstance(result, Refusal)
-                    self._refuse(result, peer, name)
-                    answers.append(_nack(seq, result))
-            conn.seq = seq
-        else:
-            for frame in frames:
-                result = validate(frame)
-                if type(result) is dict:
-                    message(result, peer, name)
-                else:
-                    assert isinstance(result, Refusal)
-                    self._refuse(result, peer, name)
-            conn.seq += len(frames)
+                    if self._refuse(conn, result, seq):
+                        closing = True
+                        break
+        conn.seq = seq
+        if closing:
+            self._close_refusing(conn)
 
-    def _refuse(self, refusal: Refusal, peer: str, listener: str) -> None:
-        self.renderer.reject(refusal, peer, listener)
+    def _refuse(self, conn: Connection, refusal: Refusal, seq: int) -> bool:
+        """Count a refusal and write its reject line (within the connection's rejects rate);
+        True when the connection has sent nearly nothing but refused records and must go."""
         self.stats["refused"] += 1
         self.refused_by_reason[refusal.reason] += 1
+        conn.refused += 1
+        rate = self.rejects_rate
+        if rate:
+            now = self.now
+            tokens = min(self.rejects_burst, conn.reject_tokens + (now - conn.reject_at) * rate)
+            conn.reject_at = now
+            if tokens >= 1.0:
+                conn.reject_tokens = tokens - 1.0
+                if conn.suppressed:
+                    self.note_suppressed(conn)
+                self.renderer.reject(refusal, conn.peer, conn.listener.name)
+            else:
+                conn.reject_tokens = tokens
+                conn.suppressed += 1
+                self.stats["rejects_suppressed"] += 1
+        else:
+            self.renderer.reject(refusal, conn.peer, conn.listener.name)
+        limit = self.refused_close_after
+        if limit:
+            span = seq - conn.window_seq
+            if span >= limit:
+                if (conn.refused - conn.window_refused) * 100 >= span * 99:
+                    return True
+                conn.window_seq = seq
+                conn.window_refused = conn.refused
+        return False
+
+    def note_suppressed(self, conn: Connection) -> None:
+        """One rejects-log line for the reject lines a connection's rate left out."""
+        self.renderer.suppressed(conn.suppressed, conn.peer, conn.listener.name, self.rejects_rate)
+        conn.suppressed = 0
+
+    def _close_refusing(self, conn: Connection) -> None:
+        self.stats["closed_refused_records"] += 1
+        if self.now - self._closed_logged >= 1.0:  # a flood of such clients cannot flood the journal
+            self._closed_logged = self.now
+            log.warning("connection_closed", reason="refused_records", peer=conn.peer, listener=conn.listener.name,
+                        records=conn.seq, refused=conn.refused, refused_close_after=self.refused_close_after,
+                        closed_so_far=self.stats["closed_refused_records"])
+        conn.close()
+
+    def release_held(self, conn: Connection) -> None:
+        """Take the frames a connection holds (as far as its answer room allows)."""
+        frames = conn.held
+        conn.hold([])
+        self.take_frames(conn, frames)
+        if conn.closed:
+            return
+        conn.account()
+        if not conn.held and conn.eof:
+            conn.finish_if_done()
+
+    def shed(self) -> None:
+        """Over ``buffer_bytes``: close the connections holding the most until back under it."""
+        target = self.mem_limit * 9 // 10  # a little room, so that the next read does not shed again
+        closed = 0
+        biggest = 0
+        for conn in sorted(self.connections, key=lambda c: c.mem, reverse=True):
+            if self.mem <= target or not conn.mem:
+                break
+            biggest = max(biggest, conn.mem)
+            conn.close()
+            closed += 1
+        self.stats["closed_buffer_bytes"] += closed
+        if closed and self.now - self._shed_logged >= 1.0:
+            self._shed_logged = self.now
+            log.warning("connections_closed", reason="buffer_bytes", count=closed, largest_bytes=biggest,
+                        limit_bytes=self.mem_limit, closed_so_far=self.stats["closed_buffer_bytes"],
+                        action="closed the connections holding the most unfinished lines and unsent answers")
 
     def _flush_batch(self) -> None:
-        self.pass_bytes = 0
+        answer_bytes = self.pass_answer_bytes
+        self.pass_answer_bytes = 0
         renderer = self.renderer
         acks = self.pending_acks
-        if not renderer.accepted and not renderer.refused and not acks:
+        if not renderer.nbytes and not acks:
             return
         messages, accepted, rejects, refused = renderer.take()
         self.stats["accepted"] += accepted  # counted once, by the renderer, not again per record here
         self.pending_acks = {}
         for conn in acks:
             conn.in_flight += 1
-        batch = Batch(self, messages, accepted, rejects=rejects, refused=refused, acks=acks or None)
+        batch = Batch(self, messages, accepted, rejects=rejects, refused=refused, acks=acks or None,
+                      answer_bytes=answer_bytes)
         if self.server.writer.submit(batch) and not self.paused:
             self._pause()
 
@@ -544,7 +701,7 @@ class IOLoop:
     def rate_gate(self, conn: Connection, frames: list[Frame]) -> list[Frame]:
         """The frames ``conn``'s token bucket covers now; the rest wait in ``conn.held`` (not read)."""
         if conn.held:  # keep the order: nothing may overtake frames already waiting
-            conn.held += frames
+            conn.hold(conn.held + frames)
             return []
         now = self.now
         tokens = min(self.rate_burst, conn.tokens + (now - conn.tokens_at) * self.rate)
@@ -555,7 +712,7 @@ class IOLoop:
             return frames
         allowed = max(0, int(tokens))
         conn.tokens = tokens - allowed
-        conn.held = frames[allowed:]
+        conn.hold(frames[allowed:])
         self.stats["rate_limited"] += 1
         conn.update_events()  # no more reading until the bucket refills: TCP slows the client down
         self._schedule_release(conn)
@@ -574,10 +731,14 @@ class IOLoop:
         conn.tokens_at = now
         allowed = int(tokens)
         if allowed > 0:
-            frames, conn.held = conn.held[:allowed], conn.held[allowed:]
+            frames = conn.held[:allowed]
+            conn.hold(conn.held[allowed:])
             conn.tokens = tokens - len(frames)
             conn.last_active = now  # waiting for tokens is not the client's idleness
             self.take_frames(conn, frames)
+            if conn.closed:
+                return
+            conn.account()
         else:
             conn.tokens = tokens
         if conn.held:
@@ -593,6 +754,8 @@ class IOLoop:
         for conn, answers in batch.acks.items():
             conn.in_flight -= 1
             conn.send(b"".join(answers))
+        if self.mem > self.mem_limit:
+            self.shed()
 
     # -- backpressure ----------------------------------------------------------------------------
     def _pause(self) -> None:
@@ -651,7 +814,9 @@ class IOLoop:
         # it would hold its connection and up to OUT_LIMIT of answers for as long as TCP lets it.
         idle = [c for c in self.connections if c.last_active < deadline]
         for conn in idle:
-            if conn.in_flight or conn.held:
+            # Waiting on us (the writer, rate tokens) is not idleness; waiting for room for
+            # answers its client does not read is.
+            if conn.in_flight or (conn.held and conn.owed < OUT_LIMIT):
                 continue
 
             self.stats["idle_closed"] += 1
@@ -669,6 +834,8 @@ class IOLoop:
         """
         self.stopping = True
         for listener in self.listeners:
+            if listener.sock.fileno() < 0:
+                continue  # closed already (a forced stop): nothing to accept, nothing to unregister
             try:
                 self.selector.unregister(listener.sock)
             except (KeyError, ValueError):
@@ -684,9 +851,10 @@ class IOLoop:
         self._drain_check()
 
     def _drain_one(self, conn: Connection) -> None:
-        if conn.held:  # rate-limited frames were received before the stop: they are written now
-            frames, conn.held = conn.held, []
-            self.take_frames(conn, frames)
+        if conn.held:  # frames received before the stop are written now (as far as answer room allows)
+            self.release_held(conn)
+            if conn.closed:
+                return
         if conn.eof:
             conn.finish_if_done()
         else:

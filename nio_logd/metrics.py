@@ -148,6 +148,21 @@ class ServerCollector(Collector):
                          s["connections_refused_by_reason"], CONNECTION_REFUSAL_REASONS)
         yield CounterMetricFamily("nio_logd_connections_idle_closed", "Connections closed after idle_timeout.",
                                   value=s["idle_closed"])
+        yield _by_reason("nio_logd_connections_closed", "Connections the daemon closed, by reason.",
+                         s["connections_closed_by_reason"], ())
+        yield GaugeMetricFamily("nio_logd_buffered_bytes",
+                                "Unfinished lines, records waiting to be taken and unsent answers held now.",
+                                value=s["buffered_bytes"])
+        yield CounterMetricFamily("nio_logd_rejects_suppressed",
+                                  "Refused records not written to the rejects log (per-connection rate), counted.",
+                                  value=s["rejects_suppressed"])
+        for key, text in (
+            ("read_errors", "Connections closed by a read error (reset, timeout)."),
+            ("handler_errors", "Connections closed because handling them raised (a bug, logged)."),
+            ("accept_errors", "Failed accept() calls (EMFILE, a network error of the new connection)."),
+            ("accept_dead", "Connections already reset when accepted (health checks closing with RST)."),
+        ):
+            yield CounterMetricFamily(f"nio_logd_{key}", text, value=s[key])
         yield CounterMetricFamily("nio_logd_bytes_received", "Bytes read from clients.", value=s["bytes_in"])
         yield CounterMetricFamily("nio_logd_records_accepted", "Records that passed validation.",
                                   value=s["accepted"])
@@ -157,6 +172,10 @@ class ServerCollector(Collector):
                                   value=s["written"])
         yield CounterMetricFamily("nio_logd_rejects_written", "Refused records written to the rejects log.",
                                   value=s["rejects_written"])
+        yield CounterMetricFamily("nio_logd_rejects_lost",
+                                  "Refused records whose rejects line could not be written (rejects disk full "
+                                  "or failing); their clients were still told they were refused.",
+                                  value=s["rejects_lost"])
         yield CounterMetricFamily("nio_logd_incomplete_records_dropped",
                                   "Connections whose unfinished last line was dropped at shutdown.",
                                   value=s["incomplete_dropped"])

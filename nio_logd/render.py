@@ -104,6 +104,11 @@ class Renderer:
         self.accepted = self.refused = 0
         return out
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes rendered since the last ``take``."""
+        return len(self.messages) + len(self.rejects)
+
     def message(self, fields: Fields, peer: str, listener: str) -> None:
         self.messages += self._dump(
             None, "info", self._stamp(None, "info", {"event": "message", **fields, "peer": peer, "listener": listener})
@@ -133,3 +138,15 @@ class Renderer:
         self.rejects += self._dump(None, "warning", self._stamp(None, "warning", event))
         self.rejects += b"\n"
         self.refused += 1
+
+    def suppressed(self, count: int, peer: str, listener: str, rate: float) -> None:
+        """The line that stands for ``count`` reject lines the connection's rate left out."""
+        event = {
+            "event": "rejects_suppressed",
+            "count": count,
+            "peer": peer,
+            "listener": listener,
+            "reason": f"more than {rate:g} refused records per second from this connection: counted, not written",
+        }
+        self.rejects += self._dump(None, "warning", self._stamp(None, "warning", event))
+        self.rejects += b"\n"

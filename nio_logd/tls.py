@@ -260,6 +260,25 @@ def subject_string(cert: dict[str, Any]) -> str | None:
 
 
 # -- the connection -----------------------------------------------------------------------------------
+def _close_orphan(exc: BaseException) -> None:
+    """Close the SSLSocket a failed ``wrap_socket`` made and dropped.
+
+    When the peer resets between our check and the wrap, ``SSLSocket._create`` has already taken
+    the descriptor from our socket and raises without closing its own object: the descriptor would
+    stay open until the garbage collector finds it. The object is a local of a frame in the
+    traceback, the only place it can still be reached.
+    """
+    tb = exc.__traceback__
+    while tb is not None:
+        orphan = tb.tb_frame.f_locals.get("self")
+        if isinstance(orphan, ssl.SSLSocket):
+            try:
+                orphan.close()
+            except OSError:
+                pass
+        tb = tb.tb_next
+
+
 class TLSConnection(Connection):
     """A connection on a TLS listener: the handshake first, then exactly a plain Connection."""
 
@@ -275,6 +294,7 @@ class TLSConnection(Connection):
             sock.getpeername()
             tls_sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         except (OSError, ValueError) as exc:
+            _close_orphan(exc)
             loop.stats["tls_handshake_failed"] += 1
             raise DeadSocketError(str(exc)) from None
         assert isinstance(tls_sock, TLSSocket)

@@ -51,6 +51,7 @@ class Batch:
         rejects: bytes | bytearray = b"",
         refused: int = 0,
         acks: dict[Any, list[bytes]] | None = None,
+        answer_bytes: int = 0,
     ) -> None:
         self.owner = owner
         self.messages = messages  # whole lines, each ending in a newline
@@ -58,7 +59,8 @@ class Batch:
         self.acks = acks  # connection -> answer lines, sent by the owner after the write
         self.accepted = accepted
         self.refused = refused
-        self.nbytes = len(messages) + len(rejects)
+        # What the batch holds, answers included: the queue bound counts memory, not input.
+        self.nbytes = len(messages) + len(rejects) + answer_bytes
 
     def __repr__(self) -> str:
         return f"<Batch {self.accepted} accepted, {self.refused} refused, {self.nbytes} bytes>"

@@ -159,6 +159,24 @@ def _name_repeats(text: str) -> list[dict[str, str]]:
     return errors
 
 
+# A refusal is written twice (the rejects log, the answer) for one record: bounded, so that a record
+# of thousands of unknown keys, or one key of 200 KB, cannot make its refusal many times its size.
+MAX_ERRORS = 10
+MAX_FIELD_CHARS = 200
+
+
+def _bounded(errors: list[dict[str, str]]) -> list[dict[str, str]]:
+    out = []
+    for err in errors[:MAX_ERRORS]:
+        name = err["field"]
+        if len(name) > MAX_FIELD_CHARS:
+            err = {**err, "field": f"{name[:MAX_FIELD_CHARS]}... ({len(name)} characters)"}  # noqa: PLW2901
+        out.append(err)
+    if len(errors) > MAX_ERRORS:
+        out.append({"field": "(record)", "error": f"{len(errors) - MAX_ERRORS} more errors not listed"})
+    return out
+
+
 class Refusal:
     """Why one record was refused; ``raw`` is its bytes (or the first of them if too large)."""
 
@@ -166,7 +184,7 @@ class Refusal:
 
     def __init__(self, reason: str, errors: list[dict[str, str]], raw: bytes) -> None:
         self.reason = reason  # a short machine-readable reason, used as the metrics label
-        self.errors = errors  # [{"field": ..., "error": ...}, ...]
+        self.errors = _bounded(errors)  # [{"field": ..., "error": ...}, ...]
         self.raw = raw
 
     @property

@@ -200,3 +200,22 @@ def test_partial_lines_are_bounded_by_a_global_budget(tmp_path: Path, daemon_fac
     assert ev is not None and ev["reason"] == "buffer_bytes", [e for e in d.events if "closed" in e.get("event", "")]
     assert d.stop() == 0
     assert json.loads(d.messages.read_text().splitlines()[0])["send_user"] == "u1"
+
+
+def test_a_refusal_is_bounded_whatever_the_record() -> None:
+    """Thousands of unknown keys, or one key of 200 KB: the refusal (written to the rejects log and
+    answered) names at most 10 errors and cuts a long field name, instead of growing with the record."""
+    from nio_logd.config import RecordSettings
+    from nio_logd.record import Refusal, RecordValidator
+
+    v = RecordValidator(RecordSettings(), 1 << 20)
+    many = b'{"send_user":"a","send_time":"2026-11-29 12:00:00","send_msg":"m",' + b",".join(
+        b'"k%d":1' % i for i in range(5000)) + b"}"
+    result = v.validate(many)
+    assert isinstance(result, Refusal) and result.reason == "invalid_fields"
+    assert len(result.errors) == 11 and result.errors[-1]["error"] == "4990 more errors not listed"
+    long_key = b'{"' + b"k" * 200_000 + b'":1}'
+    result = v.validate(long_key)
+    assert isinstance(result, Refusal)
+    assert max(len(e["field"]) for e in result.errors) < 300
+    assert len(result.message) < 2000

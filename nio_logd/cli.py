@@ -101,6 +101,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         "rejects": str(settings.resolve(settings.log.rejects_path)),
         "pidfile": str(settings.resolve(settings.daemon.pidfile)),
     }
+    from .budget import memory_bound
+
+    # What the limits let the daemon hold at most (README: "Memory bound"), in MiB.
+    effective["memory_bound_mib"] = {k: round(v / (1 << 20), 1) for k, v in memory_bound(settings).items()}
     print(json.dumps(effective, indent=2))
     print(f"{settings.source}: OK", file=sys.stderr)
     return EXIT_OK

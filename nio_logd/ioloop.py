@@ -333,7 +333,7 @@ class IOLoop:
         # Bytes rendered in this pass (lines, answers); past pass_limit the batch goes to the writer
         # before the pass ends.
         self.pass_answer_bytes = 0
-        self.pass_limit = max(RECV_BYTES, min(settings.limits.queue_bytes // 4, 8 << 20))
+        self.pass_limit = max(RECV_BYTES, min(settings.limits.queue_bytes // 4, 8 << 20))  # budget.pass_limit
         # What the connections hold (partial lines, records read and not taken, unsent answers):
         # past mem_limit the ones holding the most are closed.
         self.mem = 0

@@ -17,6 +17,7 @@ from typing import Any
 from conftest import read_lines, wait_for, write_config
 from faultkit import RssSampler, make_line, metric, metrics_address, rss_kib, scrape, wait_stable
 
+from nio_logd.budget import memory_bound
 from nio_logd.client import send
 
 MIB = 1024
@@ -70,6 +71,7 @@ def test_refused_flood_memory_is_bounded(tmp_path: Path, daemon_factory: Any) ->
     finally:
         _close_all(socks)
     peak = rss.stop()
+    assert peak * 1024 <= memory_bound(d.settings)["total"], (peak, memory_bound(d.settings))
     assert peak - base < 40 * MIB, f"RSS {base} -> {peak} KiB"
     wait_for(lambda: metric(scrape(mx), "nio_logd_connections_open") == 0, 20)
     m = scrape(mx)
@@ -112,6 +114,7 @@ def test_nacks_to_clients_that_never_read_are_bounded(tmp_path: Path, daemon_fac
                             timeout=60)
         assert taken < 100 * 32768
         peak = rss.stop()
+        assert peak * 1024 <= memory_bound(d.settings)["total"], (peak, memory_bound(d.settings))
         assert peak - base < 16 * MIB + 32 * MIB, f"RSS {base} -> {peak} KiB"
         # A well-behaved ack client is still served meanwhile.
         result = send(d.address, [make_line(1, i) for i in range(1000)], ack=True, timeout=30)
@@ -200,6 +203,7 @@ def test_partial_lines_are_bounded_by_a_global_budget(tmp_path: Path, daemon_fac
     finally:
         _close_all(socks)
     peak = rss.stop()
+    assert peak * 1024 <= memory_bound(d.settings)["total"], (peak, memory_bound(d.settings))
     assert peak - base < 8 * MIB + 48 * MIB, f"RSS {base} -> {peak} KiB"
     ev = d.event("connections_closed")
     assert ev is not None and ev["reason"] == "buffer_bytes", [e for e in d.events if "closed" in e.get("event", "")]

@@ -72,6 +72,7 @@ def test_refused_flood_memory_is_bounded(tmp_path: Path, daemon_factory: Any) ->
         _close_all(socks)
     peak = rss.stop()
     assert peak * 1024 <= memory_bound(d.settings)["total"], (peak, memory_bound(d.settings))
+    print(f"FIGURE refused flood 128x8192 lines: RSS {base // MIB} -> peak {peak // MIB} MiB")
     assert peak - base < 40 * MIB, f"RSS {base} -> {peak} KiB"
     wait_for(lambda: metric(scrape(mx), "nio_logd_connections_open") == 0, 20)
     m = scrape(mx)
@@ -115,6 +116,8 @@ def test_nacks_to_clients_that_never_read_are_bounded(tmp_path: Path, daemon_fac
         assert taken < 100 * 32768
         peak = rss.stop()
         assert peak * 1024 <= memory_bound(d.settings)["total"], (peak, memory_bound(d.settings))
+        print(f"FIGURE nacks to 100 clients that never read: RSS {base // MIB} -> peak {peak // MIB} MiB, "
+              f"{taken:.0f} of {100 * 32768} records taken before waiting")
         assert peak - base < 16 * MIB + 32 * MIB, f"RSS {base} -> {peak} KiB"
         # A well-behaved ack client is still served meanwhile.
         result = send(d.address, [make_line(1, i) for i in range(1000)], ack=True, timeout=30)
@@ -167,6 +170,7 @@ def test_connection_of_nearly_all_refused_records_is_closed(tmp_path: Path, daem
         s.close()
     wait_for(lambda: metric(scrape(mx), "nio_logd_connections_closed_total", reason="refused_records") == 1, 20)
     refused = metric(scrape(mx), "nio_logd_records_refused_total", reason="invalid_json")
+    print(f"FIGURE garbage connection closed after {refused:.0f} refused records of 100,000 sent")
     assert 1000 <= refused < 100_000
     ev = wait_for(lambda: d.event("connection_closed"), 10)
     assert ev["reason"] == "refused_records"
@@ -204,6 +208,8 @@ def test_partial_lines_are_bounded_by_a_global_budget(tmp_path: Path, daemon_fac
         _close_all(socks)
     peak = rss.stop()
     assert peak * 1024 <= memory_bound(d.settings)["total"], (peak, memory_bound(d.settings))
+    print(f"FIGURE 400 partial lines of 262,142 bytes, buffer_bytes 8 MiB: RSS {base // MIB} -> peak {peak // MIB} MiB,"
+          f" {closed:.0f} connections closed")
     assert peak - base < 8 * MIB + 48 * MIB, f"RSS {base} -> {peak} KiB"
     ev = d.event("connections_closed")
     assert ev is not None and ev["reason"] == "buffer_bytes", [e for e in d.events if "closed" in e.get("event", "")]

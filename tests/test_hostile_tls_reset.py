@@ -79,6 +79,7 @@ def test_tls_reset_before_accept_keeps_the_daemon_serving(
     assert d.stop() == 0, d.stderr_lines[-20:]
     msgs = [r["send_msg"] for r in read_lines(d.messages)]
     assert len(msgs) == 10 + 20_000 + 20_000, len(msgs)
+    print(f"FIGURE TLS, io_threads {io_threads}: 80 RST connects, {len(msgs)} of 40,010 acked records written, exit 0")
     assert not [e for e in d.events if e.get("event") in ("io_loop_crashed", "handler_failed", "fatal")]
 
 

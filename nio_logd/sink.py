@@ -274,6 +274,7 @@ class Writer:
         self.written_records = 0
         self.written_rejects = 0
         self.write_errors = 0
+        self.rejects_lost = 0  # refused records whose reject line could not be written
         self.last_progress = time.monotonic()
         self.waiting_since = self.last_progress  # when the queue last went from empty to not empty
         self.queued_records = 0

@@ -227,7 +227,12 @@ class Settings(_Frozen):
 
     def resolve(self, path: str) -> Path:
         """An absolute path for a configured path (relative ones against ``base_dir``)."""
-        return (Path(self.base_dir) / path).resolve()
+        full = Path(self.base_dir) / path
+        if full.name in ("", ".", ".."):
+            return full.resolve()
+        # The folder is resolved, the file name is not: a symlink planted at a log path must
+        # reach the daemon's O_NOFOLLOW open as a link (and be refused), not as its target.
+        return full.parent.resolve() / full.name
 
     @property
     def file_mode(self) -> int:

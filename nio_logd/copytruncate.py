@@ -7,12 +7,15 @@ finds its file truncated it looks next to it for the copy: a regular, uncompress
 starts like the log's and whose last bytes are the bytes the journal holds at the same offsets.
 What the journal holds past the copy's end was lost, and is written again. If the copy ends
 inside a line (logrotate read while a write was half done), the copy is cut back to its last whole
-line and that line is written again whole: a record is never split between two files.
+line and that line is written again whole: a record is never split between two files. The folder
+may be writable by the daemon user: a copy is read and cut only through an fd opened without
+following links, and only if it is still the regular, singly linked file that was matched.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import stat
 from pathlib import Path
@@ -26,19 +29,22 @@ COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".lzo", ".lzma", ".Z", ".zip
 class WriteJournal:
     """The last bytes written to one file, with their offsets (one contiguous range)."""
 
-    __slots__ = ("chunks", "limit", "nbytes")
+    __slots__ = ("chunks", "limit", "nbytes", "skip")
 
     def __init__(self, limit: int = JOURNAL_BYTES) -> None:
         self.limit = limit
         self.chunks: collections.deque[tuple[int, bytes]] = collections.deque()
-        self.nbytes = 0
+        self.nbytes = 0  # bytes held, from ``start`` to ``end``: at most ``limit``
+        # Bytes at the front of the first chunk that are no longer held. Cut off (copied) only once
+        # they are half of it: cutting at every small write would copy a big chunk again and again.
+        self.skip = 0
 
     def __repr__(self) -> str:
         return f"<WriteJournal {self.start}..{self.end}>"
 
     @property
     def start(self) -> int:
-        return self.chunks[0][0] if self.chunks else 0
+        return self.chunks[0][0] + self.skip if self.chunks else 0
 
     @property
     def end(self) -> int:
@@ -50,22 +56,46 @@ class WriteJournal:
     def reset(self, offset: int = 0, data: bytes = b"") -> None:
         """Forget everything; optionally start again with ``data`` found at ``offset``."""
         self.chunks.clear()
-        self.nbytes = 0
+        self.nbytes = self.skip = 0
         if data:
             self.add(offset, data)
 
     def add(self, offset: int, data: bytes) -> None:
-        """``data`` was written at ``offset``; a gap or overlap (another writer, a cut) starts afresh."""
+        """``data`` was written at ``offset``; a gap or overlap (another writer, a cut) starts afresh.
+
+        Holds at most ``limit`` bytes: of a chunk bigger than that only its end is kept (copied,
+        so the caller's giant buffer is not held alive by a slice of it). In memory that is at most
+        ``limit`` plus half of the oldest chunk (see ``skip``), so less than 1.5 x ``limit``.
+        """
         chunks = self.chunks
         if chunks and self.end != offset:
             self.reset()
+        if len(data) >= self.limit:
+            chunks.clear()
+            cut = len(data) - self.limit
+            chunks.append((offset + cut, bytes(memoryview(data)[cut:])))
+            self.nbytes, self.skip = self.limit, 0
+            return
         chunks.append((offset, data))
         self.nbytes += len(data)
-        while len(chunks) > 1 and self.nbytes - len(chunks[0][1]) >= self.limit:
-            self.nbytes -= len(chunks.popleft()[1])
+        while self.nbytes > self.limit:
+            first_offset, first = chunks[0]
+            live = len(first) - self.skip
+            over = self.nbytes - self.limit
+            if live <= over:
+                chunks.popleft()
+                self.nbytes -= live
+                self.skip = 0
+                continue
+            self.skip += over
+            self.nbytes -= over
+            if 2 * self.skip >= len(first):
+                chunks[0] = (first_offset + self.skip, first[self.skip :])
+                self.skip = 0
 
     def slice(self, begin: int, end: int) -> bytes:
         """The journal's bytes for file offsets [begin, end) (which it must hold)."""
+        begin = max(begin, self.start)
         parts = []
         for offset, data in self.chunks:
             stop = offset + len(data)
@@ -89,7 +119,7 @@ class WriteJournal:
             if found is None:
                 info["copy"] = None
                 return b"", info
-            copy, size = found
+            copy, size, ident = found
             cut = size
             if self.slice(size - 1, size) != b"\n":
                 # The copy ends inside a line: cut it back to its last newline, write the line again.
@@ -98,7 +128,7 @@ class WriteJournal:
                 if newline >= 0:
                     cut = begin + newline + 1
                     try:
-                        os.truncate(copy, cut)
+                        _cut_copy(copy, cut, ident)
                     except OSError as exc:
                         info["copy_cut_failed"] = exc.strerror
                 info["copy_partial_line_bytes"] = size - cut
@@ -107,7 +137,7 @@ class WriteJournal:
         finally:
             self.reset()
 
-    def _find_copy(self, path: Path, begin: int, end: int) -> tuple[Path, int] | None:
+    def _find_copy(self, path: Path, begin: int, end: int) -> tuple[Path, int, tuple[int, int]] | None:
         """The newest file next to ``path`` whose end matches the journal at the same offsets."""
         prefix = path.name.partition(".")[0] or path.name
         candidates = []
@@ -129,11 +159,41 @@ class WriteJournal:
         for _mtime, name, size in sorted(candidates, reverse=True):
             probe = max(begin, size - PROBE_BYTES)
             try:
-                with open(path.parent / name, "rb") as f:
-                    f.seek(probe)
-                    tail = f.read(size - probe)
+                fd = _open_copy(path.parent / name, os.O_RDONLY)
             except OSError:
                 continue
+            try:
+                st = os.fstat(fd)
+                tail = os.pread(fd, size - probe, probe)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
             if tail == self.slice(probe, size):
-                return path.parent / name, size
+                return path.parent / name, size, (st.st_dev, st.st_ino)
         return None
+
+
+def _open_copy(path: Path, flags: int) -> int:
+    """Open a candidate copy without following a link or blocking; only a singly linked regular file."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise OSError(errno.EINVAL, "not a regular file with one link", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _cut_copy(path: Path, size: int, ident: tuple[int, int]) -> None:
+    """Truncate the copy we matched to ``size``, through an fd: never a file swapped in at its name."""
+    fd = _open_copy(path, os.O_WRONLY)
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != ident:
+            raise OSError(errno.ESTALE, "replaced since it was read", str(path))
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)

@@ -42,7 +42,9 @@ from .privilege import (
     drop_privileges,
     hand_over,
     make_dirs,
+    open_regular,
     resolve_identity,
+    warn_not_handed_over,
     warn_unwritable,
 )
 
@@ -68,10 +70,21 @@ def load_checked(path: Path | None, base_dir: str | None = None) -> Settings:
 
 
 def events_path(settings: Settings) -> Path:
-    """Where the detached daemon's events go: ``[daemon] events_file`` or next to the messages log."""
+    """Where the detached daemon's events go: ``[daemon] events_file`` or next to the messages log.
+
+    The folder is resolved, the file name is not: a link planted at the name must reach the
+    open (which refuses it), not be followed here to whatever it points at.
+    """
     if settings.daemon.events_file:
-        return settings.resolve(settings.daemon.events_file)
-    return settings.resolve(settings.log.path).parent / EVENTS_FILE_NAME
+        return _unfollowed(settings, settings.daemon.events_file)
+    return _unfollowed(settings, settings.log.path).parent / EVENTS_FILE_NAME
+
+
+def _unfollowed(settings: Settings, path: str) -> Path:
+    name = Path(path).name
+    if name in ("", ".", ".."):
+        return settings.resolve(path)
+    return settings.resolve(str(Path(path).parent)) / name
 
 
 def pidfile_of(settings: Settings) -> PidFile:
@@ -181,12 +194,14 @@ class _Readiness:
         return self.fd >= 0
 
 
-def _open_events(path: Path, mode: int) -> IO[bytes]:
+def _open_events(path: Path, mode: int) -> tuple[IO[bytes], bool]:
+    """The events file, opened as the log files are (no link followed, a regular file only), and
+    whether this start created it (only then is it handed to ``[daemon] user``)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode)
+        fd, created = open_regular(path, os.O_WRONLY | os.O_APPEND, mode)
     except OSError as exc:
         raise StartupError(f"cannot open events file {path}: {exc.strerror}") from None
-    return os.fdopen(fd, "ab", buffering=0)
+    return os.fdopen(fd, "ab", buffering=0), created
 
 
 def _child(settings: Settings, path: Path | None, identity: Identity | None, pidfile: PidFile, ready_w: int) -> int:
@@ -200,7 +215,7 @@ def _child(settings: Settings, path: Path | None, identity: Identity | None, pid
         os.umask(umask)
         log_files = [settings.resolve(settings.log.path), settings.resolve(settings.log.rejects_path)]
         created = make_dirs([p.parent for p in log_files] + [events.parent, pidfile.path.parent])
-        events_file = _open_events(events, settings.file_mode)
+        events_file, events_created = _open_events(events, settings.file_mode)
     except NioLogdError as exc:
         readiness.error(exc.exit_code, str(exc))
         return exc.exit_code
@@ -225,7 +240,7 @@ def _child(settings: Settings, path: Path | None, identity: Identity | None, pid
     # From here on this is the daemon: a grandchild of `start`, in its own session.
     events_file.close()  # fd 2 is a duplicate of it now
     return _daemon_main(settings, path=path, identity=identity, pidfile=pidfile, readiness=readiness,
-                        created=created, events=events)
+                        created=created, events=events, events_created=events_created)
 
 
 def _daemon_main(
@@ -237,6 +252,7 @@ def _daemon_main(
     readiness: _Readiness,
     created: list[Path],
     events: Path,
+    events_created: bool = False,
 ) -> int:
     from .events import configure_events, get_logger
     from .runner import serve
@@ -255,7 +271,8 @@ def _daemon_main(
         readiness.error(EXIT_FAILURE, f"cannot write pidfile {pidfile.path}: {exc.strerror}")
         return EXIT_FAILURE
 
-    after_startup = privilege_hook(settings, identity, [*created, pidfile.path], events_fd=sys.stderr.fileno())
+    after_startup = privilege_hook(settings, identity, [*created, pidfile.path], events_fd=sys.stderr.fileno(),
+                                   events_file=events, events_created=events_created)
 
     def on_ready(server: Server) -> None:
         readiness.ready(server.addresses())
@@ -287,9 +304,20 @@ def _daemon_main(
 
 
 def privilege_hook(
-    settings: Settings, identity: Identity | None, paths: list[Path], events_fd: int | None = None
+    settings: Settings,
+    identity: Identity | None,
+    paths: list[Path],
+    events_fd: int | None = None,
+    *,
+    events_file: Path | None = None,
+    events_created: bool = False,
 ) -> Callable[[Server], None]:
-    """What runs between binding and serving: hand the files to ``identity`` and become it."""
+    """What runs between binding and serving: hand the files to ``identity`` and become it.
+
+    Only the files this start created are handed over: an existing one may be a file of root's
+    that the daemon user linked there, and chowning it would give it away. The others are
+    written through the fd opened as root, and named in a ``log_file_not_handed_over`` warning.
+    """
     from .events import get_logger
 
     def after_startup(server: Server) -> None:
@@ -298,11 +326,21 @@ def privilege_hook(
                 get_logger().warning("running_as_root", advice="set [daemon] user (and group) to drop root")
             return
         writer = server.writer
-        fds = [writer.messages.fd, writer.rejects.fd]
+        fds: list[int] = []
+        kept: list[tuple[Path, int]] = []
+        for f in (writer.messages, writer.rejects):
+            if f.created:
+                fds.append(f.fd)
+            else:
+                kept.append((f.path, f.fd))
         if events_fd is not None:
-            fds.append(events_fd)
+            if events_created:
+                fds.append(events_fd)
+            else:
+                kept.append((events_file or Path(f"/proc/self/fd/{events_fd}"), events_fd))
         sockets = [Path(listener.unix_path) for listener in server.listeners if listener.unix_path]
         hand_over(identity, fds, [*paths, *sockets], mode=settings.file_mode)
+        warn_not_handed_over(identity, kept)
         drop_privileges(identity)
         warn_unwritable(sorted({writer.messages.path.parent, writer.rejects.path.parent}))
 
@@ -327,9 +365,10 @@ def _reopen_events(path: Path, mode: int) -> None:
     from .events import get_logger
 
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode)
+        fd, _created = open_regular(path, os.O_WRONLY | os.O_APPEND, mode)
     except OSError as exc:
-        get_logger().error("events_reopen_failed", path=str(path), error=exc.strerror)
+        get_logger().error("events_reopen_failed", path=str(path), error=exc.strerror,
+                           action="events go on to the file open before")
         return
     sys.stderr.flush()
     os.dup2(fd, sys.stderr.fileno())

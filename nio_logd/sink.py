@@ -9,7 +9,16 @@ batch back to its loop (``Batch.done``), which answers the acks. The queue is bo
 sockets, and the writer resumes the loops once the queue has drained to half.
 
 A write that fails (ENOSPC, EIO) is undone with ``ftruncate`` to the size before it, so a line
-is whole in the file or absent, and retried with backoff; nothing is acked meanwhile.
+is whole in the file or absent, and retried with backoff; nothing is acked meanwhile. That holds
+for the messages file only: the rejects file never holds accepted records or acks back. A rejects
+write that fails is written again in smaller parts (whole lines) as far as they fit, and the lines
+that do not fit are dropped and counted (``rejects_lost``).
+
+The log folders may be writable by the daemon user, who must not be able to point the daemon
+(started as root) at another file: every file is opened with ``O_NOFOLLOW`` and must be a regular
+file with one link (``privilege.open_regular``), and opening never blocks (a FIFO). Opening,
+writing, fsyncing and rotating happen outside the queue lock, so a stuck disk never stops the
+I/O loops from queueing or the control loop from seeing the stall (``stalled_seconds``).
 """
 
 from __future__ import annotations
@@ -20,14 +29,21 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from .copytruncate import WriteJournal
 from .events import get_logger
 from .metrics import LatencyHistogram
+from .privilege import open_regular
 from .stats import WriterStats
 
 log = get_logger()
+
+T = TypeVar("T")
+# How a record's line in the rejects log begins its event (render.Renderer.reject, orjson, compact):
+# counted to tell refused records from other lines there (a rejects_suppressed summary). Inside a
+# JSON string a quote is escaped, so raw input can never contain this byte sequence.
+REJECTED_MARKER = b'"event":"rejected"'
 
 
 class Completion(Protocol):
@@ -70,12 +86,14 @@ class Batch:
 class LogFile:
     """One append-only log file: whole-line writes, undo on error, reopen, size rotation."""
 
-    __slots__ = ("fd", "journal", "mode", "path", "pending", "size", "truncate_to")
+    __slots__ = ("created", "fd", "gone", "journal", "mode", "path", "pending", "size", "truncate_to")
 
     def __init__(self, path: Path, mode: int) -> None:
         self.path = path
         self.mode = mode
         self.fd = -1
+        self.created = False  # the last open created the file: only then may it be handed over
+        self.gone = False  # our file was deleted and that was logged (once, not at every retry)
         self.size = 0
         self.truncate_to = -1  # a failed write whose undo failed too: cut here before the next write
         self.journal = WriteJournal()  # the last bytes written, to repair a copytruncate
@@ -85,19 +103,30 @@ class LogFile:
         return f"<LogFile {self.path} fd={self.fd} size={self.size}>"
 
     def open(self) -> None:
-        """Open (creating it with ``mode``) for appending; cut a partial last line left by a crash."""
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, self.mode)
+        """Open (creating it with ``mode``) for appending; cut a partial last line left by a crash.
+
+        Refuses (OSError naming the path and what is there) a symbolic link, a FIFO or anything but
+        a regular file with one link; the file open before, if any, stays open then.
+        """
+        readable = True
+        try:
+            # O_RDWR: the partial-line repair reads through this fd, never through the path again.
+            fd, created = open_regular(self.path, os.O_RDWR | os.O_APPEND, self.mode)
+        except PermissionError:
+            # A file we may write but not read (file_mode "0200", another owner): no repair then.
+            fd, created = open_regular(self.path, os.O_WRONLY | os.O_APPEND, self.mode)
+            readable = False
         try:
             size = os.fstat(fd).st_size
             tail = b""
-            if size:
+            if size and readable:
                 size, tail = _repair_tail(fd, size, self.path)
         except BaseException:
             os.close(fd)
             raise
         if self.fd >= 0:
             os.close(self.fd)
-        self.fd, self.size = fd, size
+        self.fd, self.size, self.created, self.gone = fd, size, created, False
         self.journal.reset(size - len(tail), tail)  # a new file: offsets start again
 
     def close(self) -> None:
@@ -118,7 +147,11 @@ class LogFile:
             os.ftruncate(fd, self.truncate_to)  # raises again if the disk still refuses: retried
             self.truncate_to = -1
         # The file may have been truncated under us (logrotate copytruncate): ask, do not assume.
-        start = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if st.st_nlink == 0:
+            self._recreate()  # raises if it cannot: retried, nothing acked meanwhile
+            st = os.fstat(self.fd)
+        start = st.st_size
         if start < self.size:
             self._truncated()
         if self.pending:
@@ -128,7 +161,25 @@ class LogFile:
             start = self.size
         landed = self._append(data, start)
         self._remember(landed, data)
+        if data and os.fstat(self.fd).st_nlink == 0:
+            # Deleted while we wrote: these lines would vanish with the file and still be acked.
+            self._recreate()
+            landed = self._append(data, self.size)
+            self._remember(landed, data)
         return landed
+
+    def _recreate(self) -> None:
+        """Our file was unlinked (the file or its folder deleted): create both again and go on.
+
+        Only for a link count of 0: a file merely renamed (logrotate's create mode, which then
+        creates the new file itself and sends SIGHUP) is written on until the reopen.
+        """
+        if not self.gone:
+            self.gone = True
+            log.warning("log_file_deleted", path=str(self.path),
+                        action="creating the file (and its folder) again; records are written there")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.open()
 
     def _append(self, data: bytes, start: int) -> int:
         """Append ``data`` completely and return where it landed, or undo to ``start`` and raise."""
@@ -185,7 +236,8 @@ class LogFile:
         if self._is_at_path():
             for i in range(keep - 1, 0, -1):
                 older = Path(f"{self.path}.{i}")
-                if older.exists():
+                # lexists: a planted link is renamed as a link (inside the folder), never followed.
+                if os.path.lexists(older):
                     os.replace(older, f"{self.path}.{i + 1}")
             os.replace(self.path, f"{self.path}.1")
         self.open()
@@ -193,7 +245,7 @@ class LogFile:
     def _is_at_path(self) -> bool:
         """Is the file we write to still the one named ``path``?"""
         try:
-            named = os.stat(self.path)
+            named = os.lstat(self.path)
         except FileNotFoundError:
             return False
         ours = os.fstat(self.fd)
@@ -203,22 +255,19 @@ class LogFile:
 def _repair_tail(fd: int, size: int, path: Path) -> tuple[int, bytes]:
     """If the file does not end with a newline (a crash cut a write), drop the partial line.
 
-    Returns the size and the file's last bytes (up to 64 KiB, for the copytruncate journal).
+    Returns the size and the file's last bytes (up to 64 KiB, for the copytruncate journal). Reads
+    through ``fd`` (opened O_RDWR): opening the path again could follow a link planted meanwhile.
     """
-    with open(path, "rb") as f:
-        ours = os.fstat(fd)
-        named = os.fstat(f.fileno())
-        if (named.st_dev, named.st_ino) != (ours.st_dev, ours.st_ino):
-            return size, b""  # renamed or replaced since we opened it: not the file to look at
-        f.seek(max(0, size - 65536))
-        tail = f.read(min(size, 65536))
+    tail = _pread_all(fd, min(size, 65536), max(0, size - 65536))
+    if len(tail) < min(size, 65536):
+        return os.fstat(fd).st_size, b""  # shrunk under us (a truncation): the writer sees that
     if tail.endswith(b"\n"):
         return size, tail
     cut = tail.rfind(b"\n")
     if cut < 0 and size > len(tail):
         # The partial line is longer than we looked at (records reach max_record_bytes): its
         # start is the byte after the newline before it, or the start of the file.
-        new_size = _line_start(path, size - len(tail))
+        new_size = _line_start(fd, size - len(tail))
         os.ftruncate(fd, new_size)
         log.warning("partial_line_removed", path=str(path), bytes=size - new_size)
         return new_size, b""
@@ -228,17 +277,28 @@ def _repair_tail(fd: int, size: int, path: Path) -> tuple[int, bytes]:
     return new_size, tail[: cut + 1]
 
 
-def _line_start(path: Path, before: int) -> int:
+def _line_start(fd: int, before: int) -> int:
     """The offset just after the last newline before ``before`` (0 if there is none)."""
-    with open(path, "rb") as f:
-        while before > 0:
-            step = min(before, 1 << 20)
-            f.seek(before - step)
-            nl = f.read(step).rfind(b"\n")
-            if nl >= 0:
-                return before - step + nl + 1
-            before -= step
+    while before > 0:
+        step = min(before, 1 << 20)
+        nl = _pread_all(fd, step, before - step).rfind(b"\n")
+        if nl >= 0:
+            return before - step + nl + 1
+        before -= step
     return 0
+
+
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset`` (fewer only at the end of the file)."""
+    parts = []
+    while n > 0:
+        chunk = os.pread(fd, n, offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        n -= len(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
 
 
 class Writer:
@@ -274,8 +334,11 @@ class Writer:
         # Counters, read by the metrics; only the writer thread changes them.
         self.written_records = 0
         self.written_rejects = 0
+        self.rejects_lost = 0  # refused records whose rejects line could not be written
+        self._lost_unreported = 0
+        self._lost_reported_at = -1e9
         self.write_errors = 0
-        self.rejects_lost = 0  # refused records whose reject line could not be written
+        self.busy_since: float | None = None  # when the file operation running now began
         self.last_progress = time.monotonic()
         self.waiting_since = self.last_progress  # when the queue last went from empty to not empty
         self.queued_records = 0
@@ -339,11 +402,19 @@ class Writer:
         self.rotate_keep = rotate_keep
 
     def stalled_seconds(self) -> float:
-        """How long records have waited with no write finishing (0 when the queue is empty)."""
+        """How long records have waited with no write finishing, or how long the file operation
+        running now (write, fsync, open, rotate) has taken, whichever is longer.
+
+        The second counts with an empty queue too: a reopen stuck in open(2) blocks every record
+        that comes next, and must show before one arrives.
+        """
+        now = time.monotonic()
+        busy = self.busy_since
+        stuck = 0.0 if busy is None else now - busy
         if not self._depth:
-            return 0.0
+            return max(0.0, stuck)
         grace = self.fsync_max_wait if self.fsync else 0.0  # a group commit waits on purpose
-        return max(0.0, time.monotonic() - max(self.last_progress, self.waiting_since) - grace)
+        return max(0.0, stuck, now - max(self.last_progress, self.waiting_since) - grace)
 
     @property
     def alive(self) -> bool:
@@ -376,13 +447,15 @@ class Writer:
                 with self._cond:
                     while not self._queue and not self._stopping and not self._reopen:
                         self._cond.wait()
-                    if self._reopen:
-                        self._reopen = False
-                        self._do_reopen()
-                    if not self._queue:
-                        if self._stopping:
-                            break
-                        continue
+                    reopen, self._reopen = self._reopen, False
+                    empty, stopping = not self._queue, self._stopping
+                if reopen:
+                    self._do_reopen()  # outside the lock: an open may block, submit() must not
+                    continue
+                if empty:
+                    if stopping:
+                        break
+                    continue
                 if self.fsync and self.fsync_max_wait > 0:
                     self._gather(self.fsync_max_wait)
                 with self._cond:
@@ -393,7 +466,7 @@ class Writer:
                     self._abandon(batches)  # only when a forced stop gave up on a failing disk
                     break
                 del batches  # not held while waiting for the next ones
-        except Exception as exc:  # noqa: BLE001 - a dead writer stops the daemon, loudly
+        except Exception as exc:  # a dead writer stops the daemon, loudly
             if self.on_fatal is not None:
                 self.on_fatal("writer", exc)
             raise
@@ -423,10 +496,11 @@ class Writer:
         rejects = b"".join([b.rejects for b in batches])
         if messages:
             self._commit(self.messages, messages)
-        if rejects:
-            self._commit(self.rejects, rejects)
+        del messages  # not held while the rejects are written or the next batches wait
+        lost = self._commit_rejects(rejects) if rejects else 0
+        del rejects
         self.written_records += sum(b.accepted for b in batches)
-        self.written_rejects += sum(b.refused for b in batches)
+        self.written_rejects += max(0, sum(b.refused for b in batches) - lost)
         self.last_progress = time.monotonic()
         nbytes = 0
         records = 0
@@ -447,9 +521,94 @@ class Writer:
             self.on_progress()
         if self.rotate_bytes:
             for f in (self.messages, self.rejects):
-                if f.size >= self.rotate_bytes:
+                if f.size < self.rotate_bytes:
+                    continue
+                if f is self.messages:
                     self._retry(f, lambda f=f: f.rotate(self.rotate_keep))  # type: ignore[misc]
-                    log.info("rotated", path=str(f.path), keep=self.rotate_keep)
+                else:
+                    try:  # the rejects file never holds the messages back: tried again next write
+                        self._timed(lambda f=f: f.rotate(self.rotate_keep))  # type: ignore[misc]
+                    except OSError as exc:
+                        self.write_errors += 1
+                        log.error("rotate_failed", path=str(f.path), error=exc.strerror,
+                                  action="writing on to the current file; rotation is tried after the next write")
+                        continue
+                log.info("rotated", path=str(f.path), keep=self.rotate_keep)
+
+    def _timed(self, action: Callable[[], T]) -> T:
+        """Run one file operation, visible to ``stalled_seconds`` while it runs."""
+        self.busy_since = time.monotonic()
+        try:
+            return action()
+        finally:
+            self.busy_since = None
+
+    def _commit_rejects(self, data: bytes) -> int:
+        """Write the rejects lines as far as they fit; return how many refused records' lines were not.
+
+        Never retried like the messages: a rejects disk that is full (or failing) must not hold
+        accepted records or any ack. A part that does not fit is halved (at line boundaries) until
+        one line alone does not fit; what is left then is dropped and counted.
+        """
+        f = self.rejects
+        pos, n, size = 0, len(data), len(data)
+        first = -1  # where the first written part landed: a failed fsync undoes from there
+        error: OSError | None = None
+        t0 = time.monotonic()
+        while pos < n:
+            end = min(n, pos + size)
+            if end < n:
+                end = data.rfind(b"\n", pos, end) + 1
+                if end <= pos:  # the next line alone is longer than the part: try it alone
+                    end = data.index(b"\n", pos) + 1
+            part = data[pos:end]
+            try:
+                landed = self._timed(lambda part=part: f.write(part))  # type: ignore[misc]
+            except OSError as exc:
+                self.write_errors += 1
+                error = exc
+                if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) and part.count(b"\n") > 1:
+                    size = len(part) // 2
+                    continue
+                break
+            if first < 0:
+                first = landed
+            pos = end
+        t1 = time.monotonic()
+        if pos:
+            self.write_hist.observe(t1 - t0)
+        if pos and self.fsync:
+            try:
+                self._timed(f.fsync)
+                self.fsync_hist.observe(time.monotonic() - t1)
+            except OSError as exc:
+                # As for the messages: after a failed fsync the lines may not be on disk; cut them.
+                self.write_errors += 1
+                error = exc
+                f.undo(first)
+                pos = 0
+        if pos >= n or error is None:  # error is set whenever something was left
+            return 0
+        lost = data.count(REJECTED_MARKER, pos)
+        self._rejects_not_written(lost, data.count(b"\n", pos), error)
+        return lost
+
+    def _rejects_not_written(self, lost: int, lines: int, exc: OSError) -> None:
+        self.rejects_lost += lost
+        self._lost_unreported += lost
+        code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        self.last_error = f"{self.rejects.path}: {code} ({exc.strerror})"
+        now = time.monotonic()
+        if now - self._lost_reported_at < 30.0:
+            return
+        log.error(
+            "rejects_not_written", path=str(self.rejects.path), records=self._lost_unreported,
+            total=self.rejects_lost, lines_now=lines, error=exc.strerror, errno=code,
+            action="those refused records' lines are dropped (their clients were told they were refused); "
+                   "accepted records and acks go on",
+        )
+        self._lost_unreported = 0
+        self._lost_reported_at = now
 
     def _commit(self, f: LogFile, data: bytes) -> None:
         """Write ``data`` (and fsync it, with durability fsync) or, on failure, undo and retry both."""
@@ -479,7 +638,7 @@ class Writer:
         reminded = 0.0
         while True:
             try:
-                action()
+                self._timed(action)
             except OSError as exc:
                 self.write_errors += 1
                 code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
@@ -506,9 +665,9 @@ class Writer:
                               failing_seconds=round(now - failed_since, 1), records_waiting=self.queued_records)
                 with self._cond:
                     self._cond.wait(delay)
-                    if self._reopen:  # the operator may have fixed the file: reopen it
-                        self._reopen = False
-                        self._do_reopen()
+                    reopen, self._reopen = self._reopen, False
+                if reopen:  # the operator may have fixed the file: reopen it (not under the lock)
+                    self._do_reopen()
                 delay = min(delay * 2, 2.0)
                 continue
             if failed_since is not None:
@@ -521,10 +680,14 @@ class Writer:
 
     def _do_reopen(self) -> None:
         for f in (self.messages, self.rejects):
+            self.busy_since = time.monotonic()
             try:
                 f.path.parent.mkdir(parents=True, exist_ok=True)
                 f.open()
             except OSError as exc:
-                log.error("reopen_failed", path=str(f.path), error=exc.strerror)
+                log.error("reopen_failed", path=str(f.path), error=exc.strerror,
+                          action="writing on to the file open before" if f.fd >= 0 else "no file open")
             else:
                 log.info("reopened", path=str(f.path))
+            finally:
+                self.busy_since = None

@@ -318,6 +318,7 @@ def test_second_signal_forces_the_end(tmp_path: Path, daemon_factory: Any, signu
         tmp_path,
         listeners=[{"address": f"tcp://127.0.0.1:{port}", "ack": True}],
         server={"shutdown_timeout": 3600.0},
+        limits={"refused_close_after": 0},  # the stalling client sends only refused records
     )
     d: DaemonProcess = daemon_factory(config)
     s = _stall_a_drain(port)
@@ -445,7 +446,8 @@ def test_stop_times_out_then_a_second_stop_forces(tmp_path: Path, ctl_factory: A
     sends the second SIGTERM, which forces the end."""
     port = free_port()
     config = _config(tmp_path, listeners=[{"address": f"tcp://127.0.0.1:{port}", "ack": True}],
-                     server={"shutdown_timeout": 3600.0})
+                     server={"shutdown_timeout": 3600.0},
+                     limits={"refused_close_after": 0})  # the stalling client sends only refused records
     ctl = ctl_factory(config)
     assert ctl("start").returncode == 0
     pid = ctl.pid()

@@ -72,7 +72,8 @@ def test_stale_pid_reused_by_other_process_is_not_ours(tmp_path: Path, pids: lis
     watched.write_text("")
     other = subprocess.Popen(["tail", "-f", str(watched)], stdout=subprocess.DEVNULL)
     try:
-        assert b"nio-logd" in Path(f"/proc/{other.pid}/cmdline").read_bytes()
+        # Right after fork, before exec, the child's command line is still empty (or ours).
+        wait_for(lambda: b"nio-logd-m.log" in Path(f"/proc/{other.pid}/cmdline").read_bytes(), 10)
         pidfile.write_text(f"{other.pid}\n")
 
         status = ctl(config, "status")

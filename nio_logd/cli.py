@@ -52,25 +52,34 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     from .daemonize import start
 
-    return start(args.config, args.timeout)
+    def notice(text: str) -> None:
+        print(f"nio-logd start: {text}", file=sys.stderr)
+        sys.stderr.flush()  # before the fork: the child must not print it a second time
+
+    print(start(args.config, args.timeout, notice))
+    return EXIT_OK
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     from .daemonize import stop
 
-    return stop(_settings(args), args.timeout)
+    print(stop(_settings(args), args.timeout))
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from .daemonize import status
 
-    return status(_settings(args))
+    code, text = status(_settings(args))
+    print(text)
+    return code
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
     from .daemonize import reload
 
-    return reload(_settings(args))
+    print(reload(_settings(args)))
+    return EXIT_OK
 
 
 def _register_daemon(sub: argparse._SubParsersAction[_Parser]) -> None:

@@ -92,8 +92,9 @@ def pidfile_of(settings: Settings) -> PidFile:
 
 
 # -- start ------------------------------------------------------------------------------------------
-def start(explicit_config: str | None, timeout: float) -> int:
-    """Start the daemon; return once it listens, or raise with the reason it could not start."""
+def start(explicit_config: str | None, timeout: float, notice: Callable[[str], None]) -> str:
+    """Start the daemon; once it listens, say so (the text returned), or raise with the reason
+    it could not start. ``notice`` gets what is worth saying before then (a stale pidfile)."""
     path = config_path(explicit_config)
     settings = load_checked(path)
     identity = resolve_identity(settings.daemon.user, settings.daemon.group)
@@ -105,8 +106,7 @@ def start(explicit_config: str | None, timeout: float) -> int:
         raise AlreadyRunningError(f"already running (pid {running}, pidfile {pidfile.path})")
     stale = pidfile.read()
     if stale is not None:
-        print(f"nio-logd start: replacing stale pidfile {pidfile.path} (pid {stale} is not a running nio-logd)",
-              file=sys.stderr)
+        notice(f"replacing stale pidfile {pidfile.path} (pid {stale} is not a running nio-logd)")
 
     ready_r, ready_w = os.pipe()
     sys.stdout.flush()
@@ -139,8 +139,7 @@ def start(explicit_config: str | None, timeout: float) -> int:
     word, _, rest = answer.partition(" ")
     if word == "READY":
         pid, _, addresses = rest.partition(" ")
-        print(f"nio-logd started: pid {pid}, listening on {addresses or '(nothing)'}; events in {events}")
-        return EXIT_OK
+        return f"nio-logd started: pid {pid}, listening on {addresses or '(nothing)'}; events in {events}"
     code_text, _, reason = rest.partition(" ")
     err = StartupError(reason or answer)
     if code_text.isdigit():
@@ -384,8 +383,8 @@ def _not_running(pidfile: PidFile) -> str:
     return f"not running (no pidfile at {pidfile.path})"
 
 
-def stop(settings: Settings, timeout: float) -> int:
-    """SIGTERM, then wait until the process is gone; 0 also if it was not running (LSB)."""
+def stop(settings: Settings, timeout: float) -> str:
+    """SIGTERM, then wait until the process is gone; also fine if it was not running (LSB)."""
     pidfile = pidfile_of(settings)
     try:
         pid = pidfile.send_signal(signal.SIGTERM)
@@ -393,29 +392,25 @@ def stop(settings: Settings, timeout: float) -> int:
         raise NioLogdError(f"cannot signal the daemon of {pidfile.path}: permission denied "
                            "(run as root or as its user)") from None
     if pid is None:
-        print(f"nio-logd {_not_running(pidfile)}")
-        return EXIT_OK
+        return f"nio-logd {_not_running(pidfile)}"
     deadline = time.monotonic() + timeout
     while is_alive(pid):
         if time.monotonic() >= deadline:
             raise StopTimeoutError(f"pid {pid} is still running {timeout:g} s after SIGTERM")
         time.sleep(0.05)
-    print(f"nio-logd stopped (pid {pid})")
-    return EXIT_OK
+    return f"nio-logd stopped (pid {pid})"
 
 
-def status(settings: Settings) -> int:
-    """0 and the pid when running; 3 when not (LSB)."""
+def status(settings: Settings) -> tuple[int, str]:
+    """0 and the pid when running; 3 when not (LSB); with the sentence to say."""
     pidfile = pidfile_of(settings)
     pid = pidfile.running_pid()
     if pid is None:
-        print(f"nio-logd is {_not_running(pidfile)}")
-        return EXIT_NOT_RUNNING
-    print(f"nio-logd is running (pid {pid})")
-    return EXIT_OK
+        return EXIT_NOT_RUNNING, f"nio-logd is {_not_running(pidfile)}"
+    return EXIT_OK, f"nio-logd is running (pid {pid})"
 
 
-def reload(settings: Settings) -> int:
+def reload(settings: Settings) -> str:
     """SIGHUP: reopen the log files and re-read the settings that need no restart."""
     pidfile = pidfile_of(settings)
     try:
@@ -425,8 +420,7 @@ def reload(settings: Settings) -> int:
                            "(run as root or as its user)") from None
     if pid is None:
         raise NotRunningError(_not_running(pidfile))
-    print(f"nio-logd reload: sent SIGHUP to pid {pid}")
-    return EXIT_OK
+    return f"nio-logd reload: sent SIGHUP to pid {pid}"
 
 
 __all__ = ["as_root", "config_path", "events_path", "load_checked", "reload", "start", "status", "stop"]

@@ -43,8 +43,9 @@ from typing import TYPE_CHECKING, Any
 
 from .events import get_logger
 from .framing import Frame, LineFramer
-from .record import Refusal
+from .pipeline import Pipeline, Stream
 from .sink import Batch
+from .stats import LoopStats
 
 if TYPE_CHECKING:
     from .listeners import Listener
@@ -85,8 +86,8 @@ class DeadSocketError(Exception):
     """The accepted socket was already dead (reset before accept): no connection to make."""
 
 
-class Connection:
-    """One client connection, owned by one loop."""
+class Connection(Stream):
+    """One client connection, owned by one loop; as a ``Stream``, the pipeline's view of it."""
 
     __slots__ = (
         "ack",
@@ -107,31 +108,20 @@ class Connection:
         "loop",
         "mem",
         "out",
-        "owed",
-        "peer",
-        "refused",
-        "reject_at",
-        "reject_tokens",
-        "seq",
         "sock",
-        "suppressed",
         "tokens",
         "tokens_at",
-        "window_refused",
-        "window_seq",
     )
 
     def __init__(self, loop: IOLoop, sock: socket.socket, listener: Listener, peer: str, host: str) -> None:
+        super().__init__(peer, listener.name, ack=listener.settings.ack,
+                         reject_tokens=loop.pipeline.rejects_burst, now=loop.now)
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
         self.listener = listener
-        self.peer = peer
         self.client_host = host
-        self.client: str | None = None  # TLS: the client certificate's subject, written with each record
-        self.framer = LineFramer(loop.server.settings.limits.max_record_bytes)
-        self.ack = listener.settings.ack
-        self.seq = 0  # records seen on this connection, numbered from 1 in acks
+        self.framer = LineFramer(loop.max_record_bytes)
         self.out = bytearray()  # ack lines not yet sent
         self.in_flight = 0  # batches holding our records that the writer has not finished
         self.eof = False
@@ -144,14 +134,7 @@ class Connection:
         self.tokens_at = self.last_active
         self.held: list[Frame] = []  # frames read but not taken yet: waiting for rate tokens or answer room
         self.held_bytes = 0
-        self.owed = 0  # answer bytes made and not yet sent: in this pass's batch, at the writer, in out
         self.mem = 0  # what this connection holds as counted in loop.mem (partial line, held, out)
-        self.refused = 0  # records refused on this connection
-        self.window_seq = 0  # refused_close_after: where the current window of records began
-        self.window_refused = 0
-        self.reject_tokens = loop.rejects_burst  # reject lines this connection may have written now
-        self.reject_at = self.last_active
-        self.suppressed = 0  # reject lines left out since the last one written
 
     def __repr__(self) -> str:
         return f"<Connection {self.peer} on {self.listener.name} seq={self.seq} in_flight={self.in_flight}>"
@@ -192,7 +175,7 @@ class Connection:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self.loop.stats["read_errors"] += 1
+            self.loop.stats.read_errors += 1
             log.debug("connection_error", peer=self.peer, error=exc.strerror)
             self.close()
             return
@@ -200,7 +183,7 @@ class Connection:
         self.last_active = loop.now
         if data:
             n = len(data)
-            loop.stats["bytes_in"] += n
+            loop.stats.bytes_in += n
             if self.drain_owed > 0:
                 self.drain_owed -= n
             frames = self.framer.feed(data)
@@ -221,7 +204,7 @@ class Connection:
                 return
         if self.eof:
             self.finish_if_done()
-        if loop.renderer.nbytes + loop.pass_answer_bytes >= loop.pass_limit:
+        if loop.pipeline.nbytes >= loop.pass_limit:
             # Hand over early: the writer's bound holds even on a huge pass. Counted in what was
             # rendered, not in what was read: a refused line renders a hundred times its size.
             loop._flush_batch()
@@ -251,7 +234,7 @@ class Connection:
     @property
     def owes_acks(self) -> bool:
         """Answers not yet sent: in the current batch, at the writer, or in the send buffer."""
-        return bool(self.out) or self.in_flight > 0 or self in self.loop.pending_acks
+        return bool(self.out) or self.in_flight > 0 or self.loop.pipeline.pending(self)
 
     def send(self, data: bytes) -> None:
         if self.closed:
@@ -291,7 +274,7 @@ class Connection:
         loop.mem -= self.mem
         self.mem = 0
         if self.suppressed:
-            loop.note_suppressed(self)
+            loop.pipeline.summarize(self)
         if self.events:
             loop.selector.unregister(self.sock)
             self.events = 0
@@ -323,25 +306,23 @@ class IOLoop:
         self.thread: threading.Thread | None = None
         settings = server.settings
         self.idle_timeout = settings.limits.idle_timeout
-        self.validate = server.validator.validate
-        self.renderer = server.make_renderer()
-        self.pending_acks: dict[Connection, list[bytes]] = {}
+        self.max_record_bytes = settings.limits.max_record_bytes
+        self.pipeline = Pipeline(
+            server.validator.validate, server.make_renderer(),
+            rejects_per_second=settings.log.rejects_per_second,
+            refused_close_after=settings.limits.refused_close_after,
+            answer_limit=OUT_LIMIT,
+        )
         self._next_loop = 0
-        self.stats: collections.Counter[str] = collections.Counter()
-        self.refused_by_reason: collections.Counter[str] = collections.Counter()
-        self.connections_refused_by_reason: collections.Counter[str] = collections.Counter()
-        # Bytes rendered in this pass (lines, answers); past pass_limit the batch goes to the writer
-        # before the pass ends.
-        self.pass_answer_bytes = 0
+        self.stats = LoopStats()
+        # Bytes the pass has made (lines, answers: ``pipeline.nbytes``); past pass_limit the batch
+        # goes to the writer before the pass ends.
         self.pass_limit = max(RECV_BYTES, min(settings.limits.queue_bytes // 4, 8 << 20))  # budget.pass_limit
         # What the connections hold (partial lines, records read and not taken, unsent answers):
         # past mem_limit the ones holding the most are closed.
         self.mem = 0
         self.mem_limit = max(RECV_BYTES, settings.limits.buffer_bytes // settings.server.io_threads)
         self._shed_logged = -1e9
-        self.refused_close_after = settings.limits.refused_close_after
-        self.rejects_rate = settings.log.rejects_per_second  # reject lines/s per connection; 0 = all
-        self.rejects_burst = max(1.0, self.rejects_rate)
         self._closed_logged = -1e9
         self.rate = settings.limits.rate_limit  # records/s per connection; 0 = off
         self.rate_burst = max(1.0, self.rate)
@@ -353,6 +334,17 @@ class IOLoop:
 
     def __repr__(self) -> str:
         return f"<IOLoop {self.index} connections={len(self.connections)} paused={self.paused}>"
+
+    def apply(self, validate: Callable[[Frame], Any], *, idle_timeout: float, raw_limit: int,
+              max_record_bytes: int) -> None:
+        """Reloaded settings, on the loop's own thread between two passes (nothing half-rendered).
+
+        Record rules and the reject size apply from the next record on, the line limit to new
+        connections, the idle timeout at the next sweep.
+        """
+        self.pipeline.apply(validate, raw_limit)
+        self.idle_timeout = idle_timeout
+        self.max_record_bytes = max_record_bytes
 
     # -- thread-safe entry points ---------------------------------------------------------------
     def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
@@ -445,7 +437,7 @@ class IOLoop:
 
     def _handler_failed(self, handler: Callable[[int], None]) -> None:
         """An unexpected error in one handler: log it, close that connection, keep serving."""
-        self.stats["handler_errors"] += 1
+        self.stats.handler_errors += 1
         conn = getattr(handler, "__self__", None)
         log.exception("handler_failed", loop=self.index, connection=repr(conn),
                       action="closing the connection" if isinstance(conn, Connection) else "continuing")
@@ -477,7 +469,7 @@ class IOLoop:
                 if exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
                     return  # the listener itself is closed (shutdown): not a connection's error
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.stats["accept_errors"] += 1
+                    self.stats.accept_errors += 1
                     log.error("accept_failed", listener=listener.name, error=exc.strerror,
                               action="stopping" if draining else "pausing accepts for 0.5 s")
                     if not draining:
@@ -485,7 +477,7 @@ class IOLoop:
                     return
                 # accept(2) also passes on a pending network error of the new connection (EPROTO,
                 # ENETUNREACH, EPERM from a firewall, ...): that connection is gone, the listener is not.
-                self.stats["accept_errors"] += 1
+                self.stats.accept_errors += 1
                 log.warning("accept_failed", listener=listener.name, error=exc.strerror, action="skipped")
                 continue
             family = sock.family
@@ -493,8 +485,9 @@ class IOLoop:
             host = peer.rpartition(":")[0] if family != socket.AF_UNIX else "unix"
             refusal = server.admit(listener, host)
             if refusal:
-                self.stats["connections_refused"] += 1
-                self.connections_refused_by_reason[refusal] += 1
+                self.stats.connections_refused += 1
+                by_reason = self.stats.connections_refused_by_reason
+                by_reason[refusal] = by_reason.get(refusal, 0) + 1
                 server.note_refused_connection(refusal, listener, peer)
                 try:
                     sock.close()
@@ -531,7 +524,7 @@ class IOLoop:
             conn = self.server.connection_factories.get(listener.name, Connection)(self, sock, listener, peer, host)
         except DeadSocketError:
             # Reset before we could accept it (a health check's RST): nothing to serve, no slot kept.
-            self.stats["accept_dead"] += 1
+            self.stats.accept_dead += 1
             try:
                 sock.close()
             except OSError:
@@ -540,117 +533,30 @@ class IOLoop:
             return
         conn.last_active = self.now = time.monotonic()
         self.connections.add(conn)
-        self.stats["connections_total"] += 1
+        self.stats.connections_total += 1
         conn.update_events()
 
     def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)
-        self.pending_acks.pop(conn, None)
+        self.pipeline.forget(conn)
         self.server.connection_closed(conn.client_host)
 
     # -- records --------------------------------------------------------------------------------
-    def take_frames(self, conn: Connection, frames: list[Any]) -> None:
-        """Validate and render the frames of one read into the batch being built.
-
-        On an ack listener the frames are taken while the connection owes fewer than OUT_LIMIT
-        answer bytes; the rest wait in ``conn.held`` (and the connection is not read) until its
-        client has read enough answers.
-        """
-        validate = self.validate
-        renderer = self.renderer
-        message: Callable[[Any, str, str], None] = renderer.message
-        if conn.client is not None:  # chosen once per read, not per record
-            message = functools.partial(renderer.message_with_client, client=conn.client)
-        peer = conn.peer
-        name = conn.listener.name
-        seq = conn.seq
-        closing = False
-        if conn.ack:
-            answers = self.pending_acks.get(conn)
-            if answers is None:
-                answers = self.pending_acks[conn] = []
-            owed = conn.owed
-            taken = 0
-            for frame in frames:
-                if owed >= OUT_LIMIT:
-                    break
-                taken += 1
-                seq += 1
-                result = validate(frame)
-                if type(result) is dict:
-                    message(result, peer, name)
-                    answer = b'{"seq":%d,"ok":true}\n' % seq
-                else:
-                    assert isinstance(result, Refusal)
-                    answer = _nack(seq, result)
-                    if self._refuse(conn, result, seq):
-                        closing = True
-                        break
-                answers.append(answer)
-                owed += len(answer)
-            self.pass_answer_bytes += owed - conn.owed
-            conn.owed = owed
-            if taken < len(frames) and not closing:
-                conn.hold(frames[taken:] + conn.held)
-        else:
-            for frame in frames:
-                seq += 1
-                result = validate(frame)
-                if type(result) is dict:
-                    message(result, peer, name)
-                else:
-                    assert isinstance(result, Refusal)
-                    if self._refuse(conn, result, seq):
-                        closing = True
-                        break
-        conn.seq = seq
-        if closing:
+    def take_frames(self, conn: Connection, frames: list[Frame]) -> None:
+        """Hand the frames of one read to the pipeline; keep what it could not take yet."""
+        taken = self.pipeline.take(conn, frames, self.now)
+        if conn.closing:
             self._close_refusing(conn)
-
-    def _refuse(self, conn: Connection, refusal: Refusal, seq: int) -> bool:
-        """Count a refusal and write its reject line (within the connection's rejects rate);
-        True when the connection has sent nearly nothing but refused records and must go."""
-        self.stats["refused"] += 1
-        self.refused_by_reason[refusal.reason] += 1
-        conn.refused += 1
-        rate = self.rejects_rate
-        if rate:
-            now = self.now
-            tokens = min(self.rejects_burst, conn.reject_tokens + (now - conn.reject_at) * rate)
-            conn.reject_at = now
-            if tokens >= 1.0:
-                conn.reject_tokens = tokens - 1.0
-                if conn.suppressed:
-                    self.note_suppressed(conn)
-                self.renderer.reject(refusal, conn.peer, conn.listener.name)
-            else:
-                conn.reject_tokens = tokens
-                conn.suppressed += 1
-                self.stats["rejects_suppressed"] += 1
-        else:
-            self.renderer.reject(refusal, conn.peer, conn.listener.name)
-        limit = self.refused_close_after
-        if limit:
-            span = seq - conn.window_seq
-            if span >= limit:
-                if (conn.refused - conn.window_refused) * 100 >= span * 99:
-                    return True
-                conn.window_seq = seq
-                conn.window_refused = conn.refused
-        return False
-
-    def note_suppressed(self, conn: Connection) -> None:
-        """One rejects-log line for the reject lines a connection's rate left out."""
-        self.renderer.suppressed(conn.suppressed, conn.peer, conn.listener.name, self.rejects_rate)
-        conn.suppressed = 0
+        elif taken < len(frames):
+            conn.hold(frames[taken:] + conn.held)  # no room for more answers: wait, unread
 
     def _close_refusing(self, conn: Connection) -> None:
-        self.stats["closed_refused_records"] += 1
+        closed = self.stats.records.closed_refused_records + 1  # this pass's count is added at hand-off
         if self.now - self._closed_logged >= 1.0:  # a flood of such clients cannot flood the journal
             self._closed_logged = self.now
             log.warning("connection_closed", reason="refused_records", peer=conn.peer, listener=conn.listener.name,
-                        records=conn.seq, refused=conn.refused, refused_close_after=self.refused_close_after,
-                        closed_so_far=self.stats["closed_refused_records"])
+                        records=conn.seq, refused=conn.refused,
+                        refused_close_after=self.pipeline.refused_close_after, closed_so_far=closed)
         conn.close()
 
     def release_held(self, conn: Connection) -> None:
@@ -675,27 +581,23 @@ class IOLoop:
             biggest = max(biggest, conn.mem)
             conn.close()
             closed += 1
-        self.stats["closed_buffer_bytes"] += closed
+        self.stats.closed_buffer_bytes += closed
         if closed and self.now - self._shed_logged >= 1.0:
             self._shed_logged = self.now
             log.warning("connections_closed", reason="buffer_bytes", count=closed, largest_bytes=biggest,
-                        limit_bytes=self.mem_limit, closed_so_far=self.stats["closed_buffer_bytes"],
+                        limit_bytes=self.mem_limit, closed_so_far=self.stats.closed_buffer_bytes,
                         action="closed the connections holding the most unfinished lines and unsent answers")
 
     def _flush_batch(self) -> None:
-        answer_bytes = self.pass_answer_bytes
-        self.pass_answer_bytes = 0
-        renderer = self.renderer
-        acks = self.pending_acks
-        if not renderer.nbytes and not acks:
+        pipeline = self.pipeline
+        if not pipeline.nbytes:
             return
-        messages, accepted, rejects, refused = renderer.take()
-        self.stats["accepted"] += accepted  # counted once, by the renderer, not again per record here
-        self.pending_acks = {}
-        for conn in acks:
+        out = pipeline.outcome()
+        self.stats.records.add(out.counts)
+        for conn in out.answers:
             conn.in_flight += 1
-        batch = Batch(self, messages, accepted, rejects=rejects, refused=refused, acks=acks or None,
-                      answer_bytes=answer_bytes)
+        batch = Batch(self, out.messages, out.accepted, rejects=out.rejects, refused=out.reject_lines,
+                      acks=out.answers or None, answer_bytes=out.answer_bytes)
         if self.server.writer.submit(batch) and not self.paused:
             self._pause()
 
@@ -715,7 +617,7 @@ class IOLoop:
         allowed = max(0, int(tokens))
         conn.tokens = tokens - allowed
         conn.hold(frames[allowed:])
-        self.stats["rate_limited"] += 1
+        self.stats.rate_limited += 1
         conn.update_events()  # no more reading until the bucket refills: TCP slows the client down
         self._schedule_release(conn)
         return frames[:allowed]
@@ -763,7 +665,7 @@ class IOLoop:
     def _pause(self) -> None:
         self.paused = True
         self.paused_since = time.monotonic()
-        self.stats["pauses"] += 1
+        self.stats.pauses += 1
         self._pause_logged = False
         self._each(Connection.update_events)
         # Under a steady overload pauses come many times a second: log an edge at most once a
@@ -771,27 +673,27 @@ class IOLoop:
         if self.paused_since - self._pause_logged_at >= 1.0:
             self._log_pause()
         else:
-            pause_number = self.stats["pauses"]
+            pause_number = self.stats.pauses
             self.call_later(1.0, lambda: self._log_pause(pause_number))
 
     def _log_pause(self, pause_number: int = 0) -> None:
-        if not self.paused or self._pause_logged or (pause_number and pause_number != self.stats["pauses"]):
+        if not self.paused or self._pause_logged or (pause_number and pause_number != self.stats.pauses):
             return
         self._pause_logged = True
         self._pause_logged_at = time.monotonic()
         writer = self.server.writer
         log.warning("reading_paused", loop=self.index, queue_bytes=writer.depth, queue_limit=writer.high_water,
-                    pauses=self.stats["pauses"], reason="the writer is behind; clients wait in TCP")
+                    pauses=self.stats.pauses, reason="the writer is behind; clients wait in TCP")
 
     def _resume(self) -> None:
         if not self.paused:
             return
         self.paused = False
         paused_for = time.monotonic() - self.paused_since
-        self.stats["paused_seconds_x1000"] += int(paused_for * 1000)
+        self.stats.paused_seconds += paused_for
         if self._pause_logged or paused_for >= 1.0:
             log.info("reading_resumed", loop=self.index, paused_seconds=round(paused_for, 3),
-                     pauses=self.stats["pauses"])
+                     pauses=self.stats.pauses)
         now = self.now
 
         def resume(conn: Connection) -> None:
@@ -802,7 +704,7 @@ class IOLoop:
 
     def paused_seconds(self) -> float:
         """Seconds spent paused by backpressure, the current pause included (any thread)."""
-        total = self.stats["paused_seconds_x1000"] / 1000
+        total = self.stats.paused_seconds
         since = self.paused_since
         if self.paused:
             total += max(0.0, time.monotonic() - since)
@@ -821,7 +723,7 @@ class IOLoop:
             if conn.in_flight or (conn.held and conn.owed < OUT_LIMIT):
                 continue
 
-            self.stats["idle_closed"] += 1
+            self.stats.idle_closed += 1
             log.info("idle_closed", peer=conn.peer, listener=conn.listener.name,
                      idle_timeout=self.idle_timeout)
             conn.close()
@@ -882,7 +784,7 @@ class IOLoop:
                 if not conn.closed:
                     conn.flush()
         if dropped:
-            self.stats["incomplete_dropped"] += dropped
+            self.stats.incomplete_dropped += dropped
             log.warning("incomplete_records_dropped", loop=self.index, count=dropped,
                         reason="no newline and no end of stream when the daemon stopped")
 
@@ -891,11 +793,3 @@ class IOLoop:
         for conn in list(self.connections):
             conn.close()
         self.stopping = True
-
-
-def _nack(seq: int, refusal: Refusal) -> bytes:
-    import orjson
-
-    return orjson.dumps(
-        {"seq": seq, "ok": False, "error": refusal.message, "reason": refusal.reason, "detail": refusal.errors}
-    ) + b"\n"

@@ -109,26 +109,26 @@ def health(server: Server) -> tuple[bool, dict[str, Any]]:
     s = server.snapshot()
     limit = server.settings.metrics.health_stall_seconds
     problems: list[str] = []
-    if s["stopping"]:
+    if s.stopping:
         problems.append("the daemon is stopping")
-    if s["writer_stalled_seconds"] >= limit:
-        problems.append(f"the writer has made no progress for {s['writer_stalled_seconds']:.0f} s "
-                        f"with {s['queue_bytes']} bytes queued")
-    if s["write_failing_seconds"] >= limit:
-        problems.append(f"writes have been failing for {s['write_failing_seconds']:.0f} s: {s['last_write_error']}")
-    if s["paused_now_seconds"] >= limit:
-        problems.append(f"reading has been paused by backpressure for {s['paused_now_seconds']:.0f} s")
-    if s["fatal"]:
-        problems.append(s["fatal"])
-    if not s["threads_alive"]:
+    if s.writer.writer_stalled_seconds >= limit:
+        problems.append(f"the writer has made no progress for {s.writer.writer_stalled_seconds:.0f} s "
+                        f"with {s.writer.queue_bytes} bytes queued")
+    if s.writer.write_failing_seconds >= limit:
+        problems.append(f"writes have been failing for {s.writer.write_failing_seconds:.0f} s: {s.writer.last_write_error}")
+    if s.paused_now_seconds >= limit:
+        problems.append(f"reading has been paused by backpressure for {s.paused_now_seconds:.0f} s")
+    if s.fatal:
+        problems.append(s.fatal)
+    if not s.threads_alive:
         problems.append("a writer or I/O thread has died")
     body = {
         "status": "unhealthy" if problems else "ok",
         "problems": problems,
-        "paused": s["paused"],
-        "queue_bytes": s["queue_bytes"],
-        "connections": s["connections"],
-        "writer_stalled_seconds": round(s["writer_stalled_seconds"], 3),
+        "paused": s.paused,
+        "queue_bytes": s.writer.queue_bytes,
+        "connections": s.connections,
+        "writer_stalled_seconds": round(s.writer.writer_stalled_seconds, 3),
     }
     return not problems, body
 
@@ -141,54 +141,54 @@ class ServerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self.server.snapshot()
-        yield GaugeMetricFamily("nio_logd_connections_open", "Client connections open now.", value=s["connections"])
+        yield GaugeMetricFamily("nio_logd_connections_open", "Client connections open now.", value=s.connections)
         yield CounterMetricFamily("nio_logd_connections", "Client connections accepted.",
-                                  value=s["connections_total"])
+                                  value=s.loops.connections_total)
         yield _by_reason("nio_logd_connections_refused", "Connections closed at once, by reason.",
-                         s["connections_refused_by_reason"], CONNECTION_REFUSAL_REASONS)
+                         s.loops.connections_refused_by_reason, CONNECTION_REFUSAL_REASONS)
         yield CounterMetricFamily("nio_logd_connections_idle_closed", "Connections closed after idle_timeout.",
-                                  value=s["idle_closed"])
+                                  value=s.loops.idle_closed)
         yield _by_reason("nio_logd_connections_closed", "Connections the daemon closed, by reason.",
-                         s["connections_closed_by_reason"], ())
+                         s.as_dict()["connections_closed_by_reason"], ())
         yield GaugeMetricFamily("nio_logd_buffered_bytes",
                                 "Unfinished lines, records waiting to be taken and unsent answers held now.",
-                                value=s["buffered_bytes"])
+                                value=s.buffered_bytes)
         yield CounterMetricFamily("nio_logd_rejects_suppressed",
                                   "Refused records not written to the rejects log (per-connection rate), counted.",
-                                  value=s["rejects_suppressed"])
+                                  value=s.loops.records.rejects_suppressed)
         for key, text in (
             ("read_errors", "Connections closed by a read error (reset, timeout)."),
             ("handler_errors", "Connections closed because handling them raised (a bug, logged)."),
             ("accept_errors", "Failed accept() calls (EMFILE, a network error of the new connection)."),
             ("accept_dead", "Connections already reset when accepted (health checks closing with RST)."),
         ):
-            yield CounterMetricFamily(f"nio_logd_{key}", text, value=s[key])
-        yield CounterMetricFamily("nio_logd_bytes_received", "Bytes read from clients.", value=s["bytes_in"])
+            yield CounterMetricFamily(f"nio_logd_{key}", text, value=getattr(s.loops, key))
+        yield CounterMetricFamily("nio_logd_bytes_received", "Bytes read from clients.", value=s.loops.bytes_in)
         yield CounterMetricFamily("nio_logd_records_accepted", "Records that passed validation.",
-                                  value=s["accepted"])
+                                  value=s.loops.records.accepted)
         yield _by_reason("nio_logd_records_refused", "Records refused (written to the rejects log), by reason.",
-                         s["refused_by_reason"], RECORD_REFUSAL_REASONS)
+                         s.loops.records.refused_by_reason, RECORD_REFUSAL_REASONS)
         yield CounterMetricFamily("nio_logd_records_written", "Accepted records written to the messages log.",
-                                  value=s["written"])
+                                  value=s.writer.written)
         yield CounterMetricFamily("nio_logd_rejects_written", "Refused records written to the rejects log.",
-                                  value=s["rejects_written"])
+                                  value=s.writer.rejects_written)
         yield CounterMetricFamily("nio_logd_rejects_lost",
                                   "Refused records whose rejects line could not be written (rejects disk full "
                                   "or failing); their clients were still told they were refused.",
-                                  value=s["rejects_lost"])
+                                  value=s.writer.rejects_lost)
         yield CounterMetricFamily("nio_logd_incomplete_records_dropped",
                                   "Connections whose unfinished last line was dropped at shutdown.",
-                                  value=s["incomplete_dropped"])
+                                  value=s.loops.incomplete_dropped)
         yield GaugeMetricFamily("nio_logd_queue_bytes", "Bytes waiting for (or being written by) the writer.",
-                                value=s["queue_bytes"])
+                                value=s.writer.queue_bytes)
         yield GaugeMetricFamily("nio_logd_queue_records", "Records waiting for (or being written by) the writer.",
-                                value=s["queue_records"])
+                                value=s.writer.queue_records)
         yield GaugeMetricFamily("nio_logd_queue_limit_bytes", "queue_bytes: over it reading pauses.",
-                                value=s["queue_limit"])
+                                value=s.writer.queue_limit)
         yield CounterMetricFamily("nio_logd_write_errors", "Failed write() or fsync() calls (each retried).",
-                                  value=s["write_errors"])
+                                  value=s.writer.write_errors)
         yield GaugeMetricFamily("nio_logd_write_failing", "1 while writes fail and are being retried.",
-                                value=1.0 if s["write_failing_seconds"] > 0 else 0.0)
+                                value=1.0 if s.writer.write_failing_seconds > 0 else 0.0)
         writer = self.server.writer
         for name, hist, text in (
             ("nio_logd_write_seconds", writer.write_hist, "Time of one write() of a group of batches to one file."),
@@ -197,21 +197,20 @@ class ServerCollector(Collector):
             buckets, total = hist.cumulative()
             yield HistogramMetricFamily(name, text, buckets=buckets, sum_value=total)
         yield GaugeMetricFamily("nio_logd_backpressure_paused", "I/O loops not reading because the writer is behind.",
-                                value=s["paused_loops"])
+                                value=s.paused_loops)
         yield CounterMetricFamily("nio_logd_backpressure_pauses", "Times an I/O loop stopped reading.",
-                                  value=s["pauses"])
+                                  value=s.loops.pauses)
         yield CounterMetricFamily("nio_logd_backpressure_paused_seconds",
                                   "Seconds I/O loops spent not reading (summed over loops).",
-                                  value=s["paused_seconds"])
+                                  value=s.paused_seconds)
         yield CounterMetricFamily("nio_logd_rate_limited", "Times a connection was slowed down by rate_limit.",
-                                  value=s["rate_limited"])
+                                  value=s.loops.rate_limited)
         for key, text in (
             ("tls_handshakes", "TLS handshakes completed."),
             ("tls_handshake_failed", "TLS handshakes that failed."),
             ("tls_handshake_incomplete", "TLS handshakes abandoned by the client or timed out."),
         ):
-            if key in s:
-                yield CounterMetricFamily(f"nio_logd_{key}", text, value=s[key])
+            yield CounterMetricFamily(f"nio_logd_{key}", text, value=getattr(s.loops, key))
         healthy, _ = health(self.server)
         yield GaugeMetricFamily("nio_logd_healthy", "1 when /healthz answers 200.", value=1.0 if healthy else 0.0)
 

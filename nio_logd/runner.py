@@ -84,10 +84,10 @@ class SignalCatcher:
 
 def status_text(server: Server) -> str:
     s = server.snapshot()
-    paused = " PAUSED (writer behind)" if s["paused"] else ""
+    paused = " PAUSED (writer behind)" if s.paused else ""
     return (
-        f"connections={s['connections']} accepted={s['accepted']} refused={s['refused']} "
-        f"queue_bytes={s['queue_bytes']}{paused}"
+        f"connections={s.connections} accepted={s.loops.records.accepted} refused={s.loops.records.refused} "
+        f"queue_bytes={s.writer.queue_bytes}{paused}"
     )
 
 
@@ -122,7 +122,7 @@ def serve(
         _control_loop(server, catcher, notifier, reload_settings)
         notifier.send("STOPPING=1", "STATUS=stopping: writing what was received"
                       + (f" ({server.fatal})" if server.fatal else ""))
-        log.info("stopping", reason=server.fatal or "signal", **server.snapshot())
+        log.info("stopping", reason=server.fatal or "signal", **server.snapshot().as_dict())
         clean = server.shutdown(force=catcher.force)
         log.info("stopped", clean=clean, written=server.writer.written_records,
                  rejected=server.writer.written_rejects)
@@ -219,13 +219,6 @@ def _merge(old: Settings, new: Settings, keys: set[str]) -> Settings:
     return old.model_copy(update={**update, "source": new.source})
 
 
-def _set_loop(loop: IOLoop, validator: RecordValidator, idle_timeout: float, raw_limit: int) -> None:
-    """On the loop's own thread, between two passes: nothing is half-rendered."""
-    loop.validate = validator.validate
-    loop.idle_timeout = idle_timeout
-    loop.renderer.raw_limit = raw_limit
-
-
 def _reload(server: Server, reload_settings: Callable[[], Settings]) -> None:
     try:
         new = reload_settings()
@@ -249,13 +242,11 @@ def _reload(server: Server, reload_settings: Callable[[], Settings]) -> None:
     server.settings = merged  # admission limits and the shutdown deadline read it each time
     for loop in server.loops:
         loop.call_soon_threadsafe(functools.partial(
-            _set_loop, loop, server.validator, merged.limits.idle_timeout, merged.log.reject_raw_bytes
+            loop.apply, server.validator.validate, idle_timeout=merged.limits.idle_timeout,
+            raw_limit=merged.log.reject_raw_bytes, max_record_bytes=merged.limits.max_record_bytes,
         ))
-    writer = server.writer  # plain attributes the writer thread reads before each batch
-    writer.fsync = merged.log.durability == "fsync"
-    writer.fsync_max_wait = merged.log.fsync_max_wait
-    writer.rotate_bytes = merged.log.rotate_bytes
-    writer.rotate_keep = merged.log.rotate_keep
+    server.writer.apply(fsync=merged.log.durability == "fsync", fsync_max_wait=merged.log.fsync_max_wait,
+                        rotate_bytes=merged.log.rotate_bytes, rotate_keep=merged.log.rotate_keep)
     if "daemon.events" in hot or "daemon.events_level" in hot:
         configure_events(merged.daemon.events, merged.daemon.events_level)
     log.info("reloaded", config=new.source,

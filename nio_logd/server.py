@@ -23,6 +23,7 @@ from .metrics import MetricsServer
 from .record import RecordValidator
 from .render import Renderer
 from .sink import Writer
+from .stats import LoopStats, Stats
 from .tls import ConnectionFactory, connection_factory, server_context
 
 log = get_logger()
@@ -191,72 +192,32 @@ class Server:
                         limit=getattr(self.settings.limits, reason))
 
     # -- observation ---------------------------------------------------------------------------------
-    def snapshot(self) -> dict[str, Any]:
-        """Counters summed over the loops (read without locks: each is a plain int)."""
-        totals: collections.Counter[str] = collections.Counter()
-        reasons: collections.Counter[str] = collections.Counter()
-        conn_reasons: collections.Counter[str] = collections.Counter()
+    def snapshot(self) -> Stats:
+        """Counters summed over the loops, and the writer's (read without locks: plain ints)."""
+        totals = LoopStats()
         now = time.monotonic()
         paused_loops = 0
         paused_seconds = paused_now = 0.0
         threads_alive = self.writer.alive or not self.loops
         for loop in self.loops:
-            # dict() copies in C, holding the GIL: safe while the loop thread adds a key.
-            totals.update(dict(loop.stats))
-            reasons.update(dict(loop.refused_by_reason))
-            conn_reasons.update(dict(loop.connections_refused_by_reason))
+            totals.add(loop.stats)
             paused_seconds += loop.paused_seconds()
             if loop.paused:
                 paused_loops += 1
                 paused_now = max(paused_now, now - loop.paused_since)
             threads_alive = threads_alive and loop.thread is not None and loop.thread.is_alive()
-        writer = self.writer
-        failing_since = writer.failing_since
-        return {
-            "connections": self.open_connections,
-            "connections_total": totals["connections_total"],
-            "connections_refused": totals["connections_refused"],
-            "connections_refused_by_reason": dict(conn_reasons),
-            "accepted": totals["accepted"],
-            "refused": totals["refused"],
-            "refused_by_reason": dict(reasons),
-            "bytes_in": totals["bytes_in"],
-            "queue_bytes": writer.depth,
-            "queue_records": writer.queued_records,
-            "queue_limit": writer.high_water,
-            "written": writer.written_records,
-            "rejects_written": writer.written_rejects,
-            "rejects_lost": writer.rejects_lost,
-            "write_errors": writer.write_errors,
-            "write_failing_seconds": 0.0 if failing_since is None else max(0.0, now - failing_since),
-            "last_write_error": writer.last_error,
-            "writer_stalled_seconds": writer.stalled_seconds(),
-            "paused": paused_loops > 0,
-            "paused_loops": paused_loops,
-            "paused_now_seconds": paused_now,
-            "paused_seconds": paused_seconds,
-            "pauses": totals["pauses"],
-            "rate_limited": totals["rate_limited"],
-            "incomplete_dropped": totals["incomplete_dropped"],
-            "threads_alive": threads_alive,
-            "fatal": self.fatal,
-            "stopping": self.stopping,
-            "idle_closed": totals["idle_closed"],
-            "connections_closed_by_reason": {
-                "idle_timeout": totals["idle_closed"],
-                "refused_records": totals["closed_refused_records"],
-                "buffer_bytes": totals["closed_buffer_bytes"],
-            },
-            "rejects_suppressed": totals["rejects_suppressed"],
-            "buffered_bytes": sum(loop.mem for loop in self.loops),
-            "read_errors": totals["read_errors"],
-            "handler_errors": totals["handler_errors"],
-            "accept_errors": totals["accept_errors"],
-            "accept_dead": totals["accept_dead"],
-            "tls_handshakes": totals["tls_handshakes"],
-            "tls_handshake_failed": totals["tls_handshake_failed"],
-            "tls_handshake_incomplete": totals["tls_handshake_incomplete"],
-        }
+        return Stats(
+            loops=totals,
+            writer=self.writer.stats(),
+            connections=self.open_connections,
+            buffered_bytes=sum(loop.mem for loop in self.loops),
+            paused_loops=paused_loops,
+            paused_now_seconds=paused_now,
+            paused_seconds=paused_seconds,
+            threads_alive=threads_alive,
+            stopping=self.stopping,
+            fatal=self.fatal,
+        )
 
     def request_reopen(self) -> None:
         self.writer.request_reopen()

@@ -35,6 +35,7 @@ from .copytruncate import WriteJournal
 from .events import get_logger
 from .metrics import LatencyHistogram
 from .privilege import open_regular
+from .stats import WriterStats
 
 log = get_logger()
 
@@ -376,6 +377,29 @@ class Writer:
     @property
     def depth(self) -> int:
         return self._depth
+
+    def stats(self) -> WriterStats:
+        """The writer's counters and state now (any thread)."""
+        failing_since = self.failing_since
+        return WriterStats(
+            written=self.written_records,
+            rejects_written=self.written_rejects,
+            rejects_lost=self.rejects_lost,
+            write_errors=self.write_errors,
+            queue_bytes=self._depth,
+            queue_records=self.queued_records,
+            queue_limit=self.high_water,
+            write_failing_seconds=0.0 if failing_since is None else max(0.0, time.monotonic() - failing_since),
+            writer_stalled_seconds=self.stalled_seconds(),
+            last_write_error=self.last_error,
+        )
+
+    def apply(self, *, fsync: bool, fsync_max_wait: float, rotate_bytes: int, rotate_keep: int) -> None:
+        """Reloaded settings: plain attributes the writer thread reads before each batch."""
+        self.fsync = fsync
+        self.fsync_max_wait = fsync_max_wait
+        self.rotate_bytes = rotate_bytes
+        self.rotate_keep = rotate_keep
 
     def stalled_seconds(self) -> float:
         """How long records have waited with no write finishing, or how long the file operation

@@ -295,7 +295,7 @@ class TLSConnection(Connection):
             tls_sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         except (OSError, ValueError) as exc:
             _close_orphan(exc)
-            loop.stats["tls_handshake_failed"] += 1
+            loop.stats.tls_handshake_failed += 1
             raise DeadSocketError(str(exc)) from None
         assert isinstance(tls_sock, TLSSocket)
         tls_sock.app_data = False
@@ -351,7 +351,7 @@ class TLSConnection(Connection):
             return
         self.handshaking = False
         sock.app_data = True
-        loop.stats["tls_handshakes"] += 1
+        loop.stats.tls_handshakes += 1
         self.client = subject_string(sock.getpeercert() or {})
         self.last_active = loop.now
         self.update_events()
@@ -360,7 +360,7 @@ class TLSConnection(Connection):
 
     def fail(self, exc: BaseException) -> None:
         """Count and (rate-limited per address) log a failed handshake, and close."""
-        self.loop.stats["tls_handshake_failed"] += 1
+        self.loop.stats.tls_handshake_failed += 1
         muted = self.loop.server.tls_failures_logged.check(self.client_host)
         if muted is not None:
             if isinstance(exc, ssl.SSLCertVerificationError):
@@ -382,7 +382,7 @@ class TLSConnection(Connection):
         if self.handshaking:
             # Closed before the handshake completed: by the idle sweep (a client that never
             # finishes it) or at shutdown.
-            self.loop.stats["tls_handshake_incomplete"] += 1
+            self.loop.stats.tls_handshake_incomplete += 1
         elif isinstance(self.sock, TLSSocket) and self.sock.app_data:
             try:
                 self.sock.unwrap()  # send close_notify: the client can tell our close from a cut

@@ -1,0 +1,262 @@
+"""The record pipeline: the frames of one pass in; rendered lines, answers and counts out.
+
+design: sans-I/O, like the framer. The I/O loop collects the frames each connection delivered in
+a pass and hands them to ``take`` with the connection's ``Stream`` (its origin and per-connection
+state: peer, listener, client subject, ack sequence, reject rate, refusal window, answers owed);
+at the end of the pass ``outcome()`` gives the messages bytes, the rejects bytes, each stream's
+answer lines in order, and the pass's ``RecordCounts``. No sockets, no threads, no clock of its
+own (the loop passes ``now``): ``run`` does a whole pass at once, and the tests compare it with a
+one-record-at-a-time reference.
+
+Per record: validate (pydantic-core, from the JSON bytes), render (the structlog processor
+chain), answer (on ack listeners). Per connection, bounds that count what a refusal costs rather
+than what arrived: reject lines at most ``rejects_per_second`` (the rest counted and summed up in
+one ``rejects_suppressed`` line), a stream closed once ``refused_close_after`` of its records
+were 99 % refused, and no more frames taken once it owes ``answer_limit`` bytes of answers (the
+caller holds the rest and does not read the connection).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from .framing import Frame
+from .record import Fields, Refusal
+from .render import Renderer
+from .stats import RecordCounts
+
+
+class Stream:
+    """One connection as the pipeline sees it: where its records come from, and their state."""
+
+    __slots__ = (
+        "ack",
+        "client",
+        "closing",
+        "listener_name",
+        "owed",
+        "peer",
+        "refused",
+        "reject_at",
+        "reject_tokens",
+        "seq",
+        "suppressed",
+        "window_refused",
+        "window_seq",
+    )
+
+    def __init__(self, peer: str, listener_name: str, *, ack: bool, client: str | None = None,
+                 reject_tokens: float = 0.0, now: float = 0.0) -> None:
+        self.peer = peer
+        self.listener_name = listener_name
+        self.ack = ack
+        self.client = client  # TLS: the client certificate's subject, written with each record
+        self.seq = 0  # records seen, numbered from 1 in answers
+        self.owed = 0  # answer bytes made and not yet sent (the caller subtracts what it sends)
+        self.refused = 0
+        self.window_seq = 0  # refused_close_after: where the current window of records began
+        self.window_refused = 0
+        self.reject_tokens = reject_tokens  # reject lines this stream may have written now
+        self.reject_at = now
+        self.suppressed = 0  # reject lines left out since the last one written
+        self.closing = False  # nearly every record refused: the caller closes the connection
+
+    def __repr__(self) -> str:
+        return f"<Stream {self.peer} on {self.listener_name} seq={self.seq}>"
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one pass produced."""
+
+    messages: bytearray
+    accepted: int  # lines in messages
+    rejects: bytearray
+    reject_lines: int  # lines in rejects that stand for one refused record each
+    answers: dict[Any, list[bytes]]  # stream -> its answer lines, in order
+    answer_bytes: int
+    counts: RecordCounts
+    closing: list[Any] = field(default_factory=list)  # streams to close (refused_close_after)
+    taken: list[int] = field(default_factory=list)  # with run(): frames taken per intake
+
+
+def nack(seq: int, refusal: Refusal) -> bytes:
+    """The answer line for a refused record."""
+    return orjson.dumps(
+        {"seq": seq, "ok": False, "error": refusal.message, "reason": refusal.reason, "detail": refusal.errors}
+    ) + b"\n"
+
+
+class Pipeline:
+    """Validation, rendering and answers for the records of one loop (one pass at a time)."""
+
+    __slots__ = ("_answer_bytes", "_answers", "_closing", "_counts", "answer_limit", "refused_close_after",
+                 "rejects_burst", "rejects_rate", "renderer", "validate")
+
+    def __init__(
+        self,
+        validate: Callable[[Frame], Fields | Refusal],
+        renderer: Renderer,
+        *,
+        rejects_per_second: float = 0.0,
+        refused_close_after: int = 0,
+        answer_limit: int = 1 << 62,
+    ) -> None:
+        self.validate = validate
+        self.renderer = renderer
+        self.answer_limit = answer_limit
+        self.refused_close_after = refused_close_after
+        self.rejects_rate = rejects_per_second
+        self.rejects_burst = max(1.0, rejects_per_second)
+        self._answers: dict[Any, list[bytes]] = {}
+        self._answer_bytes = 0
+        self._counts = RecordCounts()
+        self._closing: list[Any] = []
+
+    def __repr__(self) -> str:
+        return f"<Pipeline {self.nbytes} bytes this pass, {len(self._answers)} streams answered>"
+
+    def apply(self, validate: Callable[[Frame], Fields | Refusal], raw_limit: int) -> None:
+        """Reloaded record rules and reject size: from the next record on."""
+        self.validate = validate
+        self.renderer.raw_limit = raw_limit
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this pass has made so far: lines and answers."""
+        return self.renderer.nbytes + self._answer_bytes
+
+    def pending(self, stream: Any) -> bool:
+        """Whether this pass holds answers for ``stream`` that ``outcome()`` has not given out."""
+        return stream in self._answers
+
+    def forget(self, stream: Any) -> None:
+        """``stream``'s connection closed: its answers of this pass go nowhere."""
+        answers = self._answers.pop(stream, None)
+        if answers:
+            self._answer_bytes -= sum(map(len, answers))
+
+    def new_stream(self, peer: str, listener_name: str, *, ack: bool, now: float) -> Stream:
+        return Stream(peer, listener_name, ack=ack, reject_tokens=self.rejects_burst, now=now)
+
+    # -- per pass -------------------------------------------------------------------------------
+    def run(self, intake: Iterable[tuple[Stream, list[Frame]]], now: float) -> Outcome:
+        """A whole pass at once: every stream's frames in, the outcome out."""
+        taken = [self.take(stream, frames, now) for stream, frames in intake]
+        out = self.outcome()
+        out.taken = taken
+        return out
+
+    def take(self, stream: Stream, frames: list[Frame], now: float) -> int:
+        """Validate, render and answer ``frames`` of ``stream``; how many were taken.
+
+        Fewer than all when the stream owes ``answer_limit`` answer bytes (the caller keeps the
+        rest for later) or was found to send nearly nothing but refused records (``closing``).
+        """
+        validate = self.validate
+        renderer = self.renderer
+        message: Callable[[Any, str, str], None] = renderer.message
+        if stream.client is not None:  # chosen once per read, not per record
+            message = functools.partial(renderer.message_with_client, client=stream.client)
+        peer = stream.peer
+        name = stream.listener_name
+        seq = stream.seq
+        counts = self._counts
+        accepted_before = renderer.accepted
+        taken = 0
+        if stream.ack:
+            answers = self._answers.get(stream)
+            if answers is None:
+                answers = self._answers[stream] = []
+            owed = stream.owed
+            limit = self.answer_limit
+            for frame in frames:
+                if owed >= limit:
+                    break
+                taken += 1
+                seq += 1
+                result = validate(frame)
+                if type(result) is dict:
+                    message(result, peer, name)
+                    answer = b'{"seq":%d,"ok":true}\n' % seq
+                else:
+                    assert isinstance(result, Refusal)
+                    answer = nack(seq, result)
+                    if self._refuse(stream, result, seq, now):
+                        break
+                answers.append(answer)
+                owed += len(answer)
+            self._answer_bytes += owed - stream.owed
+            stream.owed = owed
+        else:
+            for frame in frames:
+                taken += 1
+                seq += 1
+                result = validate(frame)
+                if type(result) is dict:
+                    message(result, peer, name)
+                else:
+                    assert isinstance(result, Refusal)
+                    if self._refuse(stream, result, seq, now):
+                        break
+        stream.seq = seq
+        counts.accepted += renderer.accepted - accepted_before
+        return taken
+
+    def _refuse(self, stream: Stream, refusal: Refusal, seq: int, now: float) -> bool:
+        """Count a refusal and write its reject line (within the stream's rate); True when the
+        stream has sent nearly nothing but refused records and must be closed."""
+        counts = self._counts
+        counts.refused += 1
+        by_reason = counts.refused_by_reason
+        by_reason[refusal.reason] = by_reason.get(refusal.reason, 0) + 1
+        stream.refused += 1
+        rate = self.rejects_rate
+        if rate:
+            tokens = min(self.rejects_burst, stream.reject_tokens + (now - stream.reject_at) * rate)
+            stream.reject_at = now
+            if tokens >= 1.0:
+                stream.reject_tokens = tokens - 1.0
+                if stream.suppressed:
+                    self.summarize(stream)
+                self.renderer.reject(refusal, stream.peer, stream.listener_name)
+            else:
+                stream.reject_tokens = tokens
+                stream.suppressed += 1
+                counts.rejects_suppressed += 1
+        else:
+            self.renderer.reject(refusal, stream.peer, stream.listener_name)
+        limit = self.refused_close_after
+        if limit:
+            span = seq - stream.window_seq
+            if span >= limit:
+                if (stream.refused - stream.window_refused) * 100 >= span * 99:
+                    stream.closing = True
+                    counts.closed_refused_records += 1
+                    self._closing.append(stream)
+                    return True
+                stream.window_seq = seq
+                stream.window_refused = stream.refused
+        return False
+
+    def summarize(self, stream: Stream) -> None:
+        """One rejects-log line for the reject lines the stream's rate left out (also at close)."""
+        if stream.suppressed:
+            self.renderer.suppressed(stream.suppressed, stream.peer, stream.listener_name, self.rejects_rate)
+            stream.suppressed = 0
+
+    def outcome(self) -> Outcome:
+        """What the pass made since the last call; the pipeline starts the next pass empty."""
+        messages, accepted, rejects, reject_lines = self.renderer.take()
+        out = Outcome(messages, accepted, rejects, reject_lines, self._answers, self._answer_bytes, self._counts,
+                      self._closing)
+        self._answers = {}
+        self._answer_bytes = 0
+        self._counts = RecordCounts()
+        self._closing = []
+        return out

@@ -1,0 +1,157 @@
+"""What the daemon counts: one typed schema, summable across loops (and processes).
+
+design: each counter lives in a slots dataclass field, bumped as a plain attribute by the one
+thread that owns the object (a loop, the writer). Readers (metrics, the systemd STATUS line,
+``/healthz``, the events) get a ``Stats`` from ``Server.snapshot()``, built by summing the
+loops' ``LoopStats`` with ``add`` — integers add, dictionaries of counts add per key, nested
+counts add field by field — so that worker processes can send theirs and be summed the same way.
+Every counter kept here is exported by the metrics (``metrics.ServerCollector``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def _add_into(into: Any, other: Any) -> None:
+    for f in fields(into):
+        mine = getattr(into, f.name)
+        theirs = getattr(other, f.name)
+        if isinstance(mine, dict):
+            # dict() copies in C, holding the GIL: safe while the owning thread adds a key.
+            for key, value in dict(theirs).items():
+                mine[key] = mine.get(key, 0) + value
+        elif isinstance(mine, (int, float)):
+            setattr(into, f.name, mine + theirs)
+        else:
+            _add_into(mine, theirs)
+
+
+@dataclass(slots=True)
+class RecordCounts:
+    """What the record pipeline counts."""
+
+    accepted: int = 0
+    refused: int = 0
+    refused_by_reason: dict[str, int] = field(default_factory=dict)
+    rejects_suppressed: int = 0  # reject lines left out by the per-connection rate (counted, not written)
+    closed_refused_records: int = 0  # connections closed for sending nearly only refused records
+
+    def add(self, other: RecordCounts) -> None:
+        _add_into(self, other)
+
+
+@dataclass(slots=True)
+class LoopStats:
+    """What one I/O loop counts (connections and their bytes), records included."""
+
+    records: RecordCounts = field(default_factory=RecordCounts)
+    connections_total: int = 0
+    connections_refused: int = 0
+    connections_refused_by_reason: dict[str, int] = field(default_factory=dict)
+    bytes_in: int = 0
+    idle_closed: int = 0
+    closed_buffer_bytes: int = 0  # closed for holding the most when buffer_bytes was exceeded
+    read_errors: int = 0
+    handler_errors: int = 0
+    accept_errors: int = 0
+    accept_dead: int = 0  # reset before accept (a health check's RST)
+    pauses: int = 0
+    paused_seconds: float = 0.0  # finished pauses; the current one is added by the reader
+    rate_limited: int = 0
+    incomplete_dropped: int = 0
+    tls_handshakes: int = 0
+    tls_handshake_failed: int = 0
+    tls_handshake_incomplete: int = 0
+
+    def add(self, other: LoopStats) -> None:
+        _add_into(self, other)
+
+
+@dataclass(slots=True)
+class WriterStats:
+    """What the writer counts and how it is doing now."""
+
+    written: int = 0
+    rejects_written: int = 0
+    rejects_lost: int = 0
+    write_errors: int = 0
+    queue_bytes: int = 0
+    queue_records: int = 0
+    queue_limit: int = 0
+    write_failing_seconds: float = 0.0
+    writer_stalled_seconds: float = 0.0
+    last_write_error: str = ""
+
+
+@dataclass(slots=True)
+class Stats:
+    """The daemon's counters and gauges at one moment (``Server.snapshot()``)."""
+
+    loops: LoopStats
+    writer: WriterStats
+    connections: int = 0  # open now
+    buffered_bytes: int = 0
+    paused_loops: int = 0
+    paused_now_seconds: float = 0.0
+    paused_seconds: float = 0.0
+    threads_alive: bool = True
+    stopping: bool = False
+    fatal: str | None = None
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_loops > 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Flat ``name: value`` (the events' fields and the older readers' keys)."""
+        loops, records, writer = self.loops, self.loops.records, self.writer
+        return {
+            "connections": self.connections,
+            "connections_total": loops.connections_total,
+            "connections_refused": loops.connections_refused,
+            "connections_refused_by_reason": dict(loops.connections_refused_by_reason),
+            "connections_closed_by_reason": {
+                "idle_timeout": loops.idle_closed,
+                "refused_records": records.closed_refused_records,
+                "buffer_bytes": loops.closed_buffer_bytes,
+            },
+            "accepted": records.accepted,
+            "refused": records.refused,
+            "refused_by_reason": dict(records.refused_by_reason),
+            "rejects_suppressed": records.rejects_suppressed,
+            "bytes_in": loops.bytes_in,
+            "buffered_bytes": self.buffered_bytes,
+            "queue_bytes": writer.queue_bytes,
+            "queue_records": writer.queue_records,
+            "queue_limit": writer.queue_limit,
+            "written": writer.written,
+            "rejects_written": writer.rejects_written,
+            "rejects_lost": writer.rejects_lost,
+            "write_errors": writer.write_errors,
+            "write_failing_seconds": writer.write_failing_seconds,
+            "last_write_error": writer.last_write_error,
+            "writer_stalled_seconds": writer.writer_stalled_seconds,
+            "paused": self.paused,
+            "paused_loops": self.paused_loops,
+            "paused_now_seconds": self.paused_now_seconds,
+            "paused_seconds": self.paused_seconds,
+            "pauses": loops.pauses,
+            "rate_limited": loops.rate_limited,
+            "incomplete_dropped": loops.incomplete_dropped,
+            "threads_alive": self.threads_alive,
+            "stopping": self.stopping,
+            "fatal": self.fatal,
+            "idle_closed": loops.idle_closed,
+            "read_errors": loops.read_errors,
+            "handler_errors": loops.handler_errors,
+            "accept_errors": loops.accept_errors,
+            "accept_dead": loops.accept_dead,
+            "tls_handshakes": loops.tls_handshakes,
+            "tls_handshake_failed": loops.tls_handshake_failed,
+            "tls_handshake_incomplete": loops.tls_handshake_incomplete,
+        }
+
+    def __getitem__(self, key: str) -> Any:
+        return self.as_dict()[key]

@@ -1,0 +1,143 @@
+"""The record pipeline, alone: no sockets, no threads (``nio_logd.pipeline``).
+
+A pass of frames from several streams gives the same lines (apart from the timestamp), the same
+answers in the same order and the same counts as a one-record-at-a-time reference built from the
+validator and a real structlog logger over the same processors.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nio_logd.config import RecordSettings
+from nio_logd.framing import Frame, TooLarge
+from nio_logd.pipeline import Pipeline, Stream
+from nio_logd.record import RecordValidator, Refusal
+from nio_logd.render import Renderer, processors, structlog_logger
+
+MAX = 4096
+
+good_frames = st.builds(
+    lambda u, m: json.dumps({"send_user": u, "send_time": "2026-11-29 12:00:00", "send_msg": m}).encode(),
+    st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")), min_size=1, max_size=8),
+    st.text(max_size=30),
+)
+bad_frames = st.one_of(
+    st.binary(min_size=1, max_size=40).filter(lambda b: b"\n" not in b and not b.isspace()),
+    st.just(b"1"),
+    st.just(b'{"send_user":"a"}'),
+    st.just(b'{"send_user":"a","send_user":"b","send_time":"2026-11-29 12:00:00","send_msg":"m"}'),
+)
+too_large = st.builds(lambda n: TooLarge(b"x" * n), st.integers(1, 64))
+frames = st.lists(st.one_of(good_frames, good_frames, bad_frames, too_large), max_size=25)
+intakes = st.lists(st.tuples(st.integers(0, 3), st.booleans(), frames), min_size=1, max_size=8)
+
+
+def _strip_time(data: bytes) -> list[list[tuple[str, Any]]]:
+    """Each line's keys and values in their order, without the timestamp (the order is checked)."""
+    out = []
+    for line in data.splitlines():
+        pairs = json.loads(line, object_pairs_hook=list)
+        assert pairs[0][0] == "timestamp"
+        out.append(pairs[1:])
+    return out
+
+
+def _reference(validator: RecordValidator, intake: list[tuple[Stream, list[Frame]]]) -> dict[str, Any]:
+    """One record at a time, through a real structlog logger."""
+    msg_logger, msg_out = structlog_logger(processors())
+    rej_logger, rej_out = structlog_logger(processors())
+    answers: dict[int, list[dict[str, Any]]] = {}
+    seqs: dict[int, int] = {}
+    by_reason: dict[str, int] = {}
+    accepted = 0
+    for stream, fs in intake:
+        for frame in fs:
+            seq = seqs[id(stream)] = seqs.get(id(stream), 0) + 1
+            result = validator.validate(frame)
+            if isinstance(result, dict):
+                accepted += 1
+                msg_logger.info("message", **result, peer=stream.peer, listener=stream.listener_name)
+                answer: dict[str, Any] = {"seq": seq, "ok": True}
+            else:
+                assert isinstance(result, Refusal)
+                by_reason[result.reason] = by_reason.get(result.reason, 0) + 1
+                raw = result.raw[:1024].decode("utf-8", "backslashreplace")
+                rej_logger.warning("rejected", reason=result.reason, error=result.message, errors=result.errors,
+                                   peer=stream.peer, listener=stream.listener_name, raw=raw,
+                                   raw_bytes=len(result.raw), raw_truncated=len(result.raw) > 1024)
+                answer = {"seq": seq, "ok": False, "error": result.message, "reason": result.reason,
+                          "detail": result.errors}
+            if stream.ack:
+                answers.setdefault(id(stream), []).append(answer)
+    return {"messages": _strip_time(bytes(msg_out.buf)), "rejects": _strip_time(bytes(rej_out.buf)),
+            "answers": answers, "accepted": accepted, "refused_by_reason": by_reason}
+
+
+@settings(max_examples=150, deadline=None)
+@given(intakes)
+def test_a_pass_equals_the_one_record_at_a_time_reference(spec: list[tuple[int, bool, list[Frame]]]) -> None:
+    validator = RecordValidator(RecordSettings(), MAX)
+    streams = {i: Stream(f"10.0.0.{i}:{1000 + i}", f"tcp://0.0.0.0:{i}", ack=ack) for i, ack, _ in spec}
+    intake = [(streams[i], fs) for i, _ack, fs in spec]
+    ref_streams = {i: Stream(s.peer, s.listener_name, ack=s.ack) for i, s in streams.items()}
+    expected = _reference(validator, [(ref_streams[i], fs) for i, _ack, fs in spec])
+
+    pipeline = Pipeline(validator.validate, Renderer(1024))
+    out = pipeline.run(intake, now=0.0)
+
+    assert out.taken == [len(fs) for _i, _a, fs in spec]
+    assert _strip_time(bytes(out.messages)) == expected["messages"]
+    assert _strip_time(bytes(out.rejects)) == expected["rejects"]
+    assert out.accepted == out.counts.accepted == expected["accepted"]
+    assert out.counts.refused_by_reason == expected["refused_by_reason"]
+    assert out.reject_lines == out.counts.refused == sum(expected["refused_by_reason"].values())
+    got = {id(ref_streams[next(i for i, s in streams.items() if s is stream)]): [json.loads(a) for a in lines]
+           for stream, lines in out.answers.items() if lines}
+    assert got == expected["answers"]
+    assert out.answer_bytes == sum(len(a) for lines in out.answers.values() for a in lines)
+    for i, stream in streams.items():
+        assert stream.seq == sum(len(fs) for j, _a, fs in spec if j == i)
+
+
+@settings(max_examples=100, deadline=None)
+@given(intakes, st.integers(0, 5), st.integers(0, 30), st.integers(1, 400))
+def test_bounds_keep_the_counts_whole(spec: list[tuple[int, bool, list[Frame]]], rate: int, close_after: int,
+                                      answer_limit: int) -> None:
+    """With the reject rate, the refusal window and the answer limit on: every taken frame is
+    counted once, every refused one is a reject line or suppressed, answers match the taken
+    frames of ack streams, and nothing is taken past a closing stream or a full answer room."""
+    validator = RecordValidator(RecordSettings(), MAX)
+    pipeline = Pipeline(validator.validate, Renderer(1024), rejects_per_second=rate,
+                        refused_close_after=close_after, answer_limit=answer_limit)
+    streams = {i: pipeline.new_stream(f"p{i}", "l", ack=ack, now=0.0) for i, ack, _ in spec}
+    taken_total = 0
+    for i, _ack, fs in spec:
+        stream = streams[i]
+        if stream.closing:
+            continue
+        before = stream.seq
+        owed_before = stream.owed
+        taken = pipeline.take(stream, fs, now=0.0)
+        taken_total += taken
+        assert stream.seq - before == taken
+        if taken < len(fs):
+            assert stream.closing or stream.owed >= answer_limit
+        if stream.ack:
+            assert owed_before >= answer_limit or taken > 0 or not fs
+    for stream in streams.values():
+        pipeline.summarize(stream)
+    out = pipeline.outcome()
+    counts = out.counts
+    assert counts.accepted + counts.refused == taken_total
+    assert out.reject_lines + counts.rejects_suppressed == counts.refused
+    suppressed_lines = [json.loads(x) for x in bytes(out.rejects).splitlines()]
+    assert sum(x["count"] for x in suppressed_lines if x["event"] == "rejects_suppressed") == counts.rejects_suppressed
+    assert counts.closed_refused_records == len(out.closing) == sum(s.closing for s in streams.values())
+    answered = sum(len(v) for v in out.answers.values())
+    assert answered == sum(s.seq for s in streams.values() if s.ack) - sum(
+        1 for s in streams.values() if s.ack and s.closing)

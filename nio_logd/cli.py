@@ -35,13 +35,13 @@ def _settings(args: argparse.Namespace) -> Settings:
 # -- run ------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from .events import configure_events
-    from .runner import serve
+    from .service.runner import serve
 
     settings = _settings(args)
     configure_events(settings.daemon.events, settings.daemon.events_level)
     after_startup = None
     if os.geteuid() == 0:  # least privilege: refuse a config others can write; drop to [daemon] user
-        from .daemonize import as_root
+        from .service.daemonize import as_root
 
         after_startup = as_root(args.config, settings)
     clean = serve(settings, reload_settings=lambda: _settings(args), after_startup=after_startup)
@@ -50,7 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # -- start / stop / status / reload (the classic daemon) -----------------------------------------
 def cmd_start(args: argparse.Namespace) -> int:
-    from .daemonize import start
+    from .service.daemonize import start
 
     def notice(text: str) -> None:
         print(f"nio-logd start: {text}", file=sys.stderr)
@@ -61,14 +61,14 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from .daemonize import stop
+    from .service.daemonize import stop
 
     print(stop(_settings(args), args.timeout))
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .daemonize import status
+    from .service.daemonize import status
 
     code, text = status(_settings(args))
     print(text)
@@ -76,7 +76,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from .daemonize import reload
+    from .service.daemonize import reload
 
     print(reload(_settings(args)))
     return EXIT_OK
@@ -110,7 +110,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         "rejects": str(settings.resolve(settings.log.rejects_path)),
         "pidfile": str(settings.resolve(settings.daemon.pidfile)),
     }
-    from .budget import memory_bound
+    from .service.budget import memory_bound
 
     # What the limits let the daemon hold at most (README: "Memory bound"), in MiB.
     effective["memory_bound_mib"] = {k: round(v / (1 << 20), 1) for k, v in memory_bound(settings).items()}
@@ -121,7 +121,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 # -- send -----------------------------------------------------------------------------------------
 def cmd_send(args: argparse.Namespace) -> int:
-    from .client import make_record, read_records, send
+    from .tools.client import make_record, read_records, send
 
     address = args.address
     if address is None:
@@ -139,7 +139,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         lines = list(read_records(sys.stdin.buffer))
     tls = None
     if args.tls:
-        from .tls import client_context
+        from .tools.client import client_context
 
         tls = client_context(args.ca, args.cert, args.key)
     elif args.ca or args.cert or args.key or args.server_name:
@@ -181,15 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ack", action="store_true", help="wait for acknowledgements; exit 1 if any record is refused")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon (default 10)")
     p.add_argument("--tls", action="store_true", help="connect with TLS 1.2+ and verify the daemon's certificate")
-    p.add_argument("--ca", metavar="PATH", help="with --tls: the CA (PEM) that signed the daemon's certificate "
-                   "(default: the system's CAs)")
+    p.add_argument(
+        "--ca",
+        metavar="PATH",
+        help="with --tls: the CA (PEM) that signed the daemon's certificate (default: the system's CAs)",
+    )
     p.add_argument("--cert", metavar="PATH", help="with --tls: our client certificate (PEM)")
     p.add_argument("--key", metavar="PATH", help="with --tls: the key of --cert (PEM; default: in the --cert file)")
-    p.add_argument("--server-name", metavar="NAME",
-                   help="with --tls: the name the daemon's certificate must carry (default: the address's host)")
+    p.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="with --tls: the name the daemon's certificate must carry (default: the address's host)",
+    )
     p.set_defaults(func=cmd_send)
 
-    from .bench import register as register_bench
+    from .tools.bench import register as register_bench
 
     register_bench(sub)
     _register_daemon(sub)
@@ -203,7 +209,7 @@ EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[_Parser]], None]] = []
 
 
 def _register_tail(sub: argparse._SubParsersAction[_Parser]) -> None:
-    from .tail import register
+    from .tools.tail import register
 
     register(sub, _common)
 

@@ -17,6 +17,8 @@ from .errors import ConfigError
 
 DEFAULT_SYSTEM_CONFIG = Path("/etc/nio-logd/nio-logd.toml")
 ENV_CONFIG = "NIO_LOGD_CONFIG"
+# Suffixes of compressed rotated logs (logrotate's compress and others): never a copy to write to.
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".lzo", ".lzma", ".Z", ".zip")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +82,7 @@ def _check_mode(text: str) -> str:
     try:
         value = int(text, 8)
     except ValueError:
-        raise ValueError(f"{text!r} is not an octal file mode such as \"0640\"") from None
+        raise ValueError(f'{text!r} is not an octal file mode such as "0640"') from None
     if not 0 <= value <= 0o777:
         raise ValueError(f"{text!r} is not a file mode between 0000 and 0777")
     return text
@@ -212,9 +214,7 @@ def _default_listeners() -> tuple[ListenerSettings, ...]:
 class Settings(_Frozen):
     """The whole configuration; relative paths are resolved against ``base_dir``."""
 
-    listeners: Annotated[tuple[ListenerSettings, ...], Field(min_length=1)] = Field(
-        default_factory=_default_listeners
-    )
+    listeners: Annotated[tuple[ListenerSettings, ...], Field(min_length=1)] = Field(default_factory=_default_listeners)
     log: LogSettings = LogSettings()
     record: RecordSettings = RecordSettings()
     limits: LimitSettings = LimitSettings()

@@ -10,6 +10,7 @@ Every counter kept here is exported by the metrics (``metrics.ServerCollector``)
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -155,3 +156,34 @@ class Stats:
 
     def __getitem__(self, key: str) -> Any:
         return self.as_dict()[key]
+
+
+# Seconds; one write() or fsync() of a whole group of batches, from 100 µs to 30 s.
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class LatencyHistogram:
+    """Counts of durations per bucket; ``observe`` is called by one thread only (the writer)."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def __repr__(self) -> str:
+        return f"<LatencyHistogram count={sum(self.counts)} sum={self.total:.3f}>"
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def cumulative(self) -> tuple[list[tuple[str, float]], float]:
+        """Prometheus buckets (``le`` label, cumulative count) and the sum of observations."""
+        counts = list(self.counts)  # a copy: the writer may observe meanwhile
+        out = []
+        running = 0
+        for bound, n in zip((*map(str, BUCKETS), "+Inf"), counts, strict=True):
+            running += n
+            out.append((bound, float(running)))
+        return out, self.total

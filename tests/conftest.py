@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from nio_logd.config import load_file
-from nio_logd.server import Server
+from nio_logd.service.server import Server
 
 REPO = Path(__file__).resolve().parent.parent
 

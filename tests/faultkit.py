@@ -22,7 +22,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from nio_logd.client import SendResult, send
+from nio_logd.tools.client import SendResult, send
 
 
 def is_root() -> bool:
@@ -71,9 +71,7 @@ def count_lines(path: Path) -> int:
 def make_line(client: int, index: int, pad: int = 40) -> bytes:
     """A valid record whose send_msg ``c<client>-<index>`` identifies it; ``pad`` grows it."""
     msg = f"c{client}-{index}" + "." * pad
-    return (
-        b'{"send_user":"u%d","send_time":"2026-11-29 12:00:00","send_msg":"%s"}' % (client, msg.encode())
-    )
+    return b'{"send_user":"u%d","send_time":"2026-11-29 12:00:00","send_msg":"%s"}' % (client, msg.encode())
 
 
 def msg_id(msg: str) -> str:
@@ -273,7 +271,7 @@ class AckStream(threading.Thread):
                             end = min(self.total, nxt + 200, answered + self.window)
                             out = b"".join(make_line(self.client, i, self.pad) + b"\n" for i in range(nxt, end))
                             nxt = end
-                        out = out[sock.send(out):]
+                        out = out[sock.send(out) :]
                     if mask & selectors.EVENT_READ:
                         data = sock.recv(65536)
                         if not data:

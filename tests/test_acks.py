@@ -18,15 +18,15 @@ from faultkit import count_lines, logged_ids, make_line, wait_stable
 
 
 @pytest.mark.parametrize("durability", ["write", "fsync"])
-def test_ok_is_sent_only_once_the_record_is_in_the_file(
-    tmp_path: Path, daemon_factory: Any, durability: str
-) -> None:
+def test_ok_is_sent_only_once_the_record_is_in_the_file(tmp_path: Path, daemon_factory: Any, durability: str) -> None:
     """Each time answers arrive, the log already holds the newest record they acknowledge."""
-    d = daemon_factory(write_config(
-        tmp_path,
-        listeners=[{"address": "tcp://127.0.0.1:0", "ack": True}],
-        log={"durability": durability},
-    ))
+    d = daemon_factory(
+        write_config(
+            tmp_path,
+            listeners=[{"address": "tcp://127.0.0.1:0", "ack": True}],
+            log={"durability": durability},
+        )
+    )
     total = 20_000
     s = socket.create_connection(d.tcp)
     sender = threading.Thread(target=lambda: s.sendall(b"".join(make_line(0, i) + b"\n" for i in range(total))))
@@ -67,7 +67,13 @@ def test_every_record_gets_one_answer_in_order_with_reasons(tmp_path: Path, serv
             buf += chunk
     answers = [json.loads(a) for a in buf.splitlines()]
     assert [(a["seq"], a["ok"]) for a in answers] == [
-        (1, True), (2, False), (3, False), (4, True), (5, False), (6, True)]  # blank lines are no records
+        (1, True),
+        (2, False),
+        (3, False),
+        (4, True),
+        (5, False),
+        (6, True),
+    ]  # blank lines are no records
     assert answers[1]["reason"] == "invalid_json" and answers[1]["detail"][0]["field"] == "(record)"
     assert answers[2]["reason"] == "invalid_fields" and answers[2]["detail"][0]["field"] == "send_user"
     assert "send_user" in answers[2]["error"]
@@ -76,8 +82,12 @@ def test_every_record_gets_one_answer_in_order_with_reasons(tmp_path: Path, serv
 
 
 def _cli_send(address: str, stdin: bytes, *args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "nio_logd", "send", "--address", address, "--ack", *args],
-                          input=stdin, capture_output=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "nio_logd", "send", "--address", address, "--ack", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 def test_cli_send_ack_exits_non_zero_and_lists_the_refusals(tmp_path: Path, server_factory: Any) -> None:
@@ -96,9 +106,7 @@ def test_cli_send_ack_exits_non_zero_and_lists_the_refusals(tmp_path: Path, serv
     srv.wait_written(4)
 
 
-def test_cli_send_ack_resends_what_was_not_acked_after_the_daemon_restarts(
-    tmp_path: Path, daemon_factory: Any
-) -> None:
+def test_cli_send_ack_resends_what_was_not_acked_after_the_daemon_restarts(tmp_path: Path, daemon_factory: Any) -> None:
     """``nio-logd send --ack`` over a kill -9 and a restart on the same address: exit 0, all there."""
     port = free_port()
     cfg = write_config(tmp_path, listeners=[{"address": f"tcp://127.0.0.1:{port}", "ack": True}])
@@ -106,7 +114,8 @@ def test_cli_send_ack_resends_what_was_not_acked_after_the_daemon_restarts(
     total = 200_000
     proc = subprocess.Popen(
         [sys.executable, "-m", "nio_logd", "send", "--address", f"tcp://127.0.0.1:{port}", "--ack"],
-        stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     assert proc.stdin is not None
     proc.stdin.write(b"".join(make_line(7, i) + b"\n" for i in range(total)))
@@ -161,9 +170,13 @@ def test_a_client_that_does_not_read_its_acks_is_not_read_either(tmp_path: Path,
 
 def test_a_client_that_never_reads_its_acks_is_closed_after_idle_timeout(tmp_path: Path, daemon_factory: Any) -> None:
     """The connection is not held for as long as TCP allows; every record read from it is written."""
-    d = daemon_factory(write_config(
-        tmp_path, listeners=[{"address": "tcp://127.0.0.1:0", "ack": True}], limits={"idle_timeout": 1.0},
-    ))
+    d = daemon_factory(
+        write_config(
+            tmp_path,
+            listeners=[{"address": "tcp://127.0.0.1:0", "ack": True}],
+            limits={"idle_timeout": 1.0},
+        )
+    )
     total, chunk = 400_000, 2000
     s = socket.create_connection(d.tcp)
     sent = [0]

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from conftest import free_port, read_lines, record, wait_for, write_config
 
-from nio_logd.access import AllowList, OncePer
-from nio_logd.client import send
 from nio_logd.config import load_file
 from nio_logd.errors import ConfigError
+from nio_logd.tools.client import send
+from nio_logd.wire.access import AllowList, OncePer
 
 
 def connect_from(source: str, addr: tuple[str, int]) -> socket.socket:
@@ -40,9 +40,14 @@ def refused_not_allowed(srv: Any) -> int:
 
 def test_connection_from_outside_allow_is_closed_at_accept_and_counted(tmp_path: Path, server_factory: Any) -> None:
     port = free_port()
-    srv = server_factory(write_config(tmp_path, listeners=[
-        {"address": f"tcp://127.0.0.1:{port}", "allow": ["127.0.0.1/32"]},
-    ]))
+    srv = server_factory(
+        write_config(
+            tmp_path,
+            listeners=[
+                {"address": f"tcp://127.0.0.1:{port}", "allow": ["127.0.0.1/32"]},
+            ],
+        )
+    )
     assert closed_without_reading(connect_from("127.0.0.2", srv.tcp))
     wait_for(lambda: refused_not_allowed(srv) == 1)
     with connect_from("127.0.0.1", srv.tcp) as s:  # the allowed address still gets in
@@ -58,9 +63,14 @@ def test_connection_from_outside_allow_is_closed_at_accept_and_counted(tmp_path:
 
 
 def test_networks_not_single_addresses(tmp_path: Path, server_factory: Any) -> None:
-    srv = server_factory(write_config(tmp_path, listeners=[
-        {"address": f"tcp://127.0.0.1:{free_port()}", "allow": ["10.0.0.0/8", "127.0.0.0/30", "::1/128"]},
-    ]))
+    srv = server_factory(
+        write_config(
+            tmp_path,
+            listeners=[
+                {"address": f"tcp://127.0.0.1:{free_port()}", "allow": ["10.0.0.0/8", "127.0.0.0/30", "::1/128"]},
+            ],
+        )
+    )
     for source in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
         with connect_from(source, srv.tcp) as s:
             s.sendall(record(source, "in"))
@@ -77,10 +87,15 @@ def test_ipv6_client_against_an_ipv4_only_allow_list(tmp_path: Path, server_fact
         socket.create_server(("::1", 0), family=socket.AF_INET6).close()
     except OSError:
         pytest.skip("no IPv6 loopback on this machine")
-    srv = server_factory(write_config(tmp_path, listeners=[
-        {"address": f"tcp://[::1]:{free_port()}", "allow": ["127.0.0.0/8"]},
-        {"address": f"tcp://[::1]:{free_port()}", "allow": ["127.0.0.0/8", "::1/128"]},
-    ]))
+    srv = server_factory(
+        write_config(
+            tmp_path,
+            listeners=[
+                {"address": f"tcp://[::1]:{free_port()}", "allow": ["127.0.0.0/8"]},
+                {"address": f"tcp://[::1]:{free_port()}", "allow": ["127.0.0.0/8", "::1/128"]},
+            ],
+        )
+    )
     v4_only, both = srv.server.addresses()
     port_v4_only = int(v4_only.rpartition(":")[2])
     assert closed_without_reading(connect_from("::1", ("::1", port_v4_only)))
@@ -92,9 +107,14 @@ def test_ipv6_client_against_an_ipv4_only_allow_list(tmp_path: Path, server_fact
 
 
 def test_100_refusals_from_one_address_log_one_event_a_minute(tmp_path: Path, daemon_factory: Any) -> None:
-    d = daemon_factory(write_config(tmp_path, listeners=[
-        {"address": f"tcp://127.0.0.1:{free_port()}", "allow": ["127.0.0.1/32"]},
-    ]))
+    d = daemon_factory(
+        write_config(
+            tmp_path,
+            listeners=[
+                {"address": f"tcp://127.0.0.1:{free_port()}", "allow": ["127.0.0.1/32"]},
+            ],
+        )
+    )
     for _ in range(100):
         assert closed_without_reading(connect_from("127.0.0.2", d.tcp))
     for _ in range(3):
@@ -117,13 +137,41 @@ def test_tls_listener_refuses_outsiders_before_the_handshake(tmp_path: Path, ser
     # make a throwaway self-signed one.
     import subprocess
 
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(tmp_path / "k.pem"), "-out", str(tmp_path / "c.pem"), "-days", "1",
-                    "-subj", "/CN=localhost"], check=True, capture_output=True, timeout=60)
-    srv = server_factory(write_config(tmp_path, listeners=[{
-        "address": f"tcp://127.0.0.1:{free_port()}", "allow": ["127.0.0.1/32"],
-        "tls": {"cert": str(tmp_path / "c.pem"), "key": str(tmp_path / "k.pem")},
-    }]))
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(tmp_path / "k.pem"),
+            "-out",
+            str(tmp_path / "c.pem"),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    srv = server_factory(
+        write_config(
+            tmp_path,
+            listeners=[
+                {
+                    "address": f"tcp://127.0.0.1:{free_port()}",
+                    "allow": ["127.0.0.1/32"],
+                    "tls": {"cert": str(tmp_path / "c.pem"), "key": str(tmp_path / "k.pem")},
+                }
+            ],
+        )
+    )
     for _ in range(5):
         assert closed_without_reading(connect_from("127.0.0.2", srv.tcp))
     wait_for(lambda: refused_not_allowed(srv) == 5)

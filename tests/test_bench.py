@@ -12,15 +12,18 @@ from typing import Any
 import pytest
 from conftest import REPO, read_lines, write_config
 
-from nio_logd.bench import lane_chunks, lane_pool, make_record, parse_record_bytes, split
 from nio_logd.config import RecordSettings
-from nio_logd.record import RecordValidator
+from nio_logd.records.record import RecordValidator
+from nio_logd.tools.bench import lane_chunks, lane_pool, make_record, parse_record_bytes, split
 
 
 def bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "nio_logd", "bench", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
     )
 
 
@@ -62,8 +65,18 @@ def test_record_bytes_spellings() -> None:
 
 def test_stream_reports_rates_and_every_record_is_written(tmp_path: Path, daemon_factory: Any) -> None:
     d = daemon_factory(write_config(tmp_path))
-    result = bench_json("--address", d.address, "--records", "3000", "--connections", "4",
-                        "--processes", "2", "--wait-file", str(d.messages))
+    result = bench_json(
+        "--address",
+        d.address,
+        "--records",
+        "3000",
+        "--connections",
+        "4",
+        "--processes",
+        "2",
+        "--wait-file",
+        str(d.messages),
+    )
     assert result["sent"]["records"] == 3000
     assert result["sent"]["records_per_s"] > 0 and result["sent"]["mb_per_s"] > 0
     assert result["written"]["complete"] and result["written"]["lines"] == 3000
@@ -77,8 +90,18 @@ def test_stream_reports_rates_and_every_record_is_written(tmp_path: Path, daemon
 
 def test_one_record_per_connection_without_newline(tmp_path: Path, daemon_factory: Any) -> None:
     d = daemon_factory(write_config(tmp_path))
-    result = bench_json("--address", d.address, "--mode", "one-per-connection", "--records", "300",
-                        "--connections", "6", "--wait-file", str(d.messages))
+    result = bench_json(
+        "--address",
+        d.address,
+        "--mode",
+        "one-per-connection",
+        "--records",
+        "300",
+        "--connections",
+        "6",
+        "--wait-file",
+        str(d.messages),
+    )
     assert result["sent"]["records"] == 300 == result["connections_made"]
     assert result["written"]["complete"]
     assert len(read_lines(d.messages)) == 300
@@ -89,8 +112,9 @@ def test_one_record_per_connection_without_newline(tmp_path: Path, daemon_factor
 def test_ack_mode_counts_answers_and_reports_latency(tmp_path: Path, daemon_factory: Any, mode: str) -> None:
     config = write_config(tmp_path, listeners=[{"address": "tcp://127.0.0.1:0", "ack": True}])
     d = daemon_factory(config)
-    result = bench_json("--address", d.address, "--ack", "--mode", mode, "--records", "2000",
-                        "--connections", "4", "--window", "100")
+    result = bench_json(
+        "--address", d.address, "--ack", "--mode", mode, "--records", "2000", "--connections", "4", "--window", "100"
+    )
     assert result["acked"] == 2000 and result["refused"] == 0
     assert set(result["latency_ms"]) == {"p50", "p99", "p99.9", "max"}
     assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p99"] <= result["latency_ms"]["max"]

@@ -17,7 +17,11 @@ from nio_logd.errors import ConfigError
 def nio(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "nio_logd", *args],
-        capture_output=True, text=True, timeout=60, cwd=cwd, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -32,17 +36,17 @@ def test_example_config_is_valid_and_equals_the_defaults() -> None:
     [
         ("[log]\nbogus = 1\n", "log.bogus: unknown key"),
         ("[nope]\nx = 1\n", "nope: unknown key"),
-        ("[log]\ndurability = \"sometimes\"\n", "log.durability"),
-        ("[limits]\nmax_connections = \"many\"\n", "limits.max_connections"),
+        ('[log]\ndurability = "sometimes"\n', "log.durability"),
+        ('[limits]\nmax_connections = "many"\n', "limits.max_connections"),
         ("[limits]\nidle_timeout = -1\n", "limits.idle_timeout"),
-        ("[[listeners]]\naddress = \"http://x:1\"\n", "listeners.0.address"),
-        ("[[listeners]]\naddress = \"tcp://127.0.0.1:99999\"\n", "port must be"),
-        ("[[listeners]]\naddress = \"tcp://::1:80\"\n", "IPv6 addresses are written"),
-        ("[[listeners]]\nack = \"yes\"\n", "listeners.0.ack"),
-        ("[log]\nfile_mode = \"rw\"\n", "log.file_mode"),
+        ('[[listeners]]\naddress = "http://x:1"\n', "listeners.0.address"),
+        ('[[listeners]]\naddress = "tcp://127.0.0.1:99999"\n', "port must be"),
+        ('[[listeners]]\naddress = "tcp://::1:80"\n', "IPv6 addresses are written"),
+        ('[[listeners]]\nack = "yes"\n', "listeners.0.ack"),
+        ('[log]\nfile_mode = "rw"\n', "log.file_mode"),
         ("[log\n", "invalid TOML"),
         ("[log]\npath = 1979-05-27\n", "log.path"),
-        ("base_dir = \"/\"\n", "base_dir: unknown key"),
+        ('base_dir = "/"\n', "base_dir: unknown key"),
     ],
 )
 def test_bad_config_names_file_key_and_problem(tmp_path: Path, text: str, needle: str) -> None:
@@ -86,8 +90,11 @@ def test_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     ("text", "scheme", "host", "port"),
-    [("tcp://127.0.0.1:1", "tcp", "127.0.0.1", 1), ("tcp://[::1]:8888", "tcp", "::1", 8888),
-     ("tcp://localhost:0", "tcp", "localhost", 0)],
+    [
+        ("tcp://127.0.0.1:1", "tcp", "127.0.0.1", 1),
+        ("tcp://[::1]:8888", "tcp", "::1", 8888),
+        ("tcp://localhost:0", "tcp", "localhost", 0),
+    ],
 )
 def test_parse_tcp_address(text: str, scheme: str, host: str, port: int) -> None:
     a = parse_address(text)
@@ -106,9 +113,11 @@ def test_check_config_cli_prints_effective_settings(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "needle"),
-    [("[log]\nbogus = 1\n", "log.bogus: unknown key"),
-     ("[limits]\nmax_record_bytes = \"big\"\n", "limits.max_record_bytes"),
-     ("[[listeners]]\naddress = \"tcp://nowhere\"\n", "listeners.0.address")],
+    [
+        ("[log]\nbogus = 1\n", "log.bogus: unknown key"),
+        ('[limits]\nmax_record_bytes = "big"\n', "limits.max_record_bytes"),
+        ('[[listeners]]\naddress = "tcp://nowhere"\n', "listeners.0.address"),
+    ],
 )
 def test_run_with_bad_config_exits_non_zero_with_one_line(tmp_path: Path, text: str, needle: str) -> None:
     path = tmp_path / "c.toml"

@@ -21,7 +21,10 @@ def nio(command: str, config: Path) -> subprocess.CompletedProcess[str]:
     """`python3 -m nio_logd COMMAND --config CONFIG`; a hang is killed and reported as such."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "nio_logd", command, "--config", str(config)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         cwd=config.parent if config.parent.is_dir() else None,
     )
     try:

@@ -22,8 +22,8 @@ import pytest
 from conftest import DaemonProcess, free_port, read_lines, record, wait_for, write_config
 
 from nio_logd.config import load_file
-from nio_logd.daemonize import events_path
-from nio_logd.pidfile import is_alive
+from nio_logd.service.daemonize import events_path
+from nio_logd.service.pidfile import is_alive
 
 CTL_TIMEOUT = 60
 
@@ -277,7 +277,7 @@ def test_stale_pidfile_is_detected_and_replaced(tmp_path: Path, ctl_factory: Any
 
 
 def test_pidfile_is_written_atomically_and_only_our_pid_is_removed(tmp_path: Path) -> None:
-    from nio_logd.pidfile import PidFile
+    from nio_logd.service.pidfile import PidFile
 
     pf = PidFile(tmp_path / "x.pid")
     pf.write(12345)
@@ -384,8 +384,9 @@ def test_sighup_on_run_rereads_limits(tmp_path: Path, daemon_factory: Any) -> No
     """`run` too: SIGHUP makes a new idle_timeout and max_user_chars apply."""
     config = write_config(tmp_path, limits={"idle_timeout": 3600.0})
     d: DaemonProcess = daemon_factory(config)
-    config.write_text(config.read_text().replace("idle_timeout = 3600.0", "idle_timeout = 0.5")
-                      + "[record]\nmax_user_chars = 3\n")
+    config.write_text(
+        config.read_text().replace("idle_timeout = 3600.0", "idle_timeout = 0.5") + "[record]\nmax_user_chars = 3\n"
+    )
     d.signal(signal.SIGHUP)
     ev = wait_for(lambda: d.event("reloaded"))
     assert ev["applied"] == {"limits.idle_timeout": 0.5, "record.max_user_chars": 3}
@@ -426,8 +427,10 @@ def _stall_a_drain(port: int) -> socket.socket:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", port))
     s.setblocking(False)
-    bad = json.dumps({"send_user": "u", "send_time": "2026-11-29 12:00:00", "send_msg": "m",
-                      "k" * 4000: 1}).encode() + b"\n"
+    bad = (
+        json.dumps({"send_user": "u", "send_time": "2026-11-29 12:00:00", "send_msg": "m", "k" * 4000: 1}).encode()
+        + b"\n"
+    )
     stalled_since: float | None = None
     while True:
         try:
@@ -445,9 +448,12 @@ def test_stop_times_out_then_a_second_stop_forces(tmp_path: Path, ctl_factory: A
     """stop --timeout fails (non-zero, the pid named) if the daemon is still draining; stop again
     sends the second SIGTERM, which forces the end."""
     port = free_port()
-    config = _config(tmp_path, listeners=[{"address": f"tcp://127.0.0.1:{port}", "ack": True}],
-                     server={"shutdown_timeout": 3600.0},
-                     limits={"refused_close_after": 0})  # the stalling client sends only refused records
+    config = _config(
+        tmp_path,
+        listeners=[{"address": f"tcp://127.0.0.1:{port}", "ack": True}],
+        server={"shutdown_timeout": 3600.0},
+        limits={"refused_close_after": 0},
+    )  # the stalling client sends only refused records
     ctl = ctl_factory(config)
     assert ctl("start").returncode == 0
     pid = ctl.pid()

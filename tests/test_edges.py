@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nio_logd.config import RecordSettings
-from nio_logd.framing import Frame, LineFramer, TooLarge
-from nio_logd.record import RecordValidator, Refusal
+from nio_logd.records.record import RecordValidator, Refusal
+from nio_logd.wire.framing import Frame, LineFramer, TooLarge
 
 # --- CRLF at the size bound ---------------------------------------------------------------------
 
@@ -123,8 +123,11 @@ KEEP = RecordValidator(RecordSettings(extra="keep"), 1 << 20)
     ("validator", "line", "field"),
     [
         (FORBID, HEAD + b', "send_user": "mallory"}', "send_user"),
-        (FORBID, b'{"send_user": "a", "send_user": "b", "send_time": "2026-11-29 12:00:00", "send_msg": ""}',
-         "send_user"),
+        (
+            FORBID,
+            b'{"send_user": "a", "send_user": "b", "send_time": "2026-11-29 12:00:00", "send_msg": ""}',
+            "send_user",
+        ),
         (FORBID, HEAD + b', "send_msg": "rewritten"}', "send_msg"),
         (FORBID, b'{"send_msg": 1, ' + HEAD[1:] + b"}", "send_msg"),
         (FORBID, HEAD + b', "send_time": "2000-01-01 00:00:00"}', "send_time"),
@@ -140,8 +143,19 @@ KEEP = RecordValidator(RecordSettings(extra="keep"), 1 << 20)
         (IGNORE, HEAD + b', "send_user": "mallory"}', "send_user"),
     ],
     ids=[
-        "top-level", "first-of-record", "send_msg", "non-string-first", "send_time", "u-escaped", "all-u-escaped",
-        "keep-nested", "keep-nested-escaped", "keep-in-list", "keep-extra", "ignore-unknown", "ignore-nested",
+        "top-level",
+        "first-of-record",
+        "send_msg",
+        "non-string-first",
+        "send_time",
+        "u-escaped",
+        "all-u-escaped",
+        "keep-nested",
+        "keep-nested-escaped",
+        "keep-in-list",
+        "keep-extra",
+        "ignore-unknown",
+        "ignore-nested",
         "ignore-known",
     ],
 )
@@ -264,9 +278,7 @@ def test_bidi_controls_in_user_are_refused(point: int) -> None:
 
 @settings(max_examples=500)
 @given(
-    name=st.text(
-        alphabet=st.characters(blacklist_categories=("Cc", "Cf", "Cs")), min_size=0, max_size=20
-    ),
+    name=st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cf", "Cs")), min_size=0, max_size=20),
     point=st.sampled_from(BIDI),
     where=st.integers(min_value=0, max_value=20),
 )

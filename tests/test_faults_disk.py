@@ -172,12 +172,14 @@ def test_full_disk_stops_acks_bounds_memory_and_resumes(full_disk: FullDisk, dae
     missing = [f"c{c}-{i}" for c in range(CLIENTS) for i in range(RECORDS) if f"c{c}-{i}" not in counts]
     missing += [f"c{c}-{i}" for c in range(100, 100 + CLIENTS) for i in range(RECORDS) if f"c{c}-{i}" not in counts]
     growth = peak - before_fill
-    print(f"\n[full disk, {full_disk.kind}] acked={sum(s.acked for s in streams)} "
-          f"acked_when_full={sum(acked_while_full)} lost={len(missing)} "
-          f"duplicates={sum(n - 1 for n in counts.values())} "
-          f"write_errors={metric(after, 'nio_logd_write_errors_total'):.0f} "
-          f"rss_idle={baseline // 1024} MiB before_fill={before_fill // 1024} MiB "
-          f"peak_while_full={peak // 1024} MiB growth_while_full={growth // 1024} MiB")
+    print(
+        f"\n[full disk, {full_disk.kind}] acked={sum(s.acked for s in streams)} "
+        f"acked_when_full={sum(acked_while_full)} lost={len(missing)} "
+        f"duplicates={sum(n - 1 for n in counts.values())} "
+        f"write_errors={metric(after, 'nio_logd_write_errors_total'):.0f} "
+        f"rss_idle={baseline // 1024} MiB before_fill={before_fill // 1024} MiB "
+        f"peak_while_full={peak // 1024} MiB growth_while_full={growth // 1024} MiB"
+    )
     assert not missing
     assert max(counts.values()) == 1  # nothing was written twice by the retries
     assert peak < RSS_PEAK_BOUND_KIB, f"RSS reached {peak} KiB while the disk was full"

@@ -49,9 +49,12 @@ json_values = st.recursive(
     max_leaves=5,
 )
 almost_records = st.fixed_dictionaries(
-    {"send_user": st.text(max_size=40), "send_time": st.text(max_size=30) | st.sampled_from(
-        ["2026-11-29 12:00:00", "2026-11-29T12:00:00+02:00", "2026-02-30 12:00:00", "12:00"]),
-     "send_msg": st.text(max_size=200) | json_values},
+    {
+        "send_user": st.text(max_size=40),
+        "send_time": st.text(max_size=30)
+        | st.sampled_from(["2026-11-29 12:00:00", "2026-11-29T12:00:00+02:00", "2026-02-30 12:00:00", "12:00"]),
+        "send_msg": st.text(max_size=200) | json_values,
+    },
     optional={"extra": json_values},
 )
 lines = st.one_of(
@@ -60,11 +63,16 @@ lines = st.one_of(
     json_values.map(lambda v: json.dumps(v).encode()),
     st.binary(max_size=300),
     st.tuples(st.builds(record), st.binary(min_size=1, max_size=8), st.integers(0, 80)).map(
-        lambda t: t[0][: t[2]] + t[1] + t[0][t[2]:]),  # a good record with bytes spliced in
+        lambda t: t[0][: t[2]] + t[1] + t[0][t[2] :]
+    ),  # a good record with bytes spliced in
     # Too large: rare (each is 300 KB on the wire), chosen by a 1-in-25 draw.
     st.sampled_from(range(25)).flatmap(
-        lambda k: st.integers(MAX_RECORD + 1, MAX_RECORD + 5000).map(lambda n: b"{" + b"x" * n) if k == 0
-        else st.builds(record, st.text(max_size=10))),
+        lambda k: (
+            st.integers(MAX_RECORD + 1, MAX_RECORD + 5000).map(lambda n: b"{" + b"x" * n)
+            if k == 0
+            else st.builds(record, st.text(max_size=10))
+        )
+    ),
 ).map(one_record)
 
 
@@ -72,12 +80,14 @@ lines = st.one_of(
 def test_hostile_corpus_and_hypothesis_fuzz_never_crash_and_counters_add_up(
     tmp_path: Path, daemon_factory: Any
 ) -> None:
-    d = daemon_factory(write_config(
-        tmp_path,
-        listeners=[{"address": "tcp://127.0.0.1:0", "ack": True}],
-        limits={"max_record_bytes": MAX_RECORD},
-        metrics={"address": "tcp://127.0.0.1:0"},
-    ))
+    d = daemon_factory(
+        write_config(
+            tmp_path,
+            listeners=[{"address": "tcp://127.0.0.1:0", "ack": True}],
+            limits={"max_record_bytes": MAX_RECORD},
+            metrics={"address": "tcp://127.0.0.1:0"},
+        )
+    )
     mx = metrics_address(d)
     sent = ok = 0
     refused: dict[str, int] = dict.fromkeys(REASONS, 0)
@@ -106,9 +116,12 @@ def test_hostile_corpus_and_hypothesis_fuzz_never_crash_and_counters_add_up(
     assert all(a["ok"] for a in answers[0::2])
 
     # The fuzz: many generated records per connection keeps 20,000+ inputs fast.
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                     HealthCheck.large_base_example])
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+    )
     @given(st.lists(lines, min_size=PER_EXAMPLE, max_size=PER_EXAMPLE + 20))
     def fuzz(batch: list[bytes]) -> None:
         tally(batch)
@@ -133,5 +146,7 @@ def test_hostile_corpus_and_hypothesis_fuzz_never_crash_and_counters_add_up(
     assert count_lines(d.messages) == ok
     rejects = read_lines(d.rejects)  # every line whole and valid JSON
     assert len(rejects) == total_refused
-    print(f"\n[fuzz] inputs={sent} (hostile corpus {len(corpus)}) accepted={ok} refused={total_refused} "
-          f"by_reason={refused} connections={connections} crashes=0")
+    print(
+        f"\n[fuzz] inputs={sent} (hostile corpus {len(corpus)}) accepted={ok} refused={total_refused} "
+        f"by_reason={refused} connections={connections} crashes=0"
+    )

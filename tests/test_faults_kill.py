@@ -11,7 +11,7 @@ import pytest
 from conftest import free_port, read_lines, wait_for, write_config
 from faultkit import AckedSender, logged_ids, make_line
 
-from nio_logd.client import send
+from nio_logd.tools.client import send
 
 CLIENTS = 4
 RECORDS = 50_000
@@ -62,9 +62,11 @@ def test_kill_9_mid_stream_then_restart_loses_no_acknowledged_record(
     missing = [f"c{c}-{i}" for c in range(CLIENTS) for i in range(RECORDS) if f"c{c}-{i}" not in counts]
     duplicates = sum(n - 1 for n in counts.values())
     resent = sum(r.resent for r in results if r is not None)
-    print(f"\n[kill -9, durability={durability}] records={CLIENTS * RECORDS} acked={CLIENTS * RECORDS} "
-          f"missing={len(missing)} duplicates={duplicates} resent_by_clients={resent} "
-          f"reconnects={sum(r.reconnects for r in results if r is not None)}")
+    print(
+        f"\n[kill -9, durability={durability}] records={CLIENTS * RECORDS} acked={CLIENTS * RECORDS} "
+        f"missing={len(missing)} duplicates={duplicates} resent_by_clients={resent} "
+        f"reconnects={sum(r.reconnects for r in results if r is not None)}"
+    )
     assert not missing, f"{len(missing)} acknowledged records missing, e.g. {missing[:5]}"
     assert set(counts) == {f"c{c}-{i}" for c in range(CLIENTS) for i in range(RECORDS)}
     assert duplicates <= resent  # a duplicate can only come from a resend

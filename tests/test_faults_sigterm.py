@@ -48,9 +48,11 @@ def test_sigterm_mid_stream_writes_every_complete_record_sent(tmp_path: Path, da
     counts = collections.Counter(logged_ids(d.messages))  # fails on a partial line
     lost = [f"c{c}-{i}" for c, n in sent.items() for i in range(n) if f"c{c}-{i}" not in counts]
     extra = [k for k in counts if int(k.split("-")[1]) >= sent[int(k[1:].split("-")[0])]]
-    print(f"\n[SIGTERM] sent={sum(sent.values())} written={sum(counts.values())} lost={len(lost)} "
-          f"duplicates={sum(n - 1 for n in counts.values())} beyond_sent={len(extra)} "
-          f"stream_errors={[type(s.error).__name__ for s in streams if s.error]}")
+    print(
+        f"\n[SIGTERM] sent={sum(sent.values())} written={sum(counts.values())} lost={len(lost)} "
+        f"duplicates={sum(n - 1 for n in counts.values())} beyond_sent={len(extra)} "
+        f"stream_errors={[type(s.error).__name__ for s in streams if s.error]}"
+    )
     assert not lost, f"{len(lost)} sent records lost, e.g. {lost[:5]}"
     assert max(counts.values()) == 1  # no acks, no resends: exactly once
     assert code == 0

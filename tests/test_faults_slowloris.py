@@ -26,14 +26,14 @@ def _streams_closed() -> Iterator[None]:
 
 
 @pytest.mark.slow
-def test_slowloris_does_not_stall_a_stream_and_idle_connections_are_closed(
-    tmp_path: Path, daemon_factory: Any
-) -> None:
-    d = daemon_factory(write_config(
-        tmp_path,
-        limits={"idle_timeout": 3.0},
-        metrics={"address": "tcp://127.0.0.1:0"},
-    ))
+def test_slowloris_does_not_stall_a_stream_and_idle_connections_are_closed(tmp_path: Path, daemon_factory: Any) -> None:
+    d = daemon_factory(
+        write_config(
+            tmp_path,
+            limits={"idle_timeout": 3.0},
+            metrics={"address": "tcp://127.0.0.1:0"},
+        )
+    )
     mx = metrics_address(d)
     slow = [socket.create_connection(d.tcp) for _ in range(SLOW)]
     wait_for(lambda: metric(scrape(mx), "nio_logd_connections_open") == SLOW, 30)

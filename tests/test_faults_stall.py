@@ -117,11 +117,13 @@ def test_frozen_filesystem_blocks_clients_bounds_memory_and_loses_nothing(
     expected = {f"c{c}-{i}" for c in [*range(CLIENTS), *range(100, 100 + CLIENTS)] for i in range(RECORDS)}
     missing = expected - set(counts)
     growth = peak - before
-    print(f"\n[stalled writer, fsfreeze] records={len(expected)} acked={sum(s.acked for s in acked)} "
-          f"acked_when_stalled={sum(blocked_at[0])} sent_when_stalled={sum(blocked_at[1])} lost={len(missing)} "
-          f"duplicates={sum(n - 1 for n in counts.values())} paused_seconds={paused_seconds:.1f} "
-          f"rss_idle={idle // 1024} MiB before_stall={before // 1024} MiB peak_while_stalled={peak // 1024} MiB "
-          f"growth_while_stalled={growth // 1024} MiB")
+    print(
+        f"\n[stalled writer, fsfreeze] records={len(expected)} acked={sum(s.acked for s in acked)} "
+        f"acked_when_stalled={sum(blocked_at[0])} sent_when_stalled={sum(blocked_at[1])} lost={len(missing)} "
+        f"duplicates={sum(n - 1 for n in counts.values())} paused_seconds={paused_seconds:.1f} "
+        f"rss_idle={idle // 1024} MiB before_stall={before // 1024} MiB peak_while_stalled={peak // 1024} MiB "
+        f"growth_while_stalled={growth // 1024} MiB"
+    )
     assert not missing, f"{len(missing)} records lost, e.g. {sorted(missing)[:5]}"
     assert set(counts) == expected and max(counts.values()) == 1
     assert peak < RSS_PEAK_BOUND_KIB, f"RSS reached {peak} KiB during the stall"

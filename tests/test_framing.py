@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nio_logd.framing import Frame, LineFramer, TooLarge
+from nio_logd.wire.framing import Frame, LineFramer, TooLarge
 
 
 def frame_all(chunks: list[bytes], max_bytes: int) -> list[Frame]:

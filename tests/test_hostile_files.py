@@ -39,8 +39,8 @@ from faultkit import (
     unmount,
 )
 
-from nio_logd.copytruncate import WriteJournal
-from nio_logd.pidfile import is_alive
+from nio_logd.output.copytruncate import WriteJournal
+from nio_logd.service.pidfile import is_alive
 
 USER, GROUP = "nobody", "nogroup"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: chown, mounts, switching users")
@@ -80,7 +80,9 @@ def run_cli(config: Path, command: str, timeout: float = 30.0) -> tuple[int | No
     timeout (it is then killed): a daemon that should have refused to start but serves instead."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "nio_logd", command, "--config", str(config)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=config.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=config.parent,
     )
     try:
         _out, err = proc.communicate(timeout=timeout)
@@ -144,11 +146,14 @@ def events_named(d: DaemonProcess, name: str) -> list[dict[str, Any]]:
 # -- finding 2: symlinks and FIFOs at the log paths, ownership ---------------------------------------
 @needs_root
 @pytest.mark.root
-@pytest.mark.parametrize(("which", "command"), [
-    pytest.param("messages", "run"),
-    pytest.param("messages", "start"),
-    ("events", "start"),
-])
+@pytest.mark.parametrize(
+    ("which", "command"),
+    [
+        pytest.param("messages", "run"),
+        pytest.param("messages", "start"),
+        ("events", "start"),
+    ],
+)
 def test_symlinked_log_file_is_refused_root_file_untouched(
     world_dir: Path, ids: tuple[int, int], killer: list[int], which: str, command: str
 ) -> None:
@@ -326,9 +331,11 @@ def test_full_rejects_disk_does_not_stop_messages(tmp_path: Path, small_disk: Pa
     written = msgs(d.messages)
     lines_there = read_lines(d.rejects)  # fails on a partial line
     rejects = [r for r in lines_there if r["event"] == "rejected"]
-    print(f"\n[full rejects disk] good={good} acked={sum(a['ok'] for a in answers)} bad={bad} "
-          f"rejects_written={len(rejects)} rejects_lost={lost:.0f} suppressed={suppressed:.0f} "
-          f"event_records={event['records']}")
+    print(
+        f"\n[full rejects disk] good={good} acked={sum(a['ok'] for a in answers)} bad={bad} "
+        f"rejects_written={len(rejects)} rejects_lost={lost:.0f} suppressed={suppressed:.0f} "
+        f"event_records={event['records']}"
+    )
     assert sorted(written) == sorted(f"good-{i}" for i in range(good + bad) if i % 4 != 3)
     assert 0 < len(rejects) < bad, "the rejects should be partly written"
     assert len(rejects) == written_rejects
@@ -375,7 +382,7 @@ def test_journal_holds_at_most_its_limit() -> None:
         assert j.nbytes == j.end - j.start <= 1000
         assert sum(len(d) for _o, d in j.chunks) < 1500
         assert j.end == 500 + len(written)
-        assert j.slice(j.start, j.end) == written[-j.nbytes:]
+        assert j.slice(j.start, j.end) == written[-j.nbytes :]
         assert j.slice(j.end - 100, j.end) == written[-100:]
     assert j.nbytes == 1000
     j.add(j.end + 5, b"x" * 3000)  # a gap: starts afresh, still bounded
@@ -419,6 +426,7 @@ def test_stuck_writer_makes_health_fail(freezable_disk: Path, daemon_factory: An
     subprocess.run(["fsfreeze", "-f", str(freezable_disk)], check=True, timeout=60)
     try:
         d.signal(signal.SIGHUP)
+
         def unhealthy() -> tuple[int, dict[str, Any]] | None:
             answer = healthz(mx)
             return answer if answer[0] == 503 else None
@@ -434,4 +442,3 @@ def test_stuck_writer_makes_health_fail(freezable_disk: Path, daemon_factory: An
     assert d.stop() == 0
     assert msgs(d.messages) == ["after"]
     assert status == 503
-

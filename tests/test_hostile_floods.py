@@ -17,8 +17,8 @@ from typing import Any
 from conftest import read_lines, wait_for, write_config
 from faultkit import RssSampler, make_line, metric, metrics_address, rss_kib, scrape, wait_stable
 
-from nio_logd.budget import memory_bound
-from nio_logd.client import send
+from nio_logd.service.budget import memory_bound
+from nio_logd.tools.client import send
 
 MIB = 1024
 
@@ -56,8 +56,9 @@ def _baseline(pid: int) -> int:
 def test_refused_flood_memory_is_bounded(tmp_path: Path, daemon_factory: Any) -> None:
     """64 clients x 64 KiB of ``1\\n`` (8,192 refused lines each): RSS stays within the bounds,
     where before it reached 1.28 GiB; the rejects log holds what the rate limit lets through."""
-    cfg = write_config(tmp_path, limits={"queue_bytes": 4 << 20, "refused_close_after": 0},
-                       metrics={"address": "tcp://127.0.0.1:0"})
+    cfg = write_config(
+        tmp_path, limits={"queue_bytes": 4 << 20, "refused_close_after": 0}, metrics={"address": "tcp://127.0.0.1:0"}
+    )
     d = daemon_factory(cfg)
     base = _baseline(d.pid)
     rss = RssSampler(d.pid)
@@ -66,8 +67,7 @@ def test_refused_flood_memory_is_bounded(tmp_path: Path, daemon_factory: Any) ->
         for s in socks:
             s.shutdown(socket.SHUT_WR)
         mx = metrics_address(d)
-        wait_for(lambda: metric(scrape(mx), "nio_logd_records_refused_total", reason="not_an_object") == 128 * 8192,
-                 60)
+        wait_for(lambda: metric(scrape(mx), "nio_logd_records_refused_total", reason="not_an_object") == 128 * 8192, 60)
     finally:
         _close_all(socks)
     peak = rss.stop()
@@ -92,8 +92,10 @@ def test_nacks_to_clients_that_never_read_are_bounded(tmp_path: Path, daemon_fac
     """100 ack clients send 64 KiB of refused lines each and never read their answers: the daemon
     holds at most its per-connection answer limit for each (before: 2.09 GiB until idle_timeout)."""
     cfg = write_config(
-        tmp_path, [{"address": "tcp://127.0.0.1:0", "ack": True}],
-        limits={"refused_close_after": 0, "buffer_bytes": 16 << 20}, metrics={"address": "tcp://127.0.0.1:0"},
+        tmp_path,
+        [{"address": "tcp://127.0.0.1:0", "ack": True}],
+        limits={"refused_close_after": 0, "buffer_bytes": 16 << 20},
+        metrics={"address": "tcp://127.0.0.1:0"},
     )
     d = daemon_factory(cfg)
     base = _baseline(d.pid)
@@ -111,13 +113,16 @@ def test_nacks_to_clients_that_never_read_are_bounded(tmp_path: Path, daemon_fac
         # The daemon takes what its bounds allow, then waits (on 061c035 it took everything and
         # held 2 GiB of answers): wait until it stops taking records, then look.
         mx = metrics_address(d)
-        taken = wait_stable(lambda: metric(scrape(mx), "nio_logd_records_refused_total", reason="not_an_object"),
-                            timeout=60)
+        taken = wait_stable(
+            lambda: metric(scrape(mx), "nio_logd_records_refused_total", reason="not_an_object"), timeout=60
+        )
         assert taken < 100 * 32768
         peak = rss.stop()
         assert peak * 1024 <= memory_bound(d.settings)["total"], (peak, memory_bound(d.settings))
-        print(f"FIGURE nacks to 100 clients that never read: RSS {base // MIB} -> peak {peak // MIB} MiB, "
-              f"{taken:.0f} of {100 * 32768} records taken before waiting")
+        print(
+            f"FIGURE nacks to 100 clients that never read: RSS {base // MIB} -> peak {peak // MIB} MiB, "
+            f"{taken:.0f} of {100 * 32768} records taken before waiting"
+        )
         assert peak - base < 16 * MIB + 32 * MIB, f"RSS {base} -> {peak} KiB"
         # A well-behaved ack client is still served meanwhile.
         result = send(d.address, [make_line(1, i) for i in range(1000)], ack=True, timeout=30)
@@ -128,8 +133,12 @@ def test_nacks_to_clients_that_never_read_are_bounded(tmp_path: Path, daemon_fac
 
 
 def test_rejects_are_rate_limited_per_connection_with_a_suppressed_count(tmp_path: Path, daemon_factory: Any) -> None:
-    cfg = write_config(tmp_path, limits={"refused_close_after": 0}, log={"rejects_per_second": 50},
-                       metrics={"address": "tcp://127.0.0.1:0"})
+    cfg = write_config(
+        tmp_path,
+        limits={"refused_close_after": 0},
+        log={"rejects_per_second": 50},
+        metrics={"address": "tcp://127.0.0.1:0"},
+    )
     d = daemon_factory(cfg)
     with socket.create_connection(d.tcp, timeout=30) as s:
         s.sendall(b"1\n" * 10_000 + make_line(1, 0) + b"\n")
@@ -189,8 +198,9 @@ def test_connection_of_nearly_all_refused_records_is_closed(tmp_path: Path, daem
 def test_partial_lines_are_bounded_by_a_global_budget(tmp_path: Path, daemon_factory: Any) -> None:
     """400 connections each holding 262,142 bytes without a newline (100 MiB): with
     ``buffer_bytes`` = 8 MiB the daemon holds at most that, closing the biggest holders."""
-    cfg = write_config(tmp_path, limits={"buffer_bytes": 8 << 20, "queue_bytes": 1 << 20},
-                       metrics={"address": "tcp://127.0.0.1:0"})
+    cfg = write_config(
+        tmp_path, limits={"buffer_bytes": 8 << 20, "queue_bytes": 1 << 20}, metrics={"address": "tcp://127.0.0.1:0"}
+    )
     d = daemon_factory(cfg)
     mx = metrics_address(d)
     base = _baseline(d.pid)
@@ -208,8 +218,10 @@ def test_partial_lines_are_bounded_by_a_global_budget(tmp_path: Path, daemon_fac
         _close_all(socks)
     peak = rss.stop()
     assert peak * 1024 <= memory_bound(d.settings)["total"], (peak, memory_bound(d.settings))
-    print(f"FIGURE 400 partial lines of 262,142 bytes, buffer_bytes 8 MiB: RSS {base // MIB} -> peak {peak // MIB} MiB,"
-          f" {closed:.0f} connections closed")
+    print(
+        f"FIGURE 400 partial lines of 262,142 bytes, buffer_bytes 8 MiB: RSS {base // MIB} -> peak {peak // MIB} MiB,"
+        f" {closed:.0f} connections closed"
+    )
     assert peak - base < 8 * MIB + 48 * MIB, f"RSS {base} -> {peak} KiB"
     ev = d.event("connections_closed")
     assert ev is not None and ev["reason"] == "buffer_bytes", [e for e in d.events if "closed" in e.get("event", "")]
@@ -221,11 +233,14 @@ def test_a_refusal_is_bounded_whatever_the_record() -> None:
     """Thousands of unknown keys, or one key of 200 KB: the refusal (written to the rejects log and
     answered) names at most 10 errors and cuts a long field name, instead of growing with the record."""
     from nio_logd.config import RecordSettings
-    from nio_logd.record import Refusal, RecordValidator
+    from nio_logd.records.record import RecordValidator, Refusal
 
     v = RecordValidator(RecordSettings(), 1 << 20)
-    many = b'{"send_user":"a","send_time":"2026-11-29 12:00:00","send_msg":"m",' + b",".join(
-        b'"k%d":1' % i for i in range(5000)) + b"}"
+    many = (
+        b'{"send_user":"a","send_time":"2026-11-29 12:00:00","send_msg":"m",'
+        + b",".join(b'"k%d":1' % i for i in range(5000))
+        + b"}"
+    )
     result = v.validate(many)
     assert isinstance(result, Refusal) and result.reason == "invalid_fields"
     assert len(result.errors) == 11 and result.errors[-1]["error"] == "4990 more errors not listed"

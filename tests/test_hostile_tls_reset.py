@@ -24,10 +24,10 @@ from conftest import read_lines, wait_for, write_config
 from faultkit import healthz, make_line, metrics_address
 from test_tls import PKI, ctx_for, pki, tls_listener  # noqa: F401 - pki is a fixture
 
-from nio_logd.client import send
 from nio_logd.config import load_file
-from nio_logd.metrics import health
-from nio_logd.runner import _writer_healthy, serve
+from nio_logd.service.metrics import health
+from nio_logd.service.runner import _writer_healthy, serve
+from nio_logd.tools.client import send
 
 
 def reset_connections(addr: tuple[str, int], n: int) -> None:
@@ -70,8 +70,12 @@ def test_tls_reset_before_accept_keeps_the_daemon_serving(
     status, body = healthz(mx)
     assert status == 200, body
     # More resets, now while a stream is running, then SIGTERM: every record written, exit 0.
-    stream = threading.Thread(target=send, args=(address, [make_line(3, i) for i in range(20_000)]),
-                              kwargs={"ack": True, "tls": ctx, "timeout": 60}, daemon=True)
+    stream = threading.Thread(
+        target=send,
+        args=(address, [make_line(3, i) for i in range(20_000)]),
+        kwargs={"ack": True, "tls": ctx, "timeout": 60},
+        daemon=True,
+    )
     stream.start()
     reset_connections(d.tcp, 40)
     stream.join(90)

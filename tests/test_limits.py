@@ -11,7 +11,7 @@ from typing import Any
 from conftest import free_port, read_lines, wait_for, write_config
 from faultkit import make_line
 
-from nio_logd.client import send
+from nio_logd.tools.client import send
 
 
 def _stream(address: tuple[str, int], lines: list[bytes]) -> None:
@@ -94,11 +94,13 @@ def test_rate_limited_connection_is_not_closed_as_idle_while_it_waits(tmp_path: 
 
 
 def test_rate_limit_with_acks_answers_every_record_in_order(tmp_path: Path, server_factory: Any) -> None:
-    srv = server_factory(write_config(
-        tmp_path,
-        listeners=[{"address": f"tcp://127.0.0.1:{free_port()}", "ack": True}],
-        limits={"rate_limit": 2000.0},
-    ))
+    srv = server_factory(
+        write_config(
+            tmp_path,
+            listeners=[{"address": f"tcp://127.0.0.1:{free_port()}", "ack": True}],
+            limits={"rate_limit": 2000.0},
+        )
+    )
     result = send(srv.address, [make_line(0, i) for i in range(5000)] + [b"[]"], ack=True)
     assert result.acked == 5000 and [r[0] for r in result.refused] == [5000]
     assert srv.server.snapshot()["rate_limited"] >= 1

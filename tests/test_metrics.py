@@ -13,28 +13,36 @@ from typing import Any
 from conftest import free_port, record, wait_for, write_config
 from faultkit import healthz, make_line, metric, metrics_address, scrape
 
-from nio_logd.client import send
+from nio_logd.tools.client import send
 
 
 def test_metrics_counters_match_what_the_test_sent(tmp_path: Path, daemon_factory: Any) -> None:
-    d = daemon_factory(write_config(
-        tmp_path,
-        limits={"max_record_bytes": 1000},
-        metrics={"address": "tcp://127.0.0.1:0"},
-    ))
+    d = daemon_factory(
+        write_config(
+            tmp_path,
+            limits={"max_record_bytes": 1000},
+            metrics={"address": "tcp://127.0.0.1:0"},
+        )
+    )
     mx = metrics_address(d)
     bad = {
-        "invalid_json": [b"{nope", b"{\"send_user\": }"],
+        "invalid_json": [b"{nope", b'{"send_user": }'],
         "not_an_object": [b"[]", b"42", b'"text"'],
         "invalid_utf8": [b'{"send_user": "\xff", "send_time": "2026-11-29 12:00:00", "send_msg": "x"}'],
-        "invalid_fields": [record(user=""), record(when="yesterday"), b'{"send_user": "a"}',
-                           record()[:-1] + b',"x":1}'],
+        "invalid_fields": [
+            record(user=""),
+            record(when="yesterday"),
+            b'{"send_user": "a"}',
+            record()[:-1] + b',"x":1}',
+        ],
         "too_large": [b"{" + b"x" * 5000],
     }
     good = [make_line(0, i) for i in range(500)]
-    streams = [good[:200] + bad["invalid_json"] + bad["not_an_object"],
-               good[200:450] + bad["invalid_utf8"] + bad["invalid_fields"],
-               good[450:] + bad["too_large"]]
+    streams = [
+        good[:200] + bad["invalid_json"] + bad["not_an_object"],
+        good[200:450] + bad["invalid_utf8"] + bad["invalid_fields"],
+        good[450:] + bad["too_large"],
+    ]
     total_bytes = 0
     for lines in streams:
         payload = b"\n".join(lines)  # the last record without a newline, like the original client
@@ -75,12 +83,14 @@ def test_metrics_counters_match_what_the_test_sent(tmp_path: Path, daemon_factor
 
 def test_fsync_is_a_group_commit_counted_in_the_fsync_histogram(tmp_path: Path, daemon_factory: Any) -> None:
     """With durability fsync and fsync_max_wait, 20,000 acked records need far fewer fsyncs than records."""
-    d = daemon_factory(write_config(
-        tmp_path,
-        listeners=[{"address": "tcp://127.0.0.1:0", "ack": True}],
-        log={"durability": "fsync", "fsync_max_wait": 0.02},
-        metrics={"address": "tcp://127.0.0.1:0"},
-    ))
+    d = daemon_factory(
+        write_config(
+            tmp_path,
+            listeners=[{"address": "tcp://127.0.0.1:0", "ack": True}],
+            log={"durability": "fsync", "fsync_max_wait": 0.02},
+            metrics={"address": "tcp://127.0.0.1:0"},
+        )
+    )
     mx = metrics_address(d)
     result = send(d.address, [make_line(1, i) for i in range(20_000)], ack=True)
     assert result.acked == 20_000
@@ -93,11 +103,13 @@ def test_fsync_is_a_group_commit_counted_in_the_fsync_histogram(tmp_path: Path, 
 
 
 def test_connections_refused_are_counted_by_reason(tmp_path: Path, daemon_factory: Any) -> None:
-    d = daemon_factory(write_config(
-        tmp_path,
-        limits={"max_connections": 3, "max_connections_per_client": 2},
-        metrics={"address": "tcp://127.0.0.1:0"},
-    ))
+    d = daemon_factory(
+        write_config(
+            tmp_path,
+            limits={"max_connections": 3, "max_connections_per_client": 2},
+            metrics={"address": "tcp://127.0.0.1:0"},
+        )
+    )
     mx = metrics_address(d)
     held = [socket.create_connection(d.tcp) for _ in range(2)]
     wait_for(lambda: metric(scrape(mx), "nio_logd_connections_open") == 2, 10)
@@ -124,14 +136,27 @@ def test_metrics_address_that_cannot_be_bound_stops_the_start_with_the_reason(tm
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        cfg = write_config(tmp_path, listeners=[{"address": f"tcp://127.0.0.1:{free_port()}"}],
-                           metrics={"address": f"tcp://127.0.0.1:{port}"})
-        proc = subprocess.run([sys.executable, "-m", "nio_logd", "run", "--config", str(cfg)],
-                              capture_output=True, text=True, timeout=30, cwd=tmp_path)
+        cfg = write_config(
+            tmp_path,
+            listeners=[{"address": f"tcp://127.0.0.1:{free_port()}"}],
+            metrics={"address": f"tcp://127.0.0.1:{port}"},
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "nio_logd", "run", "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=tmp_path,
+        )
     assert proc.returncode == 69  # EX_UNAVAILABLE, as for a listener that cannot be bound
     assert f"cannot listen on metrics address tcp://127.0.0.1:{port}: Address already in use" in proc.stderr
     cfg = write_config(tmp_path, metrics={"address": f"unix://{tmp_path}/metrics.sock"})
-    proc = subprocess.run([sys.executable, "-m", "nio_logd", "run", "--config", str(cfg)],
-                          capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nio_logd", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 69
     assert "only tcp://HOST:PORT addresses are supported" in proc.stderr

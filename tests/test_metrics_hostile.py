@@ -38,7 +38,7 @@ def thread_count(pid: int) -> int:
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (all its threads), from /proc/PID/stat."""
     stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15 of stat)
 
 
@@ -112,8 +112,10 @@ def test_metrics_silent_connections_are_bounded_and_time_out(tmp_path: Path, dae
     with sockets() as held:
         started = time.monotonic()
         assert connect_silent(hostport(mx), held, clients) == clients
-        print(f"\n[silent metrics] connected {clients} in {time.monotonic() - started:.2f} s: "
-              f"fds {fds0} -> {fd_count(d.pid)}, threads {threads0} -> {thread_count(d.pid)}")
+        print(
+            f"\n[silent metrics] connected {clients} in {time.monotonic() - started:.2f} s: "
+            f"fds {fds0} -> {fd_count(d.pid)}, threads {threads0} -> {thread_count(d.pid)}"
+        )
         # The daemon accepts every connection, keeps at most `bound` and closes the others at once.
         wait_for(lambda: sum(closed_by_peer(s) for s in held) >= clients - bound, 10)
         fds = threads = 0
@@ -125,8 +127,9 @@ def test_metrics_silent_connections_are_bounded_and_time_out(tmp_path: Path, dae
         assert threads <= threads0 + bound
         # A log client is served meanwhile.
         send_one(d.tcp, "while-metrics-is-flooded")
-        wait_for(lambda: any(r["send_msg"] == "while-metrics-is-flooded"
-                             for r in read_lines(d.messages, writing=True)), 10)
+        wait_for(
+            lambda: any(r["send_msg"] == "while-metrics-is-flooded" for r in read_lines(d.messages, writing=True)), 10
+        )
         # The ones kept are closed after read_timeout (with some slack for a loaded machine).
         wait_for(lambda: all(closed_by_peer(s) for s in held), read_timeout + 5)
         assert time.monotonic() - started >= read_timeout * 0.9
@@ -181,8 +184,7 @@ def test_metrics_emfile_backs_off(tmp_path: Path, daemon_factory: Any) -> None:
         before, t0 = cpu_seconds(d.pid), time.monotonic()
         time.sleep(2.0)
         used, elapsed = cpu_seconds(d.pid) - before, time.monotonic() - t0
-        print(f"\n[metrics at EMFILE] fds={fd_count(d.pid)} (limit {nofile}), "
-              f"CPU {used:.2f} s in {elapsed:.2f} s")
+        print(f"\n[metrics at EMFILE] fds={fd_count(d.pid)} (limit {nofile}), CPU {used:.2f} s in {elapsed:.2f} s")
         assert used < 0.5
     # The fds come back once the clients go: the listener accepts again.
     wait_for(lambda: answers(mx), 15, 0.2)

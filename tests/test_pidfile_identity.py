@@ -23,7 +23,7 @@ import pytest
 from conftest import wait_for, write_config
 
 from nio_logd.config import load_file
-from nio_logd.pidfile import is_alive
+from nio_logd.service.pidfile import is_alive
 
 CTL_TIMEOUT = 60
 
@@ -31,7 +31,11 @@ CTL_TIMEOUT = 60
 def ctl(config: Path, command: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "nio_logd", command, "--config", str(config), *args],
-        capture_output=True, text=True, timeout=CTL_TIMEOUT, cwd=config.parent, check=False,
+        capture_output=True,
+        text=True,
+        timeout=CTL_TIMEOUT,
+        cwd=config.parent,
+        check=False,
     )
 
 
@@ -157,7 +161,7 @@ def test_copied_pidfile_without_lock_is_not_running(tmp_path: Path, pids: list[i
 def test_pidfile_lock_is_exclusive_in_process(tmp_path: Path) -> None:
     """acquire() holds the lock until release(); a second acquire on the same path is refused."""
     from nio_logd.errors import AlreadyRunningError
-    from nio_logd.pidfile import PidFile
+    from nio_logd.service.pidfile import PidFile
 
     path = tmp_path / "x.pid"
     first = PidFile(path)
@@ -199,12 +203,11 @@ def test_lock_survives_privilege_drop(pids: list[int]) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-
 _CONTENDER = """
 import os, sys, time
 from pathlib import Path
 from nio_logd.errors import AlreadyRunningError
-from nio_logd.pidfile import PidFile
+from nio_logd.service.pidfile import PidFile
 go = Path(sys.argv[2])
 while not go.exists():
     time.sleep(0.001)

@@ -1,4 +1,4 @@
-"""The record pipeline, alone: no sockets, no threads (``nio_logd.pipeline``).
+"""The record pipeline, alone: no sockets, no threads (``nio_logd.records.pipeline``).
 
 A pass of frames from several streams gives the same lines (apart from the timestamp), the same
 answers in the same order and the same counts as a one-record-at-a-time reference built from the
@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nio_logd.config import RecordSettings
-from nio_logd.framing import Frame, TooLarge
-from nio_logd.pipeline import Pipeline, Stream
-from nio_logd.record import RecordValidator, Refusal
-from nio_logd.render import Renderer, processors, structlog_logger
+from nio_logd.records.pipeline import Pipeline, Stream
+from nio_logd.records.record import RecordValidator, Refusal
+from nio_logd.records.render import Renderer, processors, structlog_logger
+from nio_logd.wire.framing import Frame, TooLarge
 
 MAX = 4096
 
@@ -67,15 +67,33 @@ def _reference(validator: RecordValidator, intake: list[tuple[Stream, list[Frame
                 assert isinstance(result, Refusal)
                 by_reason[result.reason] = by_reason.get(result.reason, 0) + 1
                 raw = result.raw[:1024].decode("utf-8", "backslashreplace")
-                rej_logger.warning("rejected", reason=result.reason, error=result.message, errors=result.errors,
-                                   peer=stream.peer, listener=stream.listener_name, raw=raw,
-                                   raw_bytes=len(result.raw), raw_truncated=len(result.raw) > 1024)
-                answer = {"seq": seq, "ok": False, "error": result.message, "reason": result.reason,
-                          "detail": result.errors}
+                rej_logger.warning(
+                    "rejected",
+                    reason=result.reason,
+                    error=result.message,
+                    errors=result.errors,
+                    peer=stream.peer,
+                    listener=stream.listener_name,
+                    raw=raw,
+                    raw_bytes=len(result.raw),
+                    raw_truncated=len(result.raw) > 1024,
+                )
+                answer = {
+                    "seq": seq,
+                    "ok": False,
+                    "error": result.message,
+                    "reason": result.reason,
+                    "detail": result.errors,
+                }
             if stream.ack:
                 answers.setdefault(id(stream), []).append(answer)
-    return {"messages": _strip_time(bytes(msg_out.buf)), "rejects": _strip_time(bytes(rej_out.buf)),
-            "answers": answers, "accepted": accepted, "refused_by_reason": by_reason}
+    return {
+        "messages": _strip_time(bytes(msg_out.buf)),
+        "rejects": _strip_time(bytes(rej_out.buf)),
+        "answers": answers,
+        "accepted": accepted,
+        "refused_by_reason": by_reason,
+    }
 
 
 @settings(max_examples=150, deadline=None)
@@ -96,8 +114,11 @@ def test_a_pass_equals_the_one_record_at_a_time_reference(spec: list[tuple[int, 
     assert out.accepted == out.counts.accepted == expected["accepted"]
     assert out.counts.refused_by_reason == expected["refused_by_reason"]
     assert out.reject_lines == out.counts.refused == sum(expected["refused_by_reason"].values())
-    got = {id(ref_streams[next(i for i, s in streams.items() if s is stream)]): [json.loads(a) for a in lines]
-           for stream, lines in out.answers.items() if lines}
+    got = {
+        id(ref_streams[next(i for i, s in streams.items() if s is stream)]): [json.loads(a) for a in lines]
+        for stream, lines in out.answers.items()
+        if lines
+    }
     assert got == expected["answers"]
     assert out.answer_bytes == sum(len(a) for lines in out.answers.values() for a in lines)
     for i, stream in streams.items():
@@ -106,14 +127,20 @@ def test_a_pass_equals_the_one_record_at_a_time_reference(spec: list[tuple[int, 
 
 @settings(max_examples=100, deadline=None)
 @given(intakes, st.integers(0, 5), st.integers(0, 30), st.integers(1, 400))
-def test_bounds_keep_the_counts_whole(spec: list[tuple[int, bool, list[Frame]]], rate: int, close_after: int,
-                                      answer_limit: int) -> None:
+def test_bounds_keep_the_counts_whole(
+    spec: list[tuple[int, bool, list[Frame]]], rate: int, close_after: int, answer_limit: int
+) -> None:
     """With the reject rate, the refusal window and the answer limit on: every taken frame is
     counted once, every refused one is a reject line or suppressed, answers match the taken
     frames of ack streams, and nothing is taken past a closing stream or a full answer room."""
     validator = RecordValidator(RecordSettings(), MAX)
-    pipeline = Pipeline(validator.validate, Renderer(1024), rejects_per_second=rate,
-                        refused_close_after=close_after, answer_limit=answer_limit)
+    pipeline = Pipeline(
+        validator.validate,
+        Renderer(1024),
+        rejects_per_second=rate,
+        refused_close_after=close_after,
+        answer_limit=answer_limit,
+    )
     streams = {i: pipeline.new_stream(f"p{i}", "l", ack=ack, now=0.0) for i, ack, _ in spec}
     taken_total = 0
     for i, _ack, fs in spec:
@@ -140,4 +167,5 @@ def test_bounds_keep_the_counts_whole(spec: list[tuple[int, bool, list[Frame]]],
     assert counts.closed_refused_records == len(out.closing) == sum(s.closing for s in streams.values())
     answered = sum(len(v) for v in out.answers.values())
     assert answered == sum(s.seq for s in streams.values() if s.ack) - sum(
-        1 for s in streams.values() if s.ack and s.closing)
+        1 for s in streams.values() if s.ack and s.closing
+    )

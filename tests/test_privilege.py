@@ -23,8 +23,8 @@ import pytest
 from conftest import DaemonProcess, free_port, read_lines, record, wait_for, write_config
 
 from nio_logd.config import load_file
-from nio_logd.daemonize import events_path
-from nio_logd.pidfile import is_alive
+from nio_logd.service.daemonize import events_path
+from nio_logd.service.pidfile import is_alive
 
 pytestmark = [
     pytest.mark.root,
@@ -56,7 +56,11 @@ def ids() -> tuple[int, int]:
 def ctl(config: Path, command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "nio_logd", command, "--config", str(config)],
-        capture_output=True, text=True, timeout=60, cwd=config.parent, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=config.parent,
+        check=False,
     )
 
 

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nio_logd.config import RecordSettings
-from nio_logd.framing import TooLarge
-from nio_logd.record import RecordValidator, Refusal
+from nio_logd.records.record import RecordValidator, Refusal
+from nio_logd.wire.framing import TooLarge
 
 V = RecordValidator(RecordSettings(max_user_chars=16, max_msg_chars=64), 1024)
 BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
@@ -132,7 +132,9 @@ def test_kept_extra_numbers_the_renderer_cannot_write_are_refused(raw: bytes, fi
 
 
 def test_kept_extra_values_in_range_are_kept() -> None:
-    line = (b'{"send_user": "a", "send_time": "2026-11-29 12:00:00", "send_msg": "x", '
-            b'"n": 18446744073709551615, "s": "inf"}')
+    line = (
+        b'{"send_user": "a", "send_time": "2026-11-29 12:00:00", "send_msg": "x", '
+        b'"n": 18446744073709551615, "s": "inf"}'
+    )
     out = RecordValidator(RecordSettings(extra="keep"), 1024).validate(line)
     assert isinstance(out, dict) and out["n"] == 2**64 - 1 and out["s"] == "inf"

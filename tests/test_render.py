@@ -9,8 +9,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nio_logd.record import Refusal
-from nio_logd.render import Renderer, Stamp, processors, structlog_logger
+from nio_logd.records.record import Refusal
+from nio_logd.records.render import Renderer, Stamp, processors, structlog_logger
 
 ISO_UTC = re.compile(rb'"timestamp":"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{6})?Z)"')
 

@@ -41,9 +41,12 @@ pytestmark = pytest.mark.skipif(not Path(LOGROTATE).exists(), reason="logrotate 
 # -- load ------------------------------------------------------------------------------------------
 def _line(sender: int, i: int) -> bytes:
     rid = f"s{sender}-{i:06d}"
-    return json.dumps(
-        {"send_user": f"user{sender}", "send_time": "2026-11-29 12:00:00", "send_msg": f"rid={rid} " + "x" * 120}
-    ).encode() + b"\n"
+    return (
+        json.dumps(
+            {"send_user": f"user{sender}", "send_time": "2026-11-29 12:00:00", "send_msg": f"rid={rid} " + "x" * 120}
+        ).encode()
+        + b"\n"
+    )
 
 
 RID = re.compile(r"^rid=(s\d+-\d+) ")

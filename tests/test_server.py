@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import free_port, read_lines, record, wait_for, write_config
 
-from nio_logd.client import send
+from nio_logd.tools.client import send
 
 
 def seed_client(host: str, port: int, payload: dict[str, Any]) -> None:
@@ -83,10 +83,12 @@ HOSTILE: list[tuple[bytes, str]] = [
     (b'{"send_user": "\xc3\x28", "send_time": "2026-11-29 12:00:00", "send_msg": "x"}', "invalid_utf8"),
     (b'{"send_user": "a\x00b", "send_time": "2026-11-29 12:00:00", "send_msg": "x"}', "invalid_json"),
     (b'{"send_time": "2026-11-29 12:00:00", "send_msg": "x"}', "invalid_fields"),
-    (record() [:-1] + b', "extra": 1}', "invalid_fields"),
+    (record()[:-1] + b', "extra": 1}', "invalid_fields"),
     (record(when="not a time"), "invalid_fields"),
-    (json.dumps({"send_user": "ctl\u0007", "send_time": "2026-11-29 12:00:00", "send_msg": "x"}).encode(),
-     "invalid_fields"),
+    (
+        json.dumps({"send_user": "ctl\u0007", "send_time": "2026-11-29 12:00:00", "send_msg": "x"}).encode(),
+        "invalid_fields",
+    ),
     (b"[" * 100_000 + b"]" * 100_000, "invalid_json"),
 ]
 
@@ -136,11 +138,14 @@ def test_ipv6_and_unix_listeners_at_once(tmp_path: Path, server_factory: Any) ->
     if not socket.has_ipv6:
         pytest.skip("no IPv6 on this machine")
     sock_path = tmp_path / "n.sock"
-    cfg = write_config(tmp_path, listeners=[
-        {"address": f"tcp://[::1]:{free_port()}"},
-        {"address": f"unix://{sock_path}"},
-        {"address": f"tcp://127.0.0.1:{free_port()}"},
-    ])
+    cfg = write_config(
+        tmp_path,
+        listeners=[
+            {"address": f"tcp://[::1]:{free_port()}"},
+            {"address": f"unix://{sock_path}"},
+            {"address": f"tcp://127.0.0.1:{free_port()}"},
+        ],
+    )
     srv = server_factory(cfg)
     v6, unix, v4 = srv.server.addresses()
     for addr, who in ((v6, "six"), (unix, "unix"), (v4, "four")):
@@ -186,8 +191,13 @@ def test_client_library_acks_and_refusals(tmp_path: Path, server_factory: Any) -
     assert result.acked == 1001
     [(index, line, answer)] = result.refused
     assert index == 1000 and line == b"[]"
-    assert answer == {"seq": 1001, "ok": False, "error": "(record): not a JSON object",
-                      "reason": "not_an_object", "detail": [{"field": "(record)", "error": "not a JSON object"}]}
+    assert answer == {
+        "seq": 1001,
+        "ok": False,
+        "error": "(record): not a JSON object",
+        "reason": "not_an_object",
+        "detail": [{"field": "(record)", "error": "not a JSON object"}],
+    }
     assert len(read_lines(srv.messages)) == 1001
 
 

@@ -37,14 +37,21 @@ def _install_reason() -> str | None:
         return "/usr/bin/python3 is missing: the box installs nio-logd in a venv made with the system Python"
     probe = subprocess.run(
         [str(debian), "-c", "import sys, venv, setuptools, wheel, pip; print(sys.version_info[:2])"],
-        capture_output=True, text=True, check=False, env=BOX_ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+        env=BOX_ENV,
     )
     if probe.returncode != 0:
-        return f"the system Python cannot build a venv and install a wheel (python3-venv python3-pip " \
-               f"python3-setuptools python3-wheel): {probe.stderr.strip().splitlines()[-1:]}"
+        return (
+            f"the system Python cannot build a venv and install a wheel (python3-venv python3-pip "
+            f"python3-setuptools python3-wheel): {probe.stderr.strip().splitlines()[-1:]}"
+        )
     if probe.stdout.strip() != str(sys.version_info[:2]):
-        return (f"/usr/bin/python3 is {probe.stdout.strip()}, the tests' Python {sys.version_info[:2]}: "
-                "their compiled dependencies (pydantic-core, orjson) cannot be reused in the box's venv")
+        return (
+            f"/usr/bin/python3 is {probe.stdout.strip()}, the tests' Python {sys.version_info[:2]}: "
+            "their compiled dependencies (pydantic-core, orjson) cannot be reused in the box's venv"
+        )
     import pydantic_core  # a compiled dependency: where the tests' packages are installed
 
     for needed in (Path(sys.executable), Path(pydantic_core.__file__)):
@@ -60,19 +67,42 @@ def _skip_reason() -> str | None:
 # -- the box -----------------------------------------------------------------------------------------
 def install(box: Box, port: int, socket_port: int) -> None:
     """The package in a venv under /opt (visible despite ProtectHome=yes), the units, the config."""
-    box.run("sh", "-c", "mkdir /tmp/nio-logd-src && cp -r /src/pyproject.toml /src/README.md /src/nio_logd "
-            "/tmp/nio-logd-src/ && rm -rf /tmp/nio-logd-src/nio_logd/__pycache__")
+    box.run(
+        "sh",
+        "-c",
+        "mkdir /tmp/nio-logd-src && cp -r /src/pyproject.toml /src/README.md /src/nio_logd "
+        "/tmp/nio-logd-src/ && rm -rf /tmp/nio-logd-src/nio_logd/__pycache__",
+    )
     # --system-site-packages: Debian's pip, setuptools and wheel build and install the package.
     box.run("/usr/bin/python3", "-m", "venv", "--system-site-packages", "--without-pip", VENV)
     site = box.run(f"{VENV}/bin/python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))").stdout
     # The dependencies, offline: copied from the tests' own environment (same CPython version).
     box.run(sys.executable, "/src/tests/systemd_box/copy_deps.py", "/tmp/nio-logd-src/pyproject.toml", site.strip())
-    box.run(f"{VENV}/bin/python", "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation",
-            "/tmp/nio-logd-src")
-    box.run("install", "-m", "0644", "/src/systemd/nio-logd.service", "/src/systemd/nio-logd.socket",
-            "/src/systemd/nio-logd-activated.service", "/etc/systemd/system/")
-    config, n = re.subn(r'address = "tcp://127\.0\.0\.1:8888"', f'address = "tcp://127.0.0.1:{port}"',
-                        (REPO / "config" / "nio-logd.systemd.toml").read_text())
+    box.run(
+        f"{VENV}/bin/python",
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--no-deps",
+        "--no-build-isolation",
+        "/tmp/nio-logd-src",
+    )
+    box.run(
+        "install",
+        "-m",
+        "0644",
+        "/src/systemd/nio-logd.service",
+        "/src/systemd/nio-logd.socket",
+        "/src/systemd/nio-logd-activated.service",
+        "/etc/systemd/system/",
+    )
+    config, n = re.subn(
+        r'address = "tcp://127\.0\.0\.1:8888"',
+        f'address = "tcp://127.0.0.1:{port}"',
+        (REPO / "config" / "nio-logd.systemd.toml").read_text(),
+    )
     assert n == 1
     box.run("mkdir", "-p", "/etc/nio-logd", "/etc/systemd/system/nio-logd.socket.d")
     box.path(CONFIG).write_text(config)
@@ -162,8 +192,13 @@ def test_start_returns_once_ready_and_listening(env: Env) -> None:
     with socket.create_connection(("127.0.0.1", env.port), timeout=5):
         pass  # no retry: READY=1 came after the listening socket
     state = env.box.show("nio-logd", "ActiveState", "SubState", "Type", "NotifyAccess", "WatchdogUSec")
-    assert state == {"ActiveState": "active", "SubState": "running", "Type": "notify", "NotifyAccess": "main",
-                     "WatchdogUSec": "30s"}, env.why("nio-logd")
+    assert state == {
+        "ActiveState": "active",
+        "SubState": "running",
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "WatchdogUSec": "30s",
+    }, env.why("nio-logd")
 
 
 def test_runs_in_the_sandbox_as_a_dynamic_user(env: Env) -> None:
@@ -192,6 +227,7 @@ def test_records_land_in_var_log_nio_logd(env: Env) -> None:
 
 def test_status_text_has_the_live_counters(env: Env) -> None:
     """`systemctl show -P StatusText` carries the daemon's STATUS= counters."""
+
     def current() -> dict[str, int] | None:
         text = env.box.systemctl("show", "-P", "StatusText", "nio-logd").stdout.strip()
         c = counters(text)

@@ -200,8 +200,19 @@ class ActivatedDaemon:
     """``systemd-socket-activate -l 127.0.0.1:PORT [strace ...] nio-logd run``: exec'd at the first connection."""
 
     def __init__(self, port: int, config: Path, wrapper: tuple[str, ...] = (), *, accept: bool = False) -> None:
-        cmd = [*wrapper, SOCKET_ACTIVATE, *(["--accept"] if accept else []), "-l", f"127.0.0.1:{port}",
-               sys.executable, "-m", "nio_logd", "run", "--config", str(config)]
+        cmd = [
+            *wrapper,
+            SOCKET_ACTIVATE,
+            *(["--accept"] if accept else []),
+            "-l",
+            f"127.0.0.1:{port}",
+            sys.executable,
+            "-m",
+            "nio_logd",
+            "run",
+            "--config",
+            str(config),
+        ]
         self.wrapped = bool(wrapper)
         self.events: list[dict[str, Any]] = []
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=config.parent)
@@ -455,7 +466,9 @@ def test_systemd_analyze_verify_reports_a_bad_key(tmp_path: Path) -> None:
 def exposure(unit: Path) -> float:
     result = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr

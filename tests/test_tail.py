@@ -148,8 +148,9 @@ def send(daemon: DaemonProcess, ids: range) -> None:
     with socket.create_connection(daemon.tcp, timeout=10) as sock:
         sock.sendall(
             b"".join(
-                json.dumps({"send_user": "alice", "send_time": "2026-11-29 12:00:00", "send_msg": f"rid={i} hello"})
-                .encode()
+                json.dumps(
+                    {"send_user": "alice", "send_time": "2026-11-29 12:00:00", "send_msg": f"rid={i} hello"}
+                ).encode()
                 + b"\n"
                 for i in ids
             )

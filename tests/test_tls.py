@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 from conftest import free_port, read_lines, record, wait_for, write_config
 
-from nio_logd.client import send
 from nio_logd.config import TLSSettings, load_file
 from nio_logd.errors import ClientError, ConfigError, StartupError
-from nio_logd.server import Server
-from nio_logd.tls import client_context, server_context, subject_string
+from nio_logd.service.server import Server
+from nio_logd.tools.client import client_context, send
+from nio_logd.wire.tls import server_context, subject_string
 
 OPENSSL_CNF = """\
 [req]
@@ -83,24 +83,76 @@ def _openssl(*args: str, cwd: Path | None = None) -> str:
 
 def _new_key_and_csr(d: Path, name: str, subject: str) -> tuple[Path, Path]:
     key, csr = d / f"{name}.key", d / f"{name}.csr"
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", str(key), "-out", str(csr), "-subj", subject, "-config", str(d / "openssl.cnf"))
+    _openssl(
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+        "-subj",
+        subject,
+        "-config",
+        str(d / "openssl.cnf"),
+    )
     return key, csr
 
 
 def _make_ca(d: Path, name: str, subject: str) -> Cert:
     pem, key = d / f"{name}.pem", d / f"{name}.key"
-    _openssl("req", "-x509", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", str(key), "-out", str(pem), "-days", "2", "-subj", subject,
-             "-config", str(d / "openssl.cnf"), "-extensions", "ca")
+    _openssl(
+        "req",
+        "-x509",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(pem),
+        "-days",
+        "2",
+        "-subj",
+        subject,
+        "-config",
+        str(d / "openssl.cnf"),
+        "-extensions",
+        "ca",
+    )
     return Cert(pem, key)
 
 
 def _issue(d: Path, ca: Cert, name: str, subject: str, kind: str, serial: int) -> Cert:
     key, csr = _new_key_and_csr(d, name, subject)
     pem = d / f"{name}.pem"
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca.pem), "-CAkey", str(ca.key), "-set_serial", str(serial),
-             "-days", "2", "-out", str(pem), "-extfile", str(d / "openssl.cnf"), "-extensions", kind)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca.pem),
+        "-CAkey",
+        str(ca.key),
+        "-set_serial",
+        str(serial),
+        "-days",
+        "2",
+        "-out",
+        str(pem),
+        "-extfile",
+        str(d / "openssl.cnf"),
+        "-extensions",
+        kind,
+    )
     return Cert(pem, key)
 
 
@@ -183,9 +235,7 @@ def client_hello(pki: PKI) -> bytes:
 
 
 # -- client certificates ---------------------------------------------------------------------------
-def test_client_certificate_subject_is_written_with_each_record(
-    tmp_path: Path, server_factory: Any, pki: PKI
-) -> None:
+def test_client_certificate_subject_is_written_with_each_record(tmp_path: Path, server_factory: Any, pki: PKI) -> None:
     srv = server_factory(write_config(tmp_path, listeners=[tls_listener(pki)]))
     addr = srv.tcp
     with tls_connect(addr, ctx_for(pki, pki.client)) as s:
@@ -303,8 +353,7 @@ def test_tls_below_1_2_is_refused(tmp_path: Path, server_factory: Any, pki: PKI)
 def test_a_handshake_that_never_completes_blocks_no_one_and_is_closed_after_idle_timeout(
     tmp_path: Path, server_factory: Any, pki: PKI
 ) -> None:
-    cfg = write_config(tmp_path, listeners=[tls_listener(pki)], limits={"idle_timeout": 1.0},
-                       server={"io_threads": 1})
+    cfg = write_config(tmp_path, listeners=[tls_listener(pki)], limits={"idle_timeout": 1.0}, server={"io_threads": 1})
     srv = server_factory(cfg)
     addr = srv.tcp
     silent = socket.create_connection(addr)  # TCP only, never a byte
@@ -434,8 +483,9 @@ def test_acks_to_a_client_that_reads_them_late(tmp_path: Path, server_factory: A
     with s:
         while len(answers) < n * 20 or answers.count(b"\n") < n:
             want_write = sent < len(data)
-            readable, writable, _ = select.select([s] if reading else [], [s] if want_write else [], [],
-                                                  30 if reading else 1.0)
+            readable, writable, _ = select.select(
+                [s] if reading else [], [s] if want_write else [], [], 30 if reading else 1.0
+            )
             if not readable and not writable:
                 assert not reading, "no progress for 30 s"
                 reading = True  # our writes stalled: the daemon stopped reading; now take the acks
@@ -475,8 +525,13 @@ def test_sigterm_drains_tls_connections(tmp_path: Path, daemon_factory: Any, pki
 
 # -- the command line ----------------------------------------------------------------------------------
 def nio(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "nio_logd", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "NIO_LOGD_CONFIG": ""})
+    return subprocess.run(
+        [sys.executable, "-m", "nio_logd", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "NIO_LOGD_CONFIG": ""},
+    )
 
 
 def test_send_tls_from_the_command_line(tmp_path: Path, server_factory: Any, pki: PKI) -> None:
@@ -493,8 +548,20 @@ def test_send_tls_from_the_command_line(tmp_path: Path, server_factory: Any, pki
     assert [m["send_msg"] for m in lines] == ["over TLS", "no ack"]
     assert {m["client"] for m in lines} == {pki.client.subject}
     # A daemon certificate from a CA we do not trust: refused by the client, clearly.
-    done = nio("send", "--address", srv.address, "--tls", "--ca", str(pki.other_ca.pem), *mine,
-               "--user", "cli", "--msg", "x", "--ack")
+    done = nio(
+        "send",
+        "--address",
+        srv.address,
+        "--tls",
+        "--ca",
+        str(pki.other_ca.pem),
+        *mine,
+        "--user",
+        "cli",
+        "--msg",
+        "x",
+        "--ack",
+    )
     assert done.returncode != 0 and "certificate verify failed" in done.stderr
     # No client certificate where one is required: refused by the daemon.
     done = nio(*base, "--user", "cli", "--msg", "x", "--ack")
@@ -539,12 +606,23 @@ def test_failed_handshakes_are_logged_with_the_peer_once_per_address_per_minute(
 
 
 def test_tls_settings_errors_at_load(tmp_path: Path, pki: PKI) -> None:
-    unix = write_config(tmp_path, listeners=[{"address": f"unix://{tmp_path}/s.sock",
-                                              "tls": {"cert": str(pki.server.pem), "key": str(pki.server.key)}}])
+    unix = write_config(
+        tmp_path,
+        listeners=[
+            {"address": f"unix://{tmp_path}/s.sock", "tls": {"cert": str(pki.server.pem), "key": str(pki.server.key)}}
+        ],
+    )
     with pytest.raises(ConfigError, match=r"listeners\.0: .*TLS is for tcp:// listeners"):
         load_file(unix)
-    no_ca = write_config(tmp_path, listeners=[{"address": "tcp://127.0.0.1:0", "tls": {
-        "cert": str(pki.server.pem), "key": str(pki.server.key), "require_client_cert": True}}])
+    no_ca = write_config(
+        tmp_path,
+        listeners=[
+            {
+                "address": "tcp://127.0.0.1:0",
+                "tls": {"cert": str(pki.server.pem), "key": str(pki.server.key), "require_client_cert": True},
+            }
+        ],
+    )
     with pytest.raises(ConfigError, match=r"listeners\.0\.tls: .*require_client_cert needs ca"):
         load_file(no_ca)
 
@@ -574,8 +652,10 @@ def test_bad_certificate_files_stop_the_start_naming_the_file(
     elif content is not None:
         bad.write_text(content)
     files[which] = str(bad)
-    cfg = write_config(tmp_path, listeners=[{"address": f"tcp://127.0.0.1:{free_port()}",
-                                             "tls": {**files, "require_client_cert": True}}])
+    cfg = write_config(
+        tmp_path,
+        listeners=[{"address": f"tcp://127.0.0.1:{free_port()}", "tls": {**files, "require_client_cert": True}}],
+    )
     server = Server(load_file(cfg))
     with pytest.raises(StartupError) as err:
         server.startup()
@@ -586,16 +666,25 @@ def test_bad_certificate_files_stop_the_start_naming_the_file(
 def test_bad_key_from_the_command_line_exits_69_naming_the_file(tmp_path: Path, pki: PKI) -> None:
     bad = tmp_path / "garbage.key"
     bad.write_text("garbage\n")
-    cfg = write_config(tmp_path, listeners=[{"address": f"tcp://127.0.0.1:{free_port()}",
-                                             "tls": {"cert": str(pki.server.pem), "key": str(bad)}}])
+    cfg = write_config(
+        tmp_path,
+        listeners=[
+            {"address": f"tcp://127.0.0.1:{free_port()}", "tls": {"cert": str(pki.server.pem), "key": str(bad)}}
+        ],
+    )
     done = nio("run", "--config", str(cfg))
     assert done.returncode == 69
     assert str(bad) in done.stderr
 
 
 def test_subject_string_matches_openssl_rfc2253() -> None:
-    cert = {"subject": ((("countryName", "FR"),), (("organizationName", "A+B, \"C\" <D>;"),),
-                        (("commonName", " lead#"), ("userId", "42")))}
+    cert = {
+        "subject": (
+            (("countryName", "FR"),),
+            (("organizationName", 'A+B, "C" <D>;'),),
+            (("commonName", " lead#"), ("userId", "42")),
+        )
+    }
     assert subject_string(cert) == 'CN=\\ lead#+UID=42,O=A\\+B\\, \\"C\\" \\<D\\>\\;,C=FR'
     assert subject_string({"subject": ((("commonName", "#x "),),)}) == "CN=\\#x\\ "
     assert subject_string({}) is None

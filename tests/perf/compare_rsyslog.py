@@ -54,8 +54,8 @@ from perfutil import (  # noqa: E402
     working_tree_state,
 )
 
-from nio_logd.bench import ONE_PER_CONNECTION, STREAM, Plan, run_bench  # noqa: E402
 from nio_logd.config import parse_address  # noqa: E402
+from nio_logd.tools.bench import ONE_PER_CONNECTION, STREAM, Plan, run_bench  # noqa: E402
 
 BUFFER_LINES = 65536 // 100
 
@@ -72,11 +72,28 @@ class Target:
         return self.daemon.name
 
 
-def run_one(target: Target, *, mode: str, records: int, connections: int, processes: int, ack: bool = False,
-            settle: float = 3.0, seed: int = 1) -> dict[str, Any]:
+def run_one(
+    target: Target,
+    *,
+    mode: str,
+    records: int,
+    connections: int,
+    processes: int,
+    ack: bool = False,
+    settle: float = 3.0,
+    seed: int = 1,
+) -> dict[str, Any]:
     d = target.daemon
-    plan = Plan(address=parse_address(f"tcp://127.0.0.1:{d.port}"), mode=mode, connections=connections,
-                records=records, ack=ack, processes=processes, seed=seed, timeout=1800.0)
+    plan = Plan(
+        address=parse_address(f"tcp://127.0.0.1:{d.port}"),
+        mode=mode,
+        connections=connections,
+        records=records,
+        ack=ack,
+        processes=processes,
+        seed=seed,
+        timeout=1800.0,
+    )
     # The clock stops when at most this many lines are missing from the file: 0.1% of the records,
     # and for the stream at least one 64 KiB omfile buffer of 100-byte lines, which rsyslog's async
     # writer flushes only after flushInterval (1 s). The same rule for both daemons.
@@ -112,9 +129,13 @@ def run_one(target: Target, *, mode: str, records: int, connections: int, proces
     if not rate:
         # The file never came within 0.1% of the records (some were lost): rate of what arrived.
         run["records_per_s_of_arrived"] = round(arrived / written["seconds"], 1)
-    print(f"  {target.name:<22} {mode:<19} {'ack ' if ack else ''}{_fmt_rate(run)} records/s  "
-          f"arrived {arrived:,}/{records:,}  cpu {run['cpu_s_per_million']:.2f} s/M  "
-          f"overflows {run['listen_overflows']}", file=sys.stderr, flush=True)
+    print(
+        f"  {target.name:<22} {mode:<19} {'ack ' if ack else ''}{_fmt_rate(run)} records/s  "
+        f"arrived {arrived:,}/{records:,}  cpu {run['cpu_s_per_million']:.2f} s/M  "
+        f"overflows {run['listen_overflows']}",
+        file=sys.stderr,
+        flush=True,
+    )
     return run
 
 
@@ -251,21 +272,35 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=1_000_000, help="stream records per run (default 1000000)")
     parser.add_argument("--connections", type=int, default=8, help="stream connections (default 8)")
-    parser.add_argument("--seed-records", type=int, default=20_000,
-                        help="seed-pattern connections (one record each) per run (default 20000)")
-    parser.add_argument("--seed-connections", type=int, default=4,
-                        help="concurrent seed clients, one process each, each connecting in turn (default 4)")
+    parser.add_argument(
+        "--seed-records",
+        type=int,
+        default=20_000,
+        help="seed-pattern connections (one record each) per run (default 20000)",
+    )
+    parser.add_argument(
+        "--seed-connections",
+        type=int,
+        default=4,
+        help="concurrent seed clients, one process each, each connecting in turn (default 4)",
+    )
     parser.add_argument("--ack-records", type=int, default=None, help="records per ack run (default: --records)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--processes", type=int, default=2, help="generator processes for the stream (default 2)")
     parser.add_argument("--no-ack", action="store_true", help="skip the ack runs")
     parser.add_argument("--json-out", type=Path, help="also write the JSON document here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    parser.add_argument("--host-netns", action="store_true",
-                        help="stay in the host's network namespace (default: a private one via unshare --net, so "
-                             "the TcpExt counters count this run alone)")
-    parser.add_argument("--snapshot", metavar="REV",
-                        help="run nio-logd from a git archive of REV (e.g. HEAD) instead of the working tree")
+    parser.add_argument(
+        "--host-netns",
+        action="store_true",
+        help="stay in the host's network namespace (default: a private one via unshare --net, so "
+        "the TcpExt counters count this run alone)",
+    )
+    parser.add_argument(
+        "--snapshot",
+        metavar="REV",
+        help="run nio-logd from a git archive of REV (e.g. HEAD) instead of the working tree",
+    )
     args = parser.parse_args()
     ack_records = args.ack_records or args.records
     network = enter_private_netns(not args.host_netns)
@@ -288,8 +323,15 @@ def main() -> int:
         acked: list[Target] = []
         if not args.no_ack:
             for durability in ("write", "fsync"):
-                t = Target(NioLogd(base / f"nio-logd-ack-{durability}", name=f"nio-logd ack {durability}",
-                                   ack=True, durability=durability, source=source))
+                t = Target(
+                    NioLogd(
+                        base / f"nio-logd-ack-{durability}",
+                        name=f"nio-logd ack {durability}",
+                        ack=True,
+                        durability=durability,
+                        source=source,
+                    )
+                )
                 daemons.append(t.daemon)
                 acked.append(t)
         version = subprocess.run([RSYSLOGD, "-v"], capture_output=True, text=True).stdout.splitlines()[0]
@@ -298,11 +340,28 @@ def main() -> int:
             print(f"round {r + 1}/{args.rounds}: stream", file=sys.stderr)
             pair = [rs, nio] if r % 2 == 0 else [nio, rs]
             for t in pair:
-                runs.append({"round": r + 1, **run_one(t, mode=STREAM, records=args.records,
-                                                          connections=args.connections, processes=args.processes)})
+                runs.append(
+                    {
+                        "round": r + 1,
+                        **run_one(
+                            t, mode=STREAM, records=args.records, connections=args.connections, processes=args.processes
+                        ),
+                    }
+                )
             for t in acked:
-                runs.append({"round": r + 1, **run_one(t, mode=STREAM, records=ack_records, ack=True,
-                                                          connections=args.connections, processes=args.processes)})
+                runs.append(
+                    {
+                        "round": r + 1,
+                        **run_one(
+                            t,
+                            mode=STREAM,
+                            records=ack_records,
+                            ack=True,
+                            connections=args.connections,
+                            processes=args.processes,
+                        ),
+                    }
+                )
         rss_after_stream = {
             "rsyslog_after_stream": status_kb(rs.daemon.pid, "VmHWM") / 1024,
             "nio-logd_after_stream": status_kb(nio.daemon.pid, "VmHWM") / 1024,
@@ -311,9 +370,19 @@ def main() -> int:
             print(f"round {r + 1}/{args.rounds}: seed pattern", file=sys.stderr)
             pair = [rs, nio] if r % 2 == 0 else [nio, rs]
             for t in pair:
-                runs.append({"round": r + 1, **run_one(
-                    t, mode=ONE_PER_CONNECTION, records=args.seed_records, connections=args.seed_connections,
-                    processes=args.seed_connections, settle=5.0)})
+                runs.append(
+                    {
+                        "round": r + 1,
+                        **run_one(
+                            t,
+                            mode=ONE_PER_CONNECTION,
+                            records=args.seed_records,
+                            connections=args.seed_connections,
+                            processes=args.seed_connections,
+                            settle=5.0,
+                        ),
+                    }
+                )
         time.sleep(1.0)  # let the last connections' timers run out before measuring idleness
         idle = {t.name: idle_cpu_ms(t.daemon.pid) for t in (rs, nio)}
         rss = {
@@ -323,14 +392,21 @@ def main() -> int:
         }
         rejects = count_lines(nio.daemon.rejects) if isinstance(nio.daemon, NioLogd) else 0
         doc = {
-            "args": {**vars(args), "json_out": str(args.json_out) if args.json_out else None,
-                     "ack_records": ack_records},
+            "args": {
+                **vars(args),
+                "json_out": str(args.json_out) if args.json_out else None,
+                "ack_records": ack_records,
+            },
             "nio_logd_code": code,
             "network": network,
             "stop_rule": f"clock stops when at most max(0.1%, {BUFFER_LINES}) (stream) or 0.1% (seed) of the lines"
-                         " are missing from the file; then every line is counted once the file stops growing",
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                        "kernel": platform.release(), "rsyslog": version},
+            " are missing from the file; then every line is counted once the file stops growing",
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "kernel": platform.release(),
+                "rsyslog": version,
+            },
             "summary": summarise(runs),
             "peak_rss_mb": {k: round(v, 1) for k, v in rss.items()},
             "idle_cpu_ms_over_2s": idle,

@@ -34,8 +34,8 @@ from perfutil import (  # noqa: E402
     tcp_ext,
 )
 
-from nio_logd.bench import Plan, run_bench  # noqa: E402
 from nio_logd.config import parse_address  # noqa: E402
+from nio_logd.tools.bench import Plan, run_bench  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "bind once": ["--bind-once"],
@@ -43,8 +43,13 @@ VARIANTS: dict[str, list[str]] = {
     "bind once + bytearray": ["--bind-once", "--collect-bytearray"],
     "bind once + bytearray + fast timestamp": ["--bind-once", "--collect-bytearray", "--fast-ts"],
     "2 workers (SO_REUSEPORT)": ["--workers", "2"],
-    "2 workers + bind once + bytearray + fast timestamp": ["--workers", "2", "--bind-once", "--collect-bytearray",
-                                                           "--fast-ts"],
+    "2 workers + bind once + bytearray + fast timestamp": [
+        "--workers",
+        "2",
+        "--bind-once",
+        "--collect-bytearray",
+        "--fast-ts",
+    ],
 }
 
 
@@ -59,8 +64,13 @@ def main() -> int:
     parser.add_argument("--mode", choices=["stream", "one-per-connection"], default="stream")
     parser.add_argument("--processes", type=int, default=2, help="generator processes (default 2)")
     parser.add_argument("--host-netns", action="store_true", help="do not run in a private network namespace")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
-                        help='an extra prototype variant, e.g. "accept 4096=--accepts-per-event 4096"')
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help='an extra prototype variant, e.g. "accept 4096=--accepts-per-event 4096"',
+    )
     args = parser.parse_args()
     network = enter_private_netns(not args.host_netns)
     for extra in args.variant:
@@ -72,31 +82,43 @@ def main() -> int:
     try:
         daemons.append(NioLogd(base / "current", name="nio-logd (current)", source=args.source))
         for name, flags in VARIANTS.items():
-            if (args.only and name not in args.only) or (args.variant and not args.only and
-                                                         name not in [v.partition("=")[0] for v in args.variant]):
+            if (args.only and name not in args.only) or (
+                args.variant and not args.only and name not in [v.partition("=")[0] for v in args.variant]
+            ):
                 continue
-            daemons.append(ProtoDaemon(base / name.replace(" ", "_").replace("/", ""), name=name, flags=flags,
-                                       source=args.source))
+            daemons.append(
+                ProtoDaemon(base / name.replace(" ", "_").replace("/", ""), name=name, flags=flags, source=args.source)
+            )
         for r in range(args.rounds):
-            order = daemons[r % len(daemons):] + daemons[: r % len(daemons)]
+            order = daemons[r % len(daemons) :] + daemons[: r % len(daemons)]
             for d in order:
-                plan = Plan(address=parse_address(f"tcp://127.0.0.1:{d.port}"), connections=args.connections,
-                            records=args.records, processes=min(args.processes, args.connections), timeout=600,
-                            mode=args.mode)
+                plan = Plan(
+                    address=parse_address(f"tcp://127.0.0.1:{d.port}"),
+                    connections=args.connections,
+                    records=args.records,
+                    processes=min(args.processes, args.connections),
+                    timeout=600,
+                    mode=args.mode,
+                )
                 pids = d.pids
                 cpu0, ovf0 = sum(cpu_seconds(p) for p in pids), tcp_ext("ListenOverflows")
                 result = run_bench(plan, wait_file=str(d.output), wait_slack=args.records // 1000, settle=5.0)
                 cpu1, ovf1 = sum(cpu_seconds(p) for p in pids), tcp_ext("ListenOverflows")
                 run = {
-                    "round": r + 1, "variant": d.name, "records_per_s": result["written"]["records_per_s"],
+                    "round": r + 1,
+                    "variant": d.name,
+                    "records_per_s": result["written"]["records_per_s"],
                     "complete": result["written"]["complete"],
                     "cpu_s_per_million": round((cpu1 - cpu0) / args.records * 1e6, 2),
                     "listen_overflows": ovf1 - ovf0,
                 }
                 runs.append(run)
-                print(f"  round {r + 1} {d.name:<40} {run['records_per_s'] or 0:>10,.0f} records/s  "
-                      f"cpu {run['cpu_s_per_million']:.2f} s/M  overflows {run['listen_overflows']}", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"  round {r + 1} {d.name:<40} {run['records_per_s'] or 0:>10,.0f} records/s  "
+                    f"cpu {run['cpu_s_per_million']:.2f} s/M  overflows {run['listen_overflows']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         rss = {d.name: round(max(status_kb(p, "VmHWM") for p in d.pids) / 1024, 1) for d in daemons}
         lines = {d.name: count_lines(d.output) for d in daemons}
     finally:
@@ -107,27 +129,42 @@ def main() -> int:
         else:
             shutil.rmtree(base, ignore_errors=True)
     ref = daemons[0].name
-    print(f"{args.mode}: {args.records:,} records over {args.connections} connections, {args.rounds} interleaved "
-          f"rounds, {network}" + (f", source {args.source}" if args.source else ""))
+    print(
+        f"{args.mode}: {args.records:,} records over {args.connections} connections, {args.rounds} interleaved "
+        f"rounds, {network}" + (f", source {args.source}" if args.source else "")
+    )
     print()
-    print("| variant | records/s median | per round | / current (per round) | CPU-s per M (median) | peak RSS MB"
-          " (per process) | listen overflows (all rounds) | all arrived |")
+    print(
+        "| variant | records/s median | per round | / current (per round) | CPU-s per M (median) | peak RSS MB"
+        " (per process) | listen overflows (all rounds) | all arrived |"
+    )
     print("| --- | ---: | --- | --- | ---: | ---: | ---: | --- |")
     summary = {}
     for d in daemons:
         mine = [x for x in runs if x["variant"] == d.name]
         theirs = [x for x in runs if x["variant"] == ref]
-        ratios = [a["records_per_s"] / b["records_per_s"] for a, b in zip(mine, theirs, strict=True)
-                  if a["records_per_s"] and b["records_per_s"]]
+        ratios = [
+            a["records_per_s"] / b["records_per_s"]
+            for a, b in zip(mine, theirs, strict=True)
+            if a["records_per_s"] and b["records_per_s"]
+        ]
         rates = [x["records_per_s"] or 0 for x in mine]
-        summary[d.name] = {"median": median(rates), "ratios": ratios, "ratio_median": median(ratios),
-                           "cpu_s_per_million": median([x["cpu_s_per_million"] for x in mine]), "rss_mb": rss[d.name],
-                           "lines": lines[d.name], "expected": args.records * args.rounds}
-        print(f"| {d.name} | {median(rates):,.0f} | {', '.join(f'{x:,.0f}' for x in rates)}"
-              f" | {median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)})"
-              f" | {summary[d.name]['cpu_s_per_million']:.2f} | {rss[d.name]}"
-              f" | {sum(x['listen_overflows'] for x in mine)}"
-              f" | {'yes' if lines[d.name] == args.records * args.rounds else f'NO: {lines[d.name]:,}'} |")
+        summary[d.name] = {
+            "median": median(rates),
+            "ratios": ratios,
+            "ratio_median": median(ratios),
+            "cpu_s_per_million": median([x["cpu_s_per_million"] for x in mine]),
+            "rss_mb": rss[d.name],
+            "lines": lines[d.name],
+            "expected": args.records * args.rounds,
+        }
+        print(
+            f"| {d.name} | {median(rates):,.0f} | {', '.join(f'{x:,.0f}' for x in rates)}"
+            f" | {median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)})"
+            f" | {summary[d.name]['cpu_s_per_million']:.2f} | {rss[d.name]}"
+            f" | {sum(x['listen_overflows'] for x in mine)}"
+            f" | {'yes' if lines[d.name] == args.records * args.rounds else f'NO: {lines[d.name]:,}'} |"
+        )
     print()
     print(json.dumps({"summary": summary, "runs": runs}, indent=1))
     return 0

@@ -37,9 +37,16 @@ LISTENER = "tcp://127.0.0.1:8888"
 def events(n: int) -> list[dict[str, Any]]:
     base = dt.datetime(2026, 11, 29, 12, 0, 0)
     return [
-        {"timestamp": "2026-11-29T12:00:00.123456Z", "level": "info", "event": "message",
-         "send_user": f"user{i % 97}", "send_time": base + dt.timedelta(seconds=i),
-         "send_msg": f"message number {i} " + "x" * (40 + i % 50), "peer": PEER, "listener": LISTENER}
+        {
+            "timestamp": "2026-11-29T12:00:00.123456Z",
+            "level": "info",
+            "event": "message",
+            "send_user": f"user{i % 97}",
+            "send_time": base + dt.timedelta(seconds=i),
+            "send_msg": f"message number {i} " + "x" * (40 + i % 50),
+            "peer": PEER,
+            "listener": LISTENER,
+        }
         for i in range(n)
     ]
 
@@ -107,8 +114,10 @@ def main() -> int:
             for i in range(0, len(evs), args.batch * 8):  # eight batches in flight at a time
                 write(collect(evs[i : i + args.batch * 8], args.batch))
             times[name].append((time.perf_counter() - t0) / len(evs) * 1e6)
-    print(f"{len(evs):,} events, lines of ~{len(one)} bytes, batches of {args.batch}, orjson {orjson.__version__}; "
-          f"sys.getsizeof(line) = {sys.getsizeof(one)}")
+    print(
+        f"{len(evs):,} events, lines of ~{len(one)} bytes, batches of {args.batch}, orjson {orjson.__version__}; "
+        f"sys.getsizeof(line) = {sys.getsizeof(one)}"
+    )
     print()
     print(f"| variant | µs / record (median of {args.repeats}) | heap held per line in flight (tracemalloc) |")
     print("| --- | ---: | ---: |")

@@ -3,7 +3,7 @@
 Run by hand:  python tests/perf/micro_render.py [--records 200000] [--repeats 7]
 
 Every variant but the last two runs the daemon's own structlog processor chain
-(``nio_logd.render._processors()``: add_log_level, TimeStamper, _put_first, JSONRenderer(orjson))
+(``nio_logd.records.render._processors()``: add_log_level, TimeStamper, _put_first, JSONRenderer(orjson))
 and is checked to produce byte-identical lines (timestamps masked) before it is timed:
 
   current           ``Renderer.message``: ``wrap_logger(...)`` is a BoundLoggerLazyProxy, and without
@@ -44,9 +44,9 @@ import orjson  # noqa: E402
 import structlog  # noqa: E402
 
 from nio_logd import render  # noqa: E402
-from nio_logd.bench import lane_pool  # noqa: E402
 from nio_logd.config import RecordSettings  # noqa: E402
-from nio_logd.record import RecordValidator  # noqa: E402
+from nio_logd.records.record import RecordValidator  # noqa: E402
+from nio_logd.tools.bench import lane_pool  # noqa: E402
 
 PEER = "127.0.0.1:51234"
 LISTENER = "tcp://127.0.0.1:8888"
@@ -141,8 +141,9 @@ def variants() -> dict[str, Variant]:
 
     def bound_once(records: list[dict[str, Any]], size: int) -> list[bytes]:
         sink = Collector()
-        log = structlog.wrap_logger(sink, processors=render._processors(), wrapper_class=wrapper,
-                                    cache_logger_on_first_use=True)
+        log = structlog.wrap_logger(
+            sink, processors=render._processors(), wrapper_class=wrapper, cache_logger_on_first_use=True
+        )
         info = log.bind().info
         lines: list[bytes] = []
         for i in range(0, len(records), size):
@@ -166,8 +167,7 @@ def variants() -> dict[str, Variant]:
 
     def bound_once_fast_ts(records: list[dict[str, Any]], size: int) -> list[bytes]:
         sink = Collector()
-        procs = [FastStamper() if isinstance(p, structlog.processors.TimeStamper) else p
-                 for p in render._processors()]
+        procs = [FastStamper() if isinstance(p, structlog.processors.TimeStamper) else p for p in render._processors()]
         info = structlog.wrap_logger(sink, processors=procs, wrapper_class=wrapper).bind().info
         lines: list[bytes] = []
         for i in range(0, len(records), size):
@@ -194,8 +194,7 @@ def variants() -> dict[str, Variant]:
         for i in range(0, len(records), size):
             ts = dt.datetime.now(tz=dt.UTC).isoformat().replace("+00:00", "Z")
             lines = [
-                dumps({"timestamp": ts, "level": "info", "event": "message", **f, "peer": PEER,
-                       "listener": LISTENER})
+                dumps({"timestamp": ts, "level": "info", "event": "message", **f, "peer": PEER, "listener": LISTENER})
                 for f in records[i : i + size]
             ]
         return lines
@@ -233,9 +232,11 @@ def main() -> int:
             fn(batch, args.batch)
             times[name].append((time.perf_counter() - t0) / len(batch) * 1e6)
     base = statistics.median(times["current (Renderer.message)"])
-    print(f"rendering {len(batch):,} validated records in batches of {args.batch}, "
-          f"median of {args.repeats} interleaved repeats "
-          f"(Python {sys.version.split()[0]}, structlog {structlog.__version__}, orjson {orjson.__version__})")
+    print(
+        f"rendering {len(batch):,} validated records in batches of {args.batch}, "
+        f"median of {args.repeats} interleaved repeats "
+        f"(Python {sys.version.split()[0]}, structlog {structlog.__version__}, orjson {orjson.__version__})"
+    )
     print()
     print("| variant | µs / record (median) | min–max | saves vs current |")
     print("| --- | ---: | ---: | ---: |")

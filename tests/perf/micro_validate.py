@@ -31,9 +31,9 @@ import pydantic  # noqa: E402
 from pydantic_core import SchemaValidator  # noqa: E402
 from pydantic_core import core_schema as cs  # noqa: E402
 
-from nio_logd.bench import lane_pool  # noqa: E402
 from nio_logd.config import RecordSettings  # noqa: E402
-from nio_logd.record import RecordValidator  # noqa: E402
+from nio_logd.records.record import RecordValidator  # noqa: E402
+from nio_logd.tools.bench import lane_pool  # noqa: E402
 
 
 def frames_of(n: int) -> list[bytes]:
@@ -96,8 +96,10 @@ def main() -> int:
             fn()
             times[name].append((time.perf_counter() - t0) / len(frames) * 1e6)
     base = statistics.median(times["current (RecordValidator.validate)"])
-    print(f"validating {len(frames):,} records of 100-150 bytes, median of {args.repeats} interleaved repeats "
-          f"(pydantic {pydantic.VERSION}, orjson {orjson.__version__})")
+    print(
+        f"validating {len(frames):,} records of 100-150 bytes, median of {args.repeats} interleaved repeats "
+        f"(pydantic {pydantic.VERSION}, orjson {orjson.__version__})"
+    )
     print()
     print("| variant | µs / record (median) | min–max | vs current |")
     print("| --- | ---: | ---: | ---: |")

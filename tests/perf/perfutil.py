@@ -106,8 +106,9 @@ def median(values: list[float]) -> float:
 
 def snapshot(rev: str, dest: Path) -> tuple[Path, str]:
     """The committed tree of ``rev`` (``git archive``, the working tree untouched) and its commit."""
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", rev], capture_output=True, text=True,
-                            check=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", rev], capture_output=True, text=True, check=True
+    ).stdout.strip()
     dest.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
@@ -116,10 +117,12 @@ def snapshot(rev: str, dest: Path) -> tuple[Path, str]:
 
 def working_tree_state() -> str:
     """HEAD's commit, plus "+dirty" when nio_logd/ has uncommitted changes."""
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "nio_logd"],
-                           capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", "nio_logd"], capture_output=True, text=True
+    ).stdout.strip()
     return head + ("+dirty" if dirty else "")
 
 
@@ -180,7 +183,9 @@ class Rsyslog(Daemon):
         self.log = (directory / "rsyslogd.stderr").open("wb")
         self.proc = subprocess.Popen(
             [RSYSLOGD, "-n", "-f", str(self.config), "-i", str(directory / "rsyslogd.pid")],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         wait_listening(self.port, proc=self.proc)
 
@@ -188,9 +193,17 @@ class Rsyslog(Daemon):
 class NioLogd(Daemon):
     """``python -m nio_logd run`` with a config in ``directory`` (events kept in a file)."""
 
-    def __init__(self, directory: Path, *, name: str = "nio-logd", ack: bool = False, durability: str = "write",
-                 extra: dict[str, dict[str, Any]] | None = None, port: int | None = None,
-                 source: Path | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        name: str = "nio-logd",
+        ack: bool = False,
+        durability: str = "write",
+        extra: dict[str, dict[str, Any]] | None = None,
+        port: int | None = None,
+        source: Path | None = None,
+    ) -> None:
         self.name = name
         self.port = port or free_port()
         directory.mkdir(parents=True, exist_ok=True)
@@ -212,7 +225,11 @@ class NioLogd(Daemon):
         self.log = self.log_path.open("wb")
         env = {**os.environ, "PYTHONPATH": str(source or REPO)}
         self.proc = subprocess.Popen(
-            self._command(), stdout=subprocess.DEVNULL, stderr=self.log, stdin=subprocess.DEVNULL, cwd=directory,
+            self._command(),
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+            stdin=subprocess.DEVNULL,
+            cwd=directory,
             env=env,
         )
         wait_listening(self.port, proc=self.proc)
@@ -254,8 +271,13 @@ class ProtoDaemon(NioLogd):
         super().__init__(directory, name=name, source=source)
 
     def _command(self) -> list[str]:
-        cmd = [sys.executable, str(Path(__file__).resolve().parent / "proto_daemon.py"), "--config", str(self.config),
-               *self.flags]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve().parent / "proto_daemon.py"),
+            "--config",
+            str(self.config),
+            *self.flags,
+        ]
         if self.source:
             cmd += ["--source", str(self.source)]
         return cmd
@@ -284,8 +306,10 @@ def enter_private_netns(enabled: bool = True) -> str:
     """
     if enabled and os.environ.get(NETNS_ENV) != "1":
         os.environ[NETNS_ENV] = "1"
-        os.execvp("unshare", ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" "$@"',
-                              sys.executable, *sys.argv])
+        os.execvp(
+            "unshare",
+            ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', sys.executable, *sys.argv],
+        )
     if os.environ.get(NETNS_ENV) == "1":
         return "a private network namespace (unshare --net): the TcpExt counters are this run's alone"
     return "the host's network namespace: the TcpExt counters include every other process's connections"

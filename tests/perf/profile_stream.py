@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from perfutil import CLK_TCK, NioLogd, cpu_seconds  # noqa: E402
 
-from nio_logd.bench import Plan, run_bench  # noqa: E402
 from nio_logd.config import parse_address  # noqa: E402
+from nio_logd.tools.bench import Plan, run_bench  # noqa: E402
 
 # (stage, predicate on one frame "func (file:line)" and that line's source text); innermost match wins.
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]+)(?::(?P<line>\d+))?\)$")
@@ -47,14 +47,43 @@ STAGES_IO = (
     ("framing (LineFramer)", lambda f, src: f.startswith("LineFramer.")),
     ("validation (pydantic)", lambda f, src: f.startswith(("RecordValidator.", "TypeAdapter."))),
     ("rendering (structlog + orjson)", lambda f, src: f.startswith("Renderer.") or "structlog" in src),
-    ("accept + connection set-up/close", lambda f, src: f in {
-        "IOLoop._accept", "IOLoop.adopt", "Connection.__init__", "Connection.close", "IOLoop.forget",
-        "Server.admit", "Server.connection_closed", "_peer_name", "Connection.update_events",
-        "Connection.finish_if_done"} or f.startswith(("EpollSelector.register", "EpollSelector.unregister",
-                                                       "EpollSelector.modify", "socket.accept"))),
-    ("batching + hand-off", lambda f, src: f in {
-        "IOLoop._flush_batch", "Batch.__init__", "Writer.submit", "IOLoop._complete", "IOLoop.batch_done",
-        "IOLoop.call_soon_threadsafe", "IOLoop._on_wake", "Renderer.take"}),
+    (
+        "accept + connection set-up/close",
+        lambda f, src: (
+            f
+            in {
+                "IOLoop._accept",
+                "IOLoop.adopt",
+                "Connection.__init__",
+                "Connection.close",
+                "IOLoop.forget",
+                "Server.admit",
+                "Server.connection_closed",
+                "_peer_name",
+                "Connection.update_events",
+                "Connection.finish_if_done",
+            }
+            or f.startswith(
+                ("EpollSelector.register", "EpollSelector.unregister", "EpollSelector.modify", "socket.accept")
+            )
+        ),
+    ),
+    (
+        "batching + hand-off",
+        lambda f, src: (
+            f
+            in {
+                "IOLoop._flush_batch",
+                "Batch.__init__",
+                "Writer.submit",
+                "IOLoop._complete",
+                "IOLoop.batch_done",
+                "IOLoop.call_soon_threadsafe",
+                "IOLoop._on_wake",
+                "Renderer.take",
+            }
+        ),
+    ),
     ("refusals", lambda f, src: f == "IOLoop._refuse"),
     ("wait in select (idle or GIL)", lambda f, src: f.endswith(".select") and "selectors" in src),
 )
@@ -135,13 +164,19 @@ def schedstat_only(args: argparse.Namespace) -> int:
     """Without the profiler's pauses: how busy each thread is while the bench's clock runs."""
     base = Path(tempfile.mkdtemp(prefix="nio-logd-profile-"))
     daemon = NioLogd(base / "nio-logd", source=args.source)
-    print("| run | records/s in the file | thread (by CPU) | on a CPU | runnable, waiting for a CPU "
-          "| CPU µs / record |")
+    print(
+        "| run | records/s in the file | thread (by CPU) | on a CPU | runnable, waiting for a CPU | CPU µs / record |"
+    )
     print("| --- | ---: | --- | ---: | ---: | ---: |")
     try:
         for run in range(args.no_spy):
-            plan = Plan(address=parse_address(f"tcp://127.0.0.1:{daemon.port}"), connections=args.connections,
-                        records=args.records, processes=min(2, args.connections), mode=args.mode)
+            plan = Plan(
+                address=parse_address(f"tcp://127.0.0.1:{daemon.port}"),
+                connections=args.connections,
+                records=args.records,
+                processes=min(2, args.connections),
+                mode=args.mode,
+            )
             box: dict[str, Any] = {}
 
             def started(box: dict[str, Any] = box) -> None:
@@ -155,10 +190,15 @@ def schedstat_only(args: argparse.Namespace) -> int:
                 rows.append((on - on0, wait - wait0, tid))
             rows.sort(reverse=True)
             for rank, (on, wait, tid) in enumerate(rows[:3]):
-                name = "main thread" if tid == daemon.pid else ("busiest (the I/O thread)" if rank == 0 else
-                                                                f"thread {tid}")
-                print(f"| {run + 1} | {result['written']['records_per_s']:,.0f} | {name} | {on / wall:.0%} "
-                      f"| {wait / wall:.0%} | {on / result['written']['lines'] * 1e6:.2f} |")
+                name = (
+                    "main thread"
+                    if tid == daemon.pid
+                    else ("busiest (the I/O thread)" if rank == 0 else f"thread {tid}")
+                )
+                print(
+                    f"| {run + 1} | {result['written']['records_per_s']:,.0f} | {name} | {on / wall:.0%} "
+                    f"| {wait / wall:.0%} | {on / result['written']['lines'] * 1e6:.2f} |"
+                )
     finally:
         daemon.stop()
         shutil.rmtree(base, ignore_errors=True)
@@ -175,8 +215,13 @@ def main() -> int:
     parser.add_argument("--svg", type=Path, help="also record a flame graph (a second, separate run)")
     parser.add_argument("--source", type=Path, help="run the daemon from this source tree (default: this repo)")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--no-spy", type=int, metavar="RUNS", default=0,
-                        help="no py-spy: RUNS plain runs, each thread's schedstat from the start of the clock")
+    parser.add_argument(
+        "--no-spy",
+        type=int,
+        metavar="RUNS",
+        default=0,
+        help="no py-spy: RUNS plain runs, each thread's schedstat from the start of the clock",
+    )
     args = parser.parse_args()
     if args.no_spy:
         return schedstat_only(args)
@@ -185,14 +230,31 @@ def main() -> int:
     daemon = NioLogd(base / "nio-logd", source=args.source)
     raw = base / "profile.raw"
     try:
-        cmd = ["py-spy", "record", "--pid", str(daemon.pid), "--rate", str(args.rate), "--format", "raw",
-               "--output", str(raw), "--threads", "--idle"]
+        cmd = [
+            "py-spy",
+            "record",
+            "--pid",
+            str(daemon.pid),
+            "--rate",
+            str(args.rate),
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+            "--threads",
+            "--idle",
+        ]
         if args.gil:
             cmd.append("--gil")
         spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1.5)  # py-spy attaches
-        plan = Plan(address=parse_address(f"tcp://127.0.0.1:{daemon.port}"), connections=args.connections,
-                    records=args.records, processes=min(2, args.connections), mode=args.mode)
+        plan = Plan(
+            address=parse_address(f"tcp://127.0.0.1:{daemon.port}"),
+            connections=args.connections,
+            records=args.records,
+            processes=min(2, args.connections),
+            mode=args.mode,
+        )
         cpu0, threads0, t0 = cpu_seconds(daemon.pid), thread_cpu(daemon.pid), time.monotonic()
         result = run_bench(plan, wait_file=str(daemon.output))
         wall = time.monotonic() - t0
@@ -200,9 +262,21 @@ def main() -> int:
         spy.send_signal(signal.SIGINT)
         _out, err = spy.communicate(timeout=60)
         if args.svg:
-            svg = subprocess.Popen(["py-spy", "record", "--pid", str(daemon.pid), "--rate", str(args.rate),
-                                    "--output", str(args.svg), "--threads"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            svg = subprocess.Popen(
+                [
+                    "py-spy",
+                    "record",
+                    "--pid",
+                    str(daemon.pid),
+                    "--rate",
+                    str(args.rate),
+                    "--output",
+                    str(args.svg),
+                    "--threads",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             time.sleep(1.5)
             run_bench(plan, wait_file=str(daemon.output))
             svg.send_signal(signal.SIGINT)
@@ -231,17 +305,23 @@ def main() -> int:
             by_stage[classify(stack.split(";"), stages, sources)] += n
         total = sum(by_stage.values())
         for stage, n in by_stage.most_common():
-            table.append({
-                "thread": name, "stage": stage, "samples": n, "share": round(n / total, 4),
-                "us_per_record": round(n / args.rate / records * 1e6, 3),
-            })
+            table.append(
+                {
+                    "thread": name,
+                    "stage": stage,
+                    "samples": n,
+                    "share": round(n / total, 4),
+                    "us_per_record": round(n / args.rate / records * 1e6, 3),
+                }
+            )
     tids = {int(m[1]): m[2] for h in threads if (m := re.match(r"thread \((\d+)\): (.*)", h))}
     per_thread: dict[str, dict[str, float]] = {}
     for tid, (cpu, on, wait) in threads1.items():
         cpu0, on0, wait0 = threads0.get(tid, (0.0, 0.0, 0.0))
         if cpu - cpu0 > 0:
             per_thread[tids.get(tid, str(tid))] = {
-                "cpu_s": round(cpu - cpu0, 2), "on_cpu_share": round((on - on0) / wall, 3),
+                "cpu_s": round(cpu - cpu0, 2),
+                "on_cpu_share": round((on - on0) / wall, 3),
                 "runqueue_wait_share": round((wait - wait0) / wall, 3),
             }
     # Stage shares of a thread's busy samples (not waiting), scaled to that thread's CPU time.
@@ -251,27 +331,39 @@ def main() -> int:
         for r in rows:
             r["cpu_us_per_record"] = round(r["samples"] / busy * info["cpu_s"] / records * 1e6, 2)
     doc = {
-        "records": records, "wall_s": round(wall, 3), "records_per_s": result["written"]["records_per_s"],
-        "process_cpu_s": round(cpu1 - cpu0, 2), "cpu_us_per_record": round((cpu1 - cpu0) / records * 1e6, 2),
-        "thread_cpu_s": per_thread, "gil_only": args.gil, "rate": args.rate, "stages": table,
+        "records": records,
+        "wall_s": round(wall, 3),
+        "records_per_s": result["written"]["records_per_s"],
+        "process_cpu_s": round(cpu1 - cpu0, 2),
+        "cpu_us_per_record": round((cpu1 - cpu0) / records * 1e6, 2),
+        "thread_cpu_s": per_thread,
+        "gil_only": args.gil,
+        "rate": args.rate,
+        "stages": table,
     }
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
-    print(f"{records:,} records in {wall:.2f} s ({doc['records_per_s']:,.0f} records/s in the file); "
-          f"daemon CPU {doc['process_cpu_s']} s = {doc['cpu_us_per_record']} µs/record; "
-          f"py-spy {args.rate} Hz{' GIL only' if args.gil else ''}")
+    print(
+        f"{records:,} records in {wall:.2f} s ({doc['records_per_s']:,.0f} records/s in the file); "
+        f"daemon CPU {doc['process_cpu_s']} s = {doc['cpu_us_per_record']} µs/record; "
+        f"py-spy {args.rate} Hz{' GIL only' if args.gil else ''}"
+    )
     print()
     for name, info in per_thread.items():
-        print(f"  {name}: CPU {info['cpu_s']} s; on a CPU {info['on_cpu_share']:.0%} of the run, "
-              f"runnable but waiting for a CPU {info['runqueue_wait_share']:.0%}")
+        print(
+            f"  {name}: CPU {info['cpu_s']} s; on a CPU {info['on_cpu_share']:.0%} of the run, "
+            f"runnable but waiting for a CPU {info['runqueue_wait_share']:.0%}"
+        )
     print()
     print("| thread | stage | samples | share of thread's samples | wall µs / record | CPU µs / record |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for row in table:
         cpu = f"{row['cpu_us_per_record']:.2f}" if "cpu_us_per_record" in row else "–"
-        print(f"| {row['thread']} | {row['stage']} | {row['samples']} | {row['share'] * 100:.1f}% "
-              f"| {row['us_per_record']:.2f} | {cpu} |")
+        print(
+            f"| {row['thread']} | {row['stage']} | {row['samples']} | {row['share'] * 100:.1f}% "
+            f"| {row['us_per_record']:.2f} | {cpu} |"
+        )
     return 0
 
 

@@ -50,7 +50,7 @@ import structlog  # noqa: E402
 from nio_logd import render as render_module  # noqa: E402
 from nio_logd import server as server_module  # noqa: E402
 from nio_logd.config import load_file  # noqa: E402
-from nio_logd.listeners import Listener  # noqa: E402
+from nio_logd.wire.listeners import Listener  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from micro_render import FastStamper  # noqa: E402
@@ -146,16 +146,16 @@ def main() -> int:
     if args.nice:
         os.nice(args.nice)
     if args.workers == 1:
-        serve_one(args.config, args.bind_once, args.fast_ts, reuseport=False,
-                  collect_bytearray=args.collect_bytearray)
+        serve_one(args.config, args.bind_once, args.fast_ts, reuseport=False, collect_bytearray=args.collect_bytearray)
         return 0
     children = []
     for _ in range(args.workers):
         pid = os.fork()
         if pid == 0:
             try:
-                serve_one(args.config, args.bind_once, args.fast_ts, reuseport=True,
-                          collect_bytearray=args.collect_bytearray)
+                serve_one(
+                    args.config, args.bind_once, args.fast_ts, reuseport=True, collect_bytearray=args.collect_bytearray
+                )
             finally:
                 os._exit(0)
         children.append(pid)

@@ -137,7 +137,10 @@ class Box:
         with self.console.open("wb") as console:
             self.proc = subprocess.Popen(
                 ["sh", "-c", script, "sh", *procs],
-                stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, env=BOX_ENV,
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                env=BOX_ENV,
             )
         deadline = time.monotonic() + timeout
         while True:
@@ -223,7 +226,11 @@ class Box:
             raise BoxError("the box is not running")
         result = subprocess.run(
             ["nsenter", "-t", str(self.pid), *_ENTER, "--", *cmd],
-            capture_output=True, text=True, timeout=timeout, env=BOX_ENV, check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=BOX_ENV,
+            check=False,
         )
         if check and result.returncode != 0:
             raise BoxError(f"{' '.join(cmd)} exited with {result.returncode}: {result.stdout}{result.stderr}")

@@ -11,20 +11,19 @@ import collections
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
-from .access import AllowList, OncePer
-from .config import Settings
-from .errors import StartupError
-from .events import get_logger
-from .ioloop import IOLoop
-from .listeners import Listener, bind, describe
+from ..config import Settings
+from ..errors import StartupError
+from ..events import get_logger
+from ..output.writer import Writer
+from ..records.record import RecordValidator
+from ..records.render import Renderer
+from ..stats import LoopStats, Stats
+from ..wire.access import AllowList, OncePer
+from ..wire.ioloop import IOLoop
+from ..wire.listeners import Listener, bind, describe
+from ..wire.tls import ConnectionFactory, connection_factory, server_context
 from .metrics import MetricsServer
-from .record import RecordValidator
-from .render import Renderer
-from .sink import Writer
-from .stats import LoopStats, Stats
-from .tls import ConnectionFactory, connection_factory, server_context
 
 log = get_logger()
 
@@ -76,9 +75,7 @@ class Server:
         """Open the files and bind the sockets; raise StartupError naming what failed."""
         settings = self.settings
         # Certificates and keys are read here, before binding and before privileges are dropped.
-        contexts = {
-            id(ls): server_context(ls.tls, settings.resolve, ls.address) for ls in settings.listeners if ls.tls
-        }
+        contexts = {id(ls): server_context(ls.tls, settings.resolve, ls.address) for ls in settings.listeners if ls.tls}
         try:
             self.writer.open()
         except OSError as exc:
@@ -106,16 +103,25 @@ class Server:
         for loop in self.loops:
             loop.start()
         for listener in self.listeners:
-            log.info("listening", address=describe(listener), ack=listener.settings.ack,
-                     tls=listener.name in self.connection_factories)
+            log.info(
+                "listening",
+                address=describe(listener),
+                ack=listener.settings.ack,
+                tls=listener.name in self.connection_factories,
+            )
         if self.metrics is not None:
             self.metrics.start()
 
     def fail(self, component: str, exc: BaseException) -> None:
         """``component`` (a thread) died of ``exc``: health fails and the daemon stops, exit 1."""
         reason = f"{component} failed: {type(exc).__name__}: {exc}"
-        log.error("fatal", component=component, error=reason, exc_info=exc,
-                  action="stopping: writing what was received, then exit 1")
+        log.error(
+            "fatal",
+            component=component,
+            error=reason,
+            exc_info=exc,
+            action="stopping: writing what was received, then exit 1",
+        )
         if self.fatal is None:
             self.fatal = reason
         if self.on_fatal is not None:
@@ -180,16 +186,27 @@ class Server:
             host = peer.rpartition(":")[0]
             muted = self.not_allowed_logged.check(host)
             if muted is not None:
-                log.warning("connection_refused", reason=reason, listener=listener.name, peer=peer,
-                            allow=list(listener.settings.allow), not_logged_since=muted)
+                log.warning(
+                    "connection_refused",
+                    reason=reason,
+                    listener=listener.name,
+                    peer=peer,
+                    allow=list(listener.settings.allow),
+                    not_logged_since=muted,
+                )
             return
         # Logged at most once per second per reason, so a flood cannot fill the journal.
         now = time.monotonic()
         last = self._refusal_logged.get(reason, 0.0)
         if now - last >= 1.0:
             self._refusal_logged[reason] = now
-            log.warning("connection_refused", reason=reason, listener=listener.name, peer=peer,
-                        limit=getattr(self.settings.limits, reason))
+            log.warning(
+                "connection_refused",
+                reason=reason,
+                listener=listener.name,
+                peer=peer,
+                limit=getattr(self.settings.limits, reason),
+            )
 
     # -- observation ---------------------------------------------------------------------------------
     def snapshot(self) -> Stats:

@@ -26,7 +26,7 @@ import stat
 import time
 from pathlib import Path
 
-from .errors import AlreadyRunningError, NioLogdError
+from ..errors import AlreadyRunningError, NioLogdError
 
 # How long acquire() keeps trying for the lock on a stale pidfile: a reader's probe holds it for
 # microseconds, so only a live daemon holds it that long.
@@ -241,7 +241,8 @@ class PidFile:
                         other = _read_fd(old)
                         raise AlreadyRunningError(
                             f"already running (pid {other}, pidfile {self.path})"
-                            if other is not None else f"pidfile {self.path} is locked by another process"
+                            if other is not None
+                            else f"pidfile {self.path} is locked by another process"
                         ) from None
                     time.sleep(_RETRY_INTERVAL)
                     continue

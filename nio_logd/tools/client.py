@@ -18,8 +18,37 @@ from typing import Any
 
 import orjson
 
-from .config import Address, parse_address
-from .errors import ClientError
+from ..config import Address, parse_address
+from ..errors import ClientError
+from ..tlssocket import ClientTLSSocket, EncryptedKeyError, no_password, ssl_reason
+
+
+def client_context(ca: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """A client context: the server's certificate is verified (against ``ca`` or the system's CAs)."""
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    except FileNotFoundError:
+        raise ClientError(f"TLS CA file {ca}: no such file") from None
+    except ssl.SSLError as exc:
+        raise ClientError(f"TLS CA file {ca}: no PEM CA certificate in it ({ssl_reason(exc)})") from None
+    except OSError as exc:
+        raise ClientError(f"TLS CA file {ca}: {exc.strerror}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.sslsocket_class = ClientTLSSocket
+    if key is not None and cert is None:
+        raise ClientError("a TLS key needs its certificate (--cert)")
+    if cert is not None:
+        try:
+            ctx.load_cert_chain(cert, key, password=no_password)
+        except EncryptedKeyError:
+            raise ClientError(f"TLS key file {key or cert}: encrypted keys are not supported") from None
+        except ssl.SSLError as exc:
+            raise ClientError(
+                f"TLS certificate {cert} / key {key or cert}: cannot load them ({ssl_reason(exc)})"
+            ) from None
+        except OSError as exc:
+            raise ClientError(f"TLS certificate {cert} / key {key or cert}: {exc.strerror}") from None
+    return ctx
 
 
 def make_record(user: str, msg: str, when: str | None = None) -> bytes:
@@ -243,9 +272,7 @@ def _pump(sock: socket.socket, lines: list[bytes], window: int, timeout: float, 
             events = sel.select(max(0.0, deadline - time.monotonic()))
             if not events:
                 if result.answered == 0 and answered == start:
-                    raise ClientError(
-                        f"no acknowledgement within {timeout} s: is ack = true set on the listener?"
-                    )
+                    raise ClientError(f"no acknowledgement within {timeout} s: is ack = true set on the listener?")
                 raise TimeoutError(f"no answer for {timeout} s")
             for _key, mask in events:
                 if mask & selectors.EVENT_WRITE:

@@ -37,9 +37,8 @@ import socket
 import sys
 import threading
 import time
-from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler
 
 import orjson
@@ -49,21 +48,18 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from .access import AllowList, OncePer
-from .config import MetricsSettings, parse_address
-from .errors import StartupError
-from .events import get_logger
+from ..config import MetricsSettings, Settings, parse_address
+from ..errors import StartupError
+from ..events import get_logger
+from ..output.writer import Writer
+from ..stats import Stats
+from ..wire.access import AllowList, OncePer
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIEnvironment
 
-    from .server import Server
 
 log = get_logger()
-
-# Seconds; one write() or fsync() of a whole group of batches, from 100 µs to 30 s.
-BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-           10.0, 30.0)
 
 # Reasons always exported (as 0 until they happen), so dashboards and alerts see every series.
 RECORD_REFUSAL_REASONS = ("invalid_json", "invalid_utf8", "not_an_object", "invalid_fields", "too_large")
@@ -77,34 +73,16 @@ _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 0.5  # also the most a shutdown waits for the accept loop to notice it
 
 
-class LatencyHistogram:
-    """Counts of durations per bucket; ``observe`` is called by one thread only (the writer)."""
+class Observed(Protocol):
+    """What the metrics read from the server (``server.Server`` is one)."""
 
-    __slots__ = ("counts", "total")
+    settings: Settings
+    writer: Writer
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)  # the last one is +Inf
-        self.total = 0.0
-
-    def __repr__(self) -> str:
-        return f"<LatencyHistogram count={sum(self.counts)} sum={self.total:.3f}>"
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(BUCKETS, seconds)] += 1
-        self.total += seconds
-
-    def cumulative(self) -> tuple[list[tuple[str, float]], float]:
-        """Prometheus buckets (``le`` label, cumulative count) and the sum of observations."""
-        counts = list(self.counts)  # a copy: the writer may observe meanwhile
-        out = []
-        running = 0
-        for bound, n in zip((*map(str, BUCKETS), "+Inf"), counts, strict=True):
-            running += n
-            out.append((bound, float(running)))
-        return out, self.total
+    def snapshot(self) -> Stats: ...
 
 
-def health(server: Server) -> tuple[bool, dict[str, Any]]:
+def health(server: Observed) -> tuple[bool, dict[str, Any]]:
     """Whether the daemon is healthy, and a JSON-able explanation."""
     s = server.snapshot()
     limit = server.settings.metrics.health_stall_seconds
@@ -112,10 +90,14 @@ def health(server: Server) -> tuple[bool, dict[str, Any]]:
     if s.stopping:
         problems.append("the daemon is stopping")
     if s.writer.writer_stalled_seconds >= limit:
-        problems.append(f"the writer has made no progress for {s.writer.writer_stalled_seconds:.0f} s "
-                        f"with {s.writer.queue_bytes} bytes queued")
+        problems.append(
+            f"the writer has made no progress for {s.writer.writer_stalled_seconds:.0f} s "
+            f"with {s.writer.queue_bytes} bytes queued"
+        )
     if s.writer.write_failing_seconds >= limit:
-        problems.append(f"writes have been failing for {s.writer.write_failing_seconds:.0f} s: {s.writer.last_write_error}")
+        problems.append(
+            f"writes have been failing for {s.writer.write_failing_seconds:.0f} s: {s.writer.last_write_error}"
+        )
     if s.paused_now_seconds >= limit:
         problems.append(f"reading has been paused by backpressure for {s.paused_now_seconds:.0f} s")
     if s.fatal:
@@ -136,26 +118,40 @@ def health(server: Server) -> tuple[bool, dict[str, Any]]:
 class ServerCollector(Collector):
     """Reads the server's counters at scrape time."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Observed) -> None:
         self.server = server
 
     def collect(self) -> Iterator[Metric]:
         s = self.server.snapshot()
         yield GaugeMetricFamily("nio_logd_connections_open", "Client connections open now.", value=s.connections)
-        yield CounterMetricFamily("nio_logd_connections", "Client connections accepted.",
-                                  value=s.loops.connections_total)
-        yield _by_reason("nio_logd_connections_refused", "Connections closed at once, by reason.",
-                         s.loops.connections_refused_by_reason, CONNECTION_REFUSAL_REASONS)
-        yield CounterMetricFamily("nio_logd_connections_idle_closed", "Connections closed after idle_timeout.",
-                                  value=s.loops.idle_closed)
-        yield _by_reason("nio_logd_connections_closed", "Connections the daemon closed, by reason.",
-                         s.as_dict()["connections_closed_by_reason"], ())
-        yield GaugeMetricFamily("nio_logd_buffered_bytes",
-                                "Unfinished lines, records waiting to be taken and unsent answers held now.",
-                                value=s.buffered_bytes)
-        yield CounterMetricFamily("nio_logd_rejects_suppressed",
-                                  "Refused records not written to the rejects log (per-connection rate), counted.",
-                                  value=s.loops.records.rejects_suppressed)
+        yield CounterMetricFamily(
+            "nio_logd_connections", "Client connections accepted.", value=s.loops.connections_total
+        )
+        yield _by_reason(
+            "nio_logd_connections_refused",
+            "Connections closed at once, by reason.",
+            s.loops.connections_refused_by_reason,
+            CONNECTION_REFUSAL_REASONS,
+        )
+        yield CounterMetricFamily(
+            "nio_logd_connections_idle_closed", "Connections closed after idle_timeout.", value=s.loops.idle_closed
+        )
+        yield _by_reason(
+            "nio_logd_connections_closed",
+            "Connections the daemon closed, by reason.",
+            s.as_dict()["connections_closed_by_reason"],
+            (),
+        )
+        yield GaugeMetricFamily(
+            "nio_logd_buffered_bytes",
+            "Unfinished lines, records waiting to be taken and unsent answers held now.",
+            value=s.buffered_bytes,
+        )
+        yield CounterMetricFamily(
+            "nio_logd_rejects_suppressed",
+            "Refused records not written to the rejects log (per-connection rate), counted.",
+            value=s.loops.records.rejects_suppressed,
+        )
         for key, text in (
             ("read_errors", "Connections closed by a read error (reset, timeout)."),
             ("handler_errors", "Connections closed because handling them raised (a bug, logged)."),
@@ -164,31 +160,51 @@ class ServerCollector(Collector):
         ):
             yield CounterMetricFamily(f"nio_logd_{key}", text, value=getattr(s.loops, key))
         yield CounterMetricFamily("nio_logd_bytes_received", "Bytes read from clients.", value=s.loops.bytes_in)
-        yield CounterMetricFamily("nio_logd_records_accepted", "Records that passed validation.",
-                                  value=s.loops.records.accepted)
-        yield _by_reason("nio_logd_records_refused", "Records refused (written to the rejects log), by reason.",
-                         s.loops.records.refused_by_reason, RECORD_REFUSAL_REASONS)
-        yield CounterMetricFamily("nio_logd_records_written", "Accepted records written to the messages log.",
-                                  value=s.writer.written)
-        yield CounterMetricFamily("nio_logd_rejects_written", "Refused records written to the rejects log.",
-                                  value=s.writer.rejects_written)
-        yield CounterMetricFamily("nio_logd_rejects_lost",
-                                  "Refused records whose rejects line could not be written (rejects disk full "
-                                  "or failing); their clients were still told they were refused.",
-                                  value=s.writer.rejects_lost)
-        yield CounterMetricFamily("nio_logd_incomplete_records_dropped",
-                                  "Connections whose unfinished last line was dropped at shutdown.",
-                                  value=s.loops.incomplete_dropped)
-        yield GaugeMetricFamily("nio_logd_queue_bytes", "Bytes waiting for (or being written by) the writer.",
-                                value=s.writer.queue_bytes)
-        yield GaugeMetricFamily("nio_logd_queue_records", "Records waiting for (or being written by) the writer.",
-                                value=s.writer.queue_records)
-        yield GaugeMetricFamily("nio_logd_queue_limit_bytes", "queue_bytes: over it reading pauses.",
-                                value=s.writer.queue_limit)
-        yield CounterMetricFamily("nio_logd_write_errors", "Failed write() or fsync() calls (each retried).",
-                                  value=s.writer.write_errors)
-        yield GaugeMetricFamily("nio_logd_write_failing", "1 while writes fail and are being retried.",
-                                value=1.0 if s.writer.write_failing_seconds > 0 else 0.0)
+        yield CounterMetricFamily(
+            "nio_logd_records_accepted", "Records that passed validation.", value=s.loops.records.accepted
+        )
+        yield _by_reason(
+            "nio_logd_records_refused",
+            "Records refused (written to the rejects log), by reason.",
+            s.loops.records.refused_by_reason,
+            RECORD_REFUSAL_REASONS,
+        )
+        yield CounterMetricFamily(
+            "nio_logd_records_written", "Accepted records written to the messages log.", value=s.writer.written
+        )
+        yield CounterMetricFamily(
+            "nio_logd_rejects_written", "Refused records written to the rejects log.", value=s.writer.rejects_written
+        )
+        yield CounterMetricFamily(
+            "nio_logd_rejects_lost",
+            "Refused records whose rejects line could not be written (rejects disk full "
+            "or failing); their clients were still told they were refused.",
+            value=s.writer.rejects_lost,
+        )
+        yield CounterMetricFamily(
+            "nio_logd_incomplete_records_dropped",
+            "Connections whose unfinished last line was dropped at shutdown.",
+            value=s.loops.incomplete_dropped,
+        )
+        yield GaugeMetricFamily(
+            "nio_logd_queue_bytes", "Bytes waiting for (or being written by) the writer.", value=s.writer.queue_bytes
+        )
+        yield GaugeMetricFamily(
+            "nio_logd_queue_records",
+            "Records waiting for (or being written by) the writer.",
+            value=s.writer.queue_records,
+        )
+        yield GaugeMetricFamily(
+            "nio_logd_queue_limit_bytes", "queue_bytes: over it reading pauses.", value=s.writer.queue_limit
+        )
+        yield CounterMetricFamily(
+            "nio_logd_write_errors", "Failed write() or fsync() calls (each retried).", value=s.writer.write_errors
+        )
+        yield GaugeMetricFamily(
+            "nio_logd_write_failing",
+            "1 while writes fail and are being retried.",
+            value=1.0 if s.writer.write_failing_seconds > 0 else 0.0,
+        )
         writer = self.server.writer
         for name, hist, text in (
             ("nio_logd_write_seconds", writer.write_hist, "Time of one write() of a group of batches to one file."),
@@ -196,15 +212,20 @@ class ServerCollector(Collector):
         ):
             buckets, total = hist.cumulative()
             yield HistogramMetricFamily(name, text, buckets=buckets, sum_value=total)
-        yield GaugeMetricFamily("nio_logd_backpressure_paused", "I/O loops not reading because the writer is behind.",
-                                value=s.paused_loops)
-        yield CounterMetricFamily("nio_logd_backpressure_pauses", "Times an I/O loop stopped reading.",
-                                  value=s.loops.pauses)
-        yield CounterMetricFamily("nio_logd_backpressure_paused_seconds",
-                                  "Seconds I/O loops spent not reading (summed over loops).",
-                                  value=s.paused_seconds)
-        yield CounterMetricFamily("nio_logd_rate_limited", "Times a connection was slowed down by rate_limit.",
-                                  value=s.loops.rate_limited)
+        yield GaugeMetricFamily(
+            "nio_logd_backpressure_paused", "I/O loops not reading because the writer is behind.", value=s.paused_loops
+        )
+        yield CounterMetricFamily(
+            "nio_logd_backpressure_pauses", "Times an I/O loop stopped reading.", value=s.loops.pauses
+        )
+        yield CounterMetricFamily(
+            "nio_logd_backpressure_paused_seconds",
+            "Seconds I/O loops spent not reading (summed over loops).",
+            value=s.paused_seconds,
+        )
+        yield CounterMetricFamily(
+            "nio_logd_rate_limited", "Times a connection was slowed down by rate_limit.", value=s.loops.rate_limited
+        )
         for key, text in (
             ("tls_handshakes", "TLS handshakes completed."),
             ("tls_handshake_failed", "TLS handshakes that failed."),
@@ -306,8 +327,13 @@ class _BoundedWSGIServer(ThreadingWSGIServer):
         self._backoff = min(_BACKOFF_MAX, max(_BACKOFF_FIRST, self._backoff * 2))
         muted = self._logged.check("accept_failed")
         if muted is not None:
-            log.warning("metrics_accept_failed", errno=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
-                        error=exc.strerror, backoff_max=_BACKOFF_MAX, not_logged_since=muted)
+            log.warning(
+                "metrics_accept_failed",
+                errno=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                error=exc.strerror,
+                backoff_max=_BACKOFF_MAX,
+                not_logged_since=muted,
+            )
         time.sleep(self._backoff)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
@@ -348,11 +374,13 @@ class _BoundedWSGIServer(ThreadingWSGIServer):
         if muted is None:
             return
         detail: dict[str, Any] = (
-            {"allow": [str(n) for n in self.allow.networks]} if reason == "not_allowed"
+            {"allow": [str(n) for n in self.allow.networks]}
+            if reason == "not_allowed"
             else {"limit": self.max_connections}
         )
-        log.warning("metrics_connection_refused", reason=reason, peer=_peer(client_address),
-                    not_logged_since=muted, **detail)
+        log.warning(
+            "metrics_connection_refused", reason=reason, peer=_peer(client_address), not_logged_since=muted, **detail
+        )
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # The stock one prints a traceback to stderr, where our JSON events go.
@@ -365,8 +393,9 @@ class _BoundedWSGIServer(ThreadingWSGIServer):
         else:
             muted = self._logged.check("request_failed")
             if muted is not None:
-                log.warning("metrics_request_failed", peer=_peer(client_address), error=repr(exc),
-                            not_logged_since=muted)
+                log.warning(
+                    "metrics_request_failed", peer=_peer(client_address), error=repr(exc), not_logged_since=muted
+                )
 
 
 class _V6Server(_BoundedWSGIServer):
@@ -381,24 +410,32 @@ class _ListenerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         h = self.httpd
-        yield GaugeMetricFamily("nio_logd_metrics_connections_open", "Metrics (HTTP) connections being served now.",
-                                value=h.active)
+        yield GaugeMetricFamily(
+            "nio_logd_metrics_connections_open", "Metrics (HTTP) connections being served now.", value=h.active
+        )
         yield CounterMetricFamily("nio_logd_metrics_connections", "Metrics connections served.", value=h.served)
-        yield _by_reason("nio_logd_metrics_connections_refused",
-                         "Metrics connections closed at once (allow, max_connections), by reason.",
-                         dict(h.refused), METRICS_REFUSAL_REASONS)
-        yield CounterMetricFamily("nio_logd_metrics_connections_timed_out",
-                                  "Metrics connections closed by read_timeout (request too slow, or answer not read).",
-                                  value=h.timed_out)
-        yield CounterMetricFamily("nio_logd_metrics_accept_errors",
-                                  "Failed accepts on the metrics listener (EMFILE, ENFILE): each backs off.",
-                                  value=h.accept_errors)
+        yield _by_reason(
+            "nio_logd_metrics_connections_refused",
+            "Metrics connections closed at once (allow, max_connections), by reason.",
+            dict(h.refused),
+            METRICS_REFUSAL_REASONS,
+        )
+        yield CounterMetricFamily(
+            "nio_logd_metrics_connections_timed_out",
+            "Metrics connections closed by read_timeout (request too slow, or answer not read).",
+            value=h.timed_out,
+        )
+        yield CounterMetricFamily(
+            "nio_logd_metrics_accept_errors",
+            "Failed accepts on the metrics listener (EMFILE, ENFILE): each backs off.",
+            value=h.accept_errors,
+        )
 
 
 class MetricsServer:
     """The HTTP listener for ``/metrics`` and ``/healthz``, bound by ``__init__``."""
 
-    def __init__(self, server: Server, address: str) -> None:
+    def __init__(self, server: Observed, address: str) -> None:
         addr = parse_address(address)
         if addr.scheme != "tcp":
             raise StartupError(f"cannot serve metrics on {address}: only tcp://HOST:PORT addresses are supported")
@@ -422,8 +459,9 @@ class MetricsServer:
         return f"<MetricsServer {self.address}>"
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.5},
-                                        name="nio-logd-metrics", daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.5}, name="nio-logd-metrics", daemon=True
+        )
         self._thread.start()
         log.info("metrics_listening", address=self.address, paths=["/metrics", "/healthz"])
 
@@ -438,8 +476,10 @@ class MetricsServer:
         if path == "/healthz":
             healthy, body = health(self.server)
             data = orjson.dumps(body) + b"\n"
-            start_response("200 OK" if healthy else "503 Service Unavailable",
-                           [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+            start_response(
+                "200 OK" if healthy else "503 Service Unavailable",
+                [("Content-Type", "application/json"), ("Content-Length", str(len(data)))],
+            )
             return [data]
         if path in ("/metrics", "/"):
             result: Iterable[bytes] = self._metrics_app(environ, start_response)

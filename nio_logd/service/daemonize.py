@@ -23,8 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from .config import Settings, find_config, load_file
-from .errors import (
+from ..config import Settings, find_config, load_file
+from ..errors import (
     EXIT_FAILURE,
     EXIT_NOT_RUNNING,
     EXIT_OK,
@@ -34,6 +34,7 @@ from .errors import (
     StartupError,
     StopTimeoutError,
 )
+from ..output.files import open_regular
 from .pidfile import PidFile, is_alive
 from .privilege import (
     Identity,
@@ -42,7 +43,6 @@ from .privilege import (
     drop_privileges,
     hand_over,
     make_dirs,
-    open_regular,
     resolve_identity,
     warn_not_handed_over,
     warn_unwritable,
@@ -132,8 +132,7 @@ def start(explicit_config: str | None, timeout: float, notice: Callable[[str], N
         os.waitpid(child, 0)  # the first child: it exits as soon as the daemon has detached
     events = events_path(settings)
     if answer is None:
-        raise StartupError(f"no readiness report within {timeout:g} s; the daemon may still be starting "
-                           f"(see {events})")
+        raise StartupError(f"no readiness report within {timeout:g} s; the daemon may still be starting (see {events})")
     if not answer:
         raise StartupError(f"the daemon exited during start-up without a reason; see {events}")
     word, _, rest = answer.partition(" ")
@@ -239,8 +238,16 @@ def _child(settings: Settings, path: Path | None, identity: Identity | None, pid
         return EXIT_FAILURE
     # From here on this is the daemon: a grandchild of `start`, in its own session.
     events_file.close()  # fd 2 is a duplicate of it now
-    return _daemon_main(settings, path=path, identity=identity, pidfile=pidfile, readiness=readiness,
-                        created=created, events=events, events_created=events_created)
+    return _daemon_main(
+        settings,
+        path=path,
+        identity=identity,
+        pidfile=pidfile,
+        readiness=readiness,
+        created=created,
+        events=events,
+        events_created=events_created,
+    )
 
 
 def _daemon_main(
@@ -254,7 +261,7 @@ def _daemon_main(
     events: Path,
     events_created: bool = False,
 ) -> int:
-    from .events import configure_events, get_logger
+    from ..events import configure_events, get_logger
     from .runner import serve
 
     configure_events(settings.daemon.events, settings.daemon.events_level)
@@ -271,8 +278,14 @@ def _daemon_main(
         readiness.error(EXIT_FAILURE, f"cannot write pidfile {pidfile.path}: {exc.strerror}")
         return EXIT_FAILURE
 
-    after_startup = privilege_hook(settings, identity, [*created, pidfile.path], events_fd=sys.stderr.fileno(),
-                                   events_file=events, events_created=events_created)
+    after_startup = privilege_hook(
+        settings,
+        identity,
+        [*created, pidfile.path],
+        events_fd=sys.stderr.fileno(),
+        events_file=events,
+        events_created=events_created,
+    )
 
     def on_ready(server: Server) -> None:
         readiness.ready(server.addresses())
@@ -318,7 +331,7 @@ def privilege_hook(
     that the daemon user linked there, and chowning it would give it away. The others are
     written through the fd opened as root, and named in a ``log_file_not_handed_over`` warning.
     """
-    from .events import get_logger
+    from ..events import get_logger
 
     def after_startup(server: Server) -> None:
         if identity is None:
@@ -355,20 +368,22 @@ def as_root(explicit_config: str | None, settings: Settings) -> Callable[[Server
     identity = resolve_identity(settings.daemon.user, settings.daemon.group)
     if identity is None:
         return None
-    created = make_dirs(sorted({settings.resolve(settings.log.path).parent,
-                                settings.resolve(settings.log.rejects_path).parent}))
+    created = make_dirs(
+        sorted({settings.resolve(settings.log.path).parent, settings.resolve(settings.log.rejects_path).parent})
+    )
     return privilege_hook(settings, identity, created)
 
 
 def _reopen_events(path: Path, mode: int) -> None:
     """SIGHUP: point fd 2 at a fresh events file (after logrotate renamed the old one)."""
-    from .events import get_logger
+    from ..events import get_logger
 
     try:
         fd, _created = open_regular(path, os.O_WRONLY | os.O_APPEND, mode)
     except OSError as exc:
-        get_logger().error("events_reopen_failed", path=str(path), error=exc.strerror,
-                           action="events go on to the file open before")
+        get_logger().error(
+            "events_reopen_failed", path=str(path), error=exc.strerror, action="events go on to the file open before"
+        )
         return
     sys.stderr.flush()
     os.dup2(fd, sys.stderr.fileno())
@@ -389,8 +404,9 @@ def stop(settings: Settings, timeout: float) -> str:
     try:
         pid = pidfile.send_signal(signal.SIGTERM)
     except PermissionError:
-        raise NioLogdError(f"cannot signal the daemon of {pidfile.path}: permission denied "
-                           "(run as root or as its user)") from None
+        raise NioLogdError(
+            f"cannot signal the daemon of {pidfile.path}: permission denied (run as root or as its user)"
+        ) from None
     if pid is None:
         return f"nio-logd {_not_running(pidfile)}"
     deadline = time.monotonic() + timeout
@@ -416,8 +432,9 @@ def reload(settings: Settings) -> str:
     try:
         pid = pidfile.send_signal(signal.SIGHUP)
     except PermissionError:
-        raise NioLogdError(f"cannot signal the daemon of {pidfile.path}: permission denied "
-                           "(run as root or as its user)") from None
+        raise NioLogdError(
+            f"cannot signal the daemon of {pidfile.path}: permission denied (run as root or as its user)"
+        ) from None
     if pid is None:
         raise NotRunningError(_not_running(pidfile))
     return f"nio-logd reload: sent SIGHUP to pid {pid}"

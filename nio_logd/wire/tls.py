@@ -13,15 +13,15 @@ connection reads no record, and a client that never completes it is closed by th
 
 from __future__ import annotations
 
-import errno
 import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import TLSSettings
-from .errors import ClientError, StartupError
-from .events import get_logger
+from ..config import TLSSettings
+from ..errors import StartupError
+from ..events import get_logger
+from ..tlssocket import EncryptedKeyError, TLSSocket, no_password, ssl_reason
 from .ioloop import READ, WRITE, Connection, DeadSocketError, _bytes_waiting
 
 if TYPE_CHECKING:
@@ -32,112 +32,16 @@ if TYPE_CHECKING:
 
 log = get_logger()
 
-TLS_RECORD = 16384  # the largest TLS plaintext record: one SSL_read returns at most this much
-
 ConnectionFactory = Callable[["IOLoop", "socket.socket", "Listener", str, str], Connection]
 
 
-class TLSSocket(ssl.SSLSocket):
-    """An SSLSocket that reads and writes like a plain non-blocking socket (see the module doc)."""
-
-    # False on a server socket until its handshake completed: the drain at shutdown must not
-    # complete a handshake behind our back (SSL_read would) and take records without a subject.
-    app_data = True
-    at_eof = False
-
-    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
-        """Up to ``buflen`` decrypted bytes (a little more if OpenSSL holds the rest of a record)."""
-        if not self.app_data:
-            raise BlockingIOError(errno.EAGAIN, "TLS handshake not complete")
-        if self.at_eof:
-            return b""
-        chunks: list[bytes] = []
-        total = 0
-        blocking = self.gettimeout() != 0.0
-        while total < buflen:
-            try:
-                data = super().recv(min(TLS_RECORD, buflen - total), flags)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                if not chunks:
-                    raise BlockingIOError(errno.EAGAIN, "no complete TLS record yet") from None
-                break
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                data = b""
-            if not data:
-                self.at_eof = True
-                break
-            chunks.append(data)
-            total += len(data)
-            if blocking:
-                break  # a blocking read returns what one record gave, like recv() on a socket
-        while not self.at_eof and self.pending():
-            chunks.append(super().recv(self.pending(), flags))
-        return b"".join(chunks)
-
-    def send(self, data: Any, flags: int = 0) -> int:
-        """Bytes taken from ``data``; ``BlockingIOError`` if none (then retry with the same bytes).
-
-        Written one record at a time so that a partly accepted write returns how much was taken,
-        as send() on a socket does; OpenSSL requires a blocked record to be retried with the same
-        bytes, which holds because the caller resends what was not taken.
-        """
-        # Slices, not a memoryview: a view would pin the caller's bytearray (the loop resizes it).
-        total = 0
-        size = len(data)
-        while total < size:
-            try:
-                total += super().send(data[total : total + TLS_RECORD], flags)
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                if not total:
-                    raise BlockingIOError(errno.EAGAIN, "TLS send would block") from None
-                break
-        return total
-
-
-class ClientTLSSocket(TLSSocket):
-    """The client's side: when the daemon has refused us, report its alert, not "broken pipe"."""
-
-    def send(self, data: Any, flags: int = 0) -> int:
-        try:
-            return super().send(data, flags)
-        except (ssl.SSLEOFError, ConnectionError):
-            # With TLS 1.3 the daemon checks our certificate after our handshake has finished: its
-            # refusal (an alert) may be waiting unread while our write fails. Reading raises it.
-            timeout = self.gettimeout()
-            self.setblocking(False)
-            try:
-                ssl.SSLSocket.recv(self, 4096)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
-                pass
-            except ssl.SSLError as alert:
-                raise alert from None
-            except OSError:
-                pass
-            finally:
-                self.settimeout(timeout)
-            raise
-
-
 # -- contexts ----------------------------------------------------------------------------------------
-class _EncryptedKeyError(Exception):
-    pass
-
-
-def _no_password() -> str:
-    # Without a callback OpenSSL would prompt on the terminal for an encrypted key's passphrase.
-    raise _EncryptedKeyError
-
-
 def _check_readable(label: str, path: Path) -> None:
     try:
         with path.open("rb") as f:
             f.read(1)
     except OSError as exc:
         raise StartupError(f"TLS {label} file {path}: {exc.strerror}") from None
-
-
-def _ssl_reason(exc: ssl.SSLError) -> str:
-    return str(exc.reason or exc.strerror or exc).replace("_", " ").lower()
 
 
 def server_context(tls: TLSSettings, resolve: Callable[[str], Path], listener: str) -> ssl.SSLContext:
@@ -154,7 +58,7 @@ def server_context(tls: TLSSettings, resolve: Callable[[str], Path], listener: s
         probe.load_verify_locations(cafile=str(cert))
     except ssl.SSLError as exc:
         raise StartupError(
-            f"TLS cert file {cert} (listener {listener}): no PEM certificate in it ({_ssl_reason(exc)})"
+            f"TLS cert file {cert} (listener {listener}): no PEM certificate in it ({ssl_reason(exc)})"
         ) from None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -166,51 +70,23 @@ def server_context(tls: TLSSettings, resolve: Callable[[str], Path], listener: s
     ctx.num_tickets = 0
     ctx.sslsocket_class = TLSSocket
     try:
-        ctx.load_cert_chain(str(cert), str(key), password=_no_password)
-    except _EncryptedKeyError:
+        ctx.load_cert_chain(str(cert), str(key), password=no_password)
+    except EncryptedKeyError:
         raise StartupError(
             f"TLS key file {key}: the key is encrypted; nio-logd needs an unencrypted key "
             "(protect it with file permissions: it is read before privileges are dropped)"
         ) from None
     except ssl.SSLError as exc:
         raise StartupError(
-            f"TLS key file {key}: cannot use it with certificate {cert} ({_ssl_reason(exc)}); "
+            f"TLS key file {key}: cannot use it with certificate {cert} ({ssl_reason(exc)}); "
             "it must be the PEM private key of that certificate"
         ) from None
     if ca is not None:
         try:
             ctx.load_verify_locations(cafile=str(ca))
         except ssl.SSLError as exc:
-            raise StartupError(f"TLS ca file {ca}: no PEM CA certificate in it ({_ssl_reason(exc)})") from None
+            raise StartupError(f"TLS ca file {ca}: no PEM CA certificate in it ({ssl_reason(exc)})") from None
         ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
-    return ctx
-
-
-def client_context(ca: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
-    """A client context: the server's certificate is verified (against ``ca`` or the system's CAs)."""
-    try:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
-    except FileNotFoundError:
-        raise ClientError(f"TLS CA file {ca}: no such file") from None
-    except ssl.SSLError as exc:
-        raise ClientError(f"TLS CA file {ca}: no PEM CA certificate in it ({_ssl_reason(exc)})") from None
-    except OSError as exc:
-        raise ClientError(f"TLS CA file {ca}: {exc.strerror}") from None
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.sslsocket_class = ClientTLSSocket
-    if key is not None and cert is None:
-        raise ClientError("a TLS key needs its certificate (--cert)")
-    if cert is not None:
-        try:
-            ctx.load_cert_chain(cert, key, password=_no_password)
-        except _EncryptedKeyError:
-            raise ClientError(f"TLS key file {key or cert}: encrypted keys are not supported") from None
-        except ssl.SSLError as exc:
-            raise ClientError(
-                f"TLS certificate {cert} / key {key or cert}: cannot load them ({_ssl_reason(exc)})"
-            ) from None
-        except OSError as exc:
-            raise ClientError(f"TLS certificate {cert} / key {key or cert}: {exc.strerror}") from None
     return ctx
 
 
@@ -366,13 +242,19 @@ class TLSConnection(Connection):
             if isinstance(exc, ssl.SSLCertVerificationError):
                 error = f"client certificate: {exc.verify_message}"
             elif isinstance(exc, ssl.SSLError):
-                error = _ssl_reason(exc)
+                error = ssl_reason(exc)
             elif isinstance(exc, OSError) and exc.strerror:
                 error = exc.strerror
             else:
                 error = str(exc) or type(exc).__name__
-            log.warning("tls_handshake_failed", peer=self.peer, listener=self.listener.name, error=error,
-                        not_logged_since=muted, action="closed")
+            log.warning(
+                "tls_handshake_failed",
+                peer=self.peer,
+                listener=self.listener.name,
+                error=error,
+                not_logged_since=muted,
+                action="closed",
+            )
         self.handshaking = False  # failed, not incomplete
         self.close()
 

@@ -24,12 +24,8 @@ class AllowList:
 
     def __init__(self, networks: Iterable[str]) -> None:
         self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
-        self._v4 = tuple(
-            (int(n.network_address), int(n.netmask)) for n in self.networks if n.version == 4
-        )
-        self._v6 = tuple(
-            (int(n.network_address), int(n.netmask)) for n in self.networks if n.version == 6
-        )
+        self._v4 = tuple((int(n.network_address), int(n.netmask)) for n in self.networks if n.version == 4)
+        self._v6 = tuple((int(n.network_address), int(n.netmask)) for n in self.networks if n.version == 6)
 
     def __repr__(self) -> str:
         return f"<AllowList {[str(n) for n in self.networks]}>"

@@ -8,9 +8,9 @@ for the interpreter and for one connection were measured on Debian 12, CPython 3
 
 from __future__ import annotations
 
-from .config import Settings
-from .copytruncate import JOURNAL_BYTES
-from .ioloop import RECV_BYTES
+from ..config import Settings
+from ..output.copytruncate import JOURNAL_BYTES
+from ..wire.ioloop import RECV_BYTES
 
 BASE_BYTES = 48 << 20  # the interpreter, pydantic-core, structlog, orjson, the threads' stacks in use
 PLAIN_CONNECTION_BYTES = 4 << 10

@@ -31,8 +31,8 @@ from typing import IO, Any
 
 import orjson
 
-from .copytruncate import COMPRESSED
-from .errors import NoInputError, UsageError
+from ..config import COMPRESSED
+from ..errors import NoInputError, UsageError
 
 MAX_LINE = 16 << 20  # longer lines are shown as malformed, with their start only
 PREVIEW = 2048  # bytes of a malformed line that are shown
@@ -742,7 +742,7 @@ def _log_path(args: argparse.Namespace) -> Path:
         if args.rejects:
             raise UsageError("give FILE or --rejects, not both")
         return Path(args.file)
-    from .config import load_settings
+    from ..config import load_settings
 
     settings = load_settings(args.config)
     return settings.resolve(settings.log.rejects_path if args.rejects else settings.log.path)
@@ -810,14 +810,23 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
         help="print the messages log: last lines, follow across rotation, filters, pretty or JSON",
         description="Print the last lines of the messages log (or FILE), optionally following it across "
         "rotation like tail -F. Pretty and coloured on a terminal, raw JSON lines otherwise. A line that "
-        "is not a JSON object is shown marked [malformed] (with --json: as {\"malformed\": true, ...}).",
+        'is not a JSON object is shown marked [malformed] (with --json: as {"malformed": true, ...}).',
     )
     common(p)
-    p.add_argument("file", nargs="?", metavar="FILE",
-                   help="the log file to read (default: the config's messages log, or rejects log with --rejects)")
-    p.add_argument("-n", "--lines", type=_count, metavar="N",
-                   help="print the last N lines that pass the filters, or 'all' "
-                        f"(default: {DEFAULT_LINES}; all with --since/--until)")
+    p.add_argument(
+        "file",
+        nargs="?",
+        metavar="FILE",
+        help="the log file to read (default: the config's messages log, or rejects log with --rejects)",
+    )
+    p.add_argument(
+        "-n",
+        "--lines",
+        type=_count,
+        metavar="N",
+        help="print the last N lines that pass the filters, or 'all' "
+        f"(default: {DEFAULT_LINES}; all with --since/--until)",
+    )
     p.add_argument(
         "-f",
         "--follow",
@@ -825,19 +834,28 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
         help="then print new lines as they come, across rotation (rename + new file, truncation), like tail -F; "
         "waits for a missing file (or for a regular file in place of a directory, FIFO or device); Ctrl-C stops",
     )
-    p.add_argument("--user", action="append", metavar="U",
-                   help="only records whose send_user is U (repeat for several users)")
+    p.add_argument(
+        "--user", action="append", metavar="U", help="only records whose send_user is U (repeat for several users)"
+    )
     p.add_argument("--since", metavar="T", help=f"only lines whose timestamp is T or later; T is {TIME_FORMS}")
     p.add_argument("--until", metavar="T", help="only lines whose timestamp is T or earlier (same forms)")
-    p.add_argument("--grep", metavar="REGEX",
-                   help="only lines where REGEX (Python syntax, re.search) matches the record's send_msg; "
-                        "in the rejects log its error and raw input; for a malformed line, the whole line")
+    p.add_argument(
+        "--grep",
+        metavar="REGEX",
+        help="only lines where REGEX (Python syntax, re.search) matches the record's send_msg; "
+        "in the rejects log its error and raw input; for a malformed line, the whole line",
+    )
     p.add_argument("-i", "--ignore-case", action="store_true", help="--grep ignores case")
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true",
-                     help="raw JSON lines as in the file (the default when stdout is not a terminal)")
+    fmt.add_argument(
+        "--json", action="store_true", help="raw JSON lines as in the file (the default when stdout is not a terminal)"
+    )
     fmt.add_argument("--pretty", action="store_true", help="human-readable lines even when stdout is not a terminal")
-    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
-                   help="colours in human-readable output (auto: on a terminal, unless $NO_COLOR is set)")
+    p.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="colours in human-readable output (auto: on a terminal, unless $NO_COLOR is set)",
+    )
     p.add_argument("--rejects", action="store_true", help="read the config's rejects log instead")
     p.set_defaults(func=cmd_tail)

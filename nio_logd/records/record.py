@@ -14,14 +14,34 @@ import json
 import math
 from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, cast
 
 from pydantic import ConfigDict, GetPydanticSchema, TypeAdapter, ValidationError
 from pydantic_core import core_schema as cs
 from typing_extensions import TypedDict
 
-from .config import RecordSettings
-from .framing import Frame, TooLarge
+from ..config import RecordSettings
+
+
+class TooLarge:
+    """A record that exceeded the size bound; ``prefix`` is its first ``max_bytes`` bytes."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: bytes) -> None:
+        self.prefix = prefix
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TooLarge) and other.prefix == self.prefix
+
+    def __hash__(self) -> int:
+        return hash(self.prefix)
+
+    def __repr__(self) -> str:
+        return f"TooLarge(prefix={self.prefix[:32]!r}..., {len(self.prefix)} bytes)"
+
+
+Frame = bytes | TooLarge
 
 _FIELDS = frozenset({"send_user", "send_time", "send_msg"})
 
@@ -207,9 +227,7 @@ class RecordValidator:
     def __init__(self, settings: RecordSettings, max_record_bytes: int) -> None:
         self.settings = settings
         self.max_record_bytes = max_record_bytes
-        extra: Literal["forbid", "ignore", "allow"] = (
-            "allow" if settings.extra == "keep" else settings.extra
-        )
+        extra: Literal["forbid", "ignore", "allow"] = "allow" if settings.extra == "keep" else settings.extra
         max_user = settings.max_user_chars
         user_type = Annotated[str, GetPydanticSchema(lambda _t, _h: _user_schema(max_user))]
         msg_schema = cs.str_schema(max_length=settings.max_msg_chars)
@@ -220,7 +238,8 @@ class RecordValidator:
             {"send_user": user_type, "send_time": SendTime, "send_msg": msg_type},
         )
         record.__pydantic_config__ = ConfigDict(extra=extra, strict=True)  # type: ignore[attr-defined]
-        self._validate_json: Callable[[bytes], Fields] = TypeAdapter[Fields](record).validate_json
+        adapter: TypeAdapter[Fields] = TypeAdapter(cast("type[Fields]", record))
+        self._validate_json: Callable[[bytes], Fields] = adapter.validate_json
         self.validate = self._validate_keeping if settings.extra == "keep" else self._validate
 
     def _validate_keeping(self, frame: Frame) -> Fields | Refusal:
@@ -238,8 +257,13 @@ class RecordValidator:
             if bad:
                 return Refusal(
                     "invalid_fields",
-                    [{"field": name, "error": "cannot be written: an integer beyond 64 bits or a number "
-                      "out of range"} for name in bad],
+                    [
+                        {
+                            "field": name,
+                            "error": "cannot be written: an integer beyond 64 bits or a number out of range",
+                        }
+                        for name in bad
+                    ],
                     frame,
                 )
         return result

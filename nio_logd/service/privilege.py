@@ -10,8 +10,6 @@ choose what the daemon (started as root) binds, writes and runs as, so it is ref
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import grp
 import importlib
 import os
@@ -20,8 +18,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, StartupError
-from .events import get_logger
+from ..errors import ConfigError, StartupError
+from ..events import get_logger
 
 log = get_logger()
 
@@ -165,70 +163,6 @@ def make_dirs(paths: list[Path]) -> list[Path]:
     return created
 
 
-_KINDS = (
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISLNK, "a symbolic link"),
-)
-
-
-def _kind(mode: int) -> str:
-    for test, name in _KINDS:
-        if test(mode):
-            return name
-    return f"not a regular file (mode {mode:o})"
-
-
-def _refuse(path: Path, code: int, reason: str) -> OSError:
-    log.error("log_file_refused", path=str(path), reason=reason)
-    return OSError(code, reason, str(path))
-
-
-def open_regular(path: Path, flags: int, mode: int = 0o640, *, create: bool = True) -> tuple[int, bool]:
-    """Open ``path`` (in a folder another user may write) without following a link or blocking.
-
-    Returns the fd and whether this call created the file. A symbolic link, anything but a
-    regular file, and a regular file with more than one link (a hard link to someone else's file)
-    are refused with an OSError whose ``strerror`` says what was found, and a ``log_file_refused``
-    event. ``flags`` are the access flags (O_WRONLY, O_RDWR, O_APPEND ...).
-    """
-    # O_NONBLOCK: open(2) of a FIFO without a reader would block the calling thread for ever.
-    flags |= os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    created = False
-    try:
-        try:
-            fd = os.open(path, flags)
-        except FileNotFoundError:
-            if not create:
-                raise
-            # O_EXCL: what we create is ours; if someone plants a file meanwhile we refuse, not follow.
-            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
-            created = True
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _refuse(path, errno.ELOOP, "is a symbolic link; refusing to follow it") from None
-        if exc.errno == errno.ENXIO:  # O_WRONLY|O_NONBLOCK on a FIFO or a socket
-            raise _refuse(path, errno.ENXIO, "is a FIFO or a socket, not a regular file; refused") from None
-        if exc.errno == errno.EISDIR:
-            raise _refuse(path, errno.EISDIR, "is a directory, not a regular file; refused") from None
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _refuse(path, errno.EINVAL, f"is {_kind(st.st_mode)}, not a regular file; refused")
-        if st.st_nlink != 1:
-            raise _refuse(path, errno.EMLINK, f"has {st.st_nlink} hard links; refused: it may be another "
-                                              "user's file linked here")
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, created
-
-
 def warn_not_handed_over(identity: Identity, files: list[tuple[Path, int]]) -> None:
     """Existing files are never chowned (the path may name a file planted by the daemon user):
     say which ones ``identity`` will not own, since reopening them after a rotation may fail."""
@@ -239,10 +173,13 @@ def warn_not_handed_over(identity: Identity, files: list[tuple[Path, int]]) -> N
             continue
         if st.st_uid != identity.uid:
             log.warning(
-                "log_file_not_handed_over", path=str(path), owner=_name_of_uid(st.st_uid), user=str(identity),
+                "log_file_not_handed_over",
+                path=str(path),
+                owner=_name_of_uid(st.st_uid),
+                user=str(identity),
                 reason="the file existed before this start; only files the daemon creates are handed over",
                 consequence=f"writing goes on through the open file; reopening it as {identity} may fail "
-                            f"until its owner is fixed (chown {identity} {path})",
+                f"until its owner is fixed (chown {identity} {path})",
             )
 
 
@@ -313,16 +250,25 @@ def drop_privileges(identity: Identity) -> None:
             pass
         else:
             raise StartupError(f"after switching to {identity} the process could become root again")
-    log.info("privileges_dropped", user=identity.user or identity.uid, uid=identity.uid,
-             group=identity.group, gid=identity.gid, groups=os.getgroups())
+    log.info(
+        "privileges_dropped",
+        user=identity.user or identity.uid,
+        uid=identity.uid,
+        group=identity.group,
+        gid=identity.gid,
+        groups=os.getgroups(),
+    )
 
 
 def warn_unwritable(folders: list[Path]) -> None:
     """After the drop: say which log folders the daemon cannot write (reopen and rotation need it)."""
     for folder in folders:
         if not os.access(folder, os.W_OK | os.X_OK):
-            log.warning("log_folder_not_writable", folder=str(folder),
-                        consequence="reopen after a rename and built-in rotation cannot create new files")
+            log.warning(
+                "log_folder_not_writable",
+                folder=str(folder),
+                consequence="reopen after a rename and built-in rotation cannot create new files",
+            )
 
 
 __all__ = [
@@ -332,7 +278,6 @@ __all__ = [
     "drop_privileges",
     "hand_over",
     "make_dirs",
-    "open_regular",
     "resolve_identity",
     "warn_not_handed_over",
     "warn_unwritable",

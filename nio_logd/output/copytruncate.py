@@ -21,9 +21,10 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from ..config import COMPRESSED
+
 JOURNAL_BYTES = 8 << 20  # how much recent output is kept to repair a copytruncate
 PROBE_BYTES = 4096  # how much of a candidate copy's end must match the journal
-COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".lzo", ".lzma", ".Z", ".zip")
 
 
 class WriteJournal:

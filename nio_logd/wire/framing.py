@@ -15,26 +15,7 @@ from __future__ import annotations
 
 from typing import Final
 
-
-class TooLarge:
-    """A record that exceeded the size bound; ``prefix`` is its first ``max_bytes`` bytes."""
-
-    __slots__ = ("prefix",)
-
-    def __init__(self, prefix: bytes) -> None:
-        self.prefix = prefix
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, TooLarge) and other.prefix == self.prefix
-
-    def __hash__(self) -> int:
-        return hash(self.prefix)
-
-    def __repr__(self) -> str:
-        return f"TooLarge(prefix={self.prefix[:32]!r}..., {len(self.prefix)} bytes)"
-
-
-Frame = bytes | TooLarge
+from ..records.record import Frame, TooLarge
 
 _NL: Final = b"\n"
 

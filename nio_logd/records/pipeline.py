@@ -25,10 +25,9 @@ from typing import Any
 
 import orjson
 
-from .framing import Frame
-from .record import Fields, Refusal
+from ..stats import RecordCounts
+from .record import Fields, Frame, Refusal
 from .render import Renderer
-from .stats import RecordCounts
 
 
 class Stream:
@@ -50,8 +49,16 @@ class Stream:
         "window_seq",
     )
 
-    def __init__(self, peer: str, listener_name: str, *, ack: bool, client: str | None = None,
-                 reject_tokens: float = 0.0, now: float = 0.0) -> None:
+    def __init__(
+        self,
+        peer: str,
+        listener_name: str,
+        *,
+        ack: bool,
+        client: str | None = None,
+        reject_tokens: float = 0.0,
+        now: float = 0.0,
+    ) -> None:
         self.peer = peer
         self.listener_name = listener_name
         self.ack = ack
@@ -87,16 +94,29 @@ class Outcome:
 
 def nack(seq: int, refusal: Refusal) -> bytes:
     """The answer line for a refused record."""
-    return orjson.dumps(
-        {"seq": seq, "ok": False, "error": refusal.message, "reason": refusal.reason, "detail": refusal.errors}
-    ) + b"\n"
+    return (
+        orjson.dumps(
+            {"seq": seq, "ok": False, "error": refusal.message, "reason": refusal.reason, "detail": refusal.errors}
+        )
+        + b"\n"
+    )
 
 
 class Pipeline:
     """Validation, rendering and answers for the records of one loop (one pass at a time)."""
 
-    __slots__ = ("_answer_bytes", "_answers", "_closing", "_counts", "answer_limit", "refused_close_after",
-                 "rejects_burst", "rejects_rate", "renderer", "validate")
+    __slots__ = (
+        "_answer_bytes",
+        "_answers",
+        "_closing",
+        "_counts",
+        "answer_limit",
+        "refused_close_after",
+        "rejects_burst",
+        "rejects_rate",
+        "renderer",
+        "validate",
+    )
 
     def __init__(
         self,
@@ -253,8 +273,9 @@ class Pipeline:
     def outcome(self) -> Outcome:
         """What the pass made since the last call; the pipeline starts the next pass empty."""
         messages, accepted, rejects, reject_lines = self.renderer.take()
-        out = Outcome(messages, accepted, rejects, reject_lines, self._answers, self._answer_bytes, self._counts,
-                      self._closing)
+        out = Outcome(
+            messages, accepted, rejects, reject_lines, self._answers, self._answer_bytes, self._counts, self._closing
+        )
         self._answers = {}
         self._answer_bytes = 0
         self._counts = RecordCounts()

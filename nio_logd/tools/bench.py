@@ -30,8 +30,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .config import Address, parse_address
-from .errors import ClientError
+from ..config import Address, parse_address
+from ..errors import ClientError
 
 STREAM = "stream"
 ONE_PER_CONNECTION = "one-per-connection"
@@ -42,20 +42,120 @@ POOL_CHUNKS = 20  # distinct chunks per lane before its records repeat
 PROGRESS_EVERY = 0.25
 
 _USERS = (
-    "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy", "mallory",
-    "niaj", "olivia", "peggy", "rupert", "sybil", "trent", "victor", "walter", "yolanda", "Lyon",
-    "Paris", "Zoë", "Jürgen", "Łukasz", "Søren", "Renée", "José", "svc-backup", "cron@db-01",
-    "web.frontend.3", "ci-runner-17", "root", "postgres", "nginx", "k8s/node-a", "Ана", "李雷",
+    "alice",
+    "bob",
+    "carol",
+    "dave",
+    "erin",
+    "frank",
+    "grace",
+    "heidi",
+    "ivan",
+    "judy",
+    "mallory",
+    "niaj",
+    "olivia",
+    "peggy",
+    "rupert",
+    "sybil",
+    "trent",
+    "victor",
+    "walter",
+    "yolanda",
+    "Lyon",
+    "Paris",
+    "Zoë",
+    "Jürgen",
+    "Łukasz",
+    "Søren",
+    "Renée",
+    "José",
+    "svc-backup",
+    "cron@db-01",
+    "web.frontend.3",
+    "ci-runner-17",
+    "root",
+    "postgres",
+    "nginx",
+    "k8s/node-a",
+    "Ана",
+    "李雷",
 )
 _WORDS = (
-    "the", "request", "completed", "in", "ms", "user", "logged", "out", "session", "expired",
-    "cache", "miss", "for", "key", "retrying", "connection", "to", "upstream", "reset", "by",
-    "peer", "disk", "usage", "at", "percent", "backup", "finished", "OK", "ERROR", "warning:",
-    "GET", "/api/v1/items?id=42", "POST", "status=200", "status=503", "latency", "queue",
-    "depth", "worker", "started", "stopped", "héllo", "naïve", "café", "über", "日本語",
-    'said "hi"', "C:\\temp\\x", "tab\there", "{json: 'inside'}", "<html>", "a&b", "100%",
-    "deploy", "v2.3.1", "rollback", "token=***", "timeout", "after", "3", "attempts", "ok",
-    "--", "…", "✓", "price", "€12.50", "load", "0.73", "pid", "1234", "exit", "code", "0",
+    "the",
+    "request",
+    "completed",
+    "in",
+    "ms",
+    "user",
+    "logged",
+    "out",
+    "session",
+    "expired",
+    "cache",
+    "miss",
+    "for",
+    "key",
+    "retrying",
+    "connection",
+    "to",
+    "upstream",
+    "reset",
+    "by",
+    "peer",
+    "disk",
+    "usage",
+    "at",
+    "percent",
+    "backup",
+    "finished",
+    "OK",
+    "ERROR",
+    "warning:",
+    "GET",
+    "/api/v1/items?id=42",
+    "POST",
+    "status=200",
+    "status=503",
+    "latency",
+    "queue",
+    "depth",
+    "worker",
+    "started",
+    "stopped",
+    "héllo",
+    "naïve",
+    "café",
+    "über",
+    "日本語",
+    'said "hi"',
+    "C:\\temp\\x",
+    "tab\there",
+    "{json: 'inside'}",
+    "<html>",
+    "a&b",
+    "100%",
+    "deploy",
+    "v2.3.1",
+    "rollback",
+    "token=***",
+    "timeout",
+    "after",
+    "3",
+    "attempts",
+    "ok",
+    "--",
+    "…",
+    "✓",
+    "price",
+    "€12.50",
+    "load",
+    "0.73",
+    "pid",
+    "1234",
+    "exit",
+    "code",
+    "0",
 )
 
 
@@ -246,8 +346,20 @@ class _AckCounter:
 class _StreamLane:
     """One connection that sends its records back to back, pipelined."""
 
-    __slots__ = ("acks", "broken", "chunk", "chunk_records", "chunks", "done", "mask", "next_chunk", "sent", "shut",
-                 "sock", "total")
+    __slots__ = (
+        "acks",
+        "broken",
+        "chunk",
+        "chunk_records",
+        "chunks",
+        "done",
+        "mask",
+        "next_chunk",
+        "sent",
+        "shut",
+        "sock",
+        "total",
+    )
 
     def __init__(self, sock: socket.socket, chunks: list[tuple[bytes, int]], total: int) -> None:
         self.sock = sock
@@ -689,8 +801,9 @@ def _show_progress(out: Any, done: int, total: int, elapsed: float, counter: Lin
     out.flush()
 
 
-def _summarise(plan: Plan, reports: dict[int, dict[str, Any]], t0: float, sent_done: float,
-               written: dict[str, Any] | None) -> dict[str, Any]:
+def _summarise(
+    plan: Plan, reports: dict[int, dict[str, Any]], t0: float, sent_done: float, written: dict[str, Any] | None
+) -> dict[str, Any]:
     records = sum(r["records"] for r in reports.values())
     nbytes = sum(r["bytes"] for r in reports.values())
     seconds = max(sent_done - t0, 1e-9)
@@ -782,11 +895,11 @@ def _sizes(text: str) -> tuple[int, int]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .errors import EXIT_FAILURE, EXIT_OK
+    from ..errors import EXIT_FAILURE, EXIT_OK
 
     address_text = args.address
     if address_text is None:
-        from .config import load_settings
+        from ..config import load_settings
 
         address_text = load_settings(args.config).listeners[0].address
     try:
@@ -828,24 +941,53 @@ def register(sub: Any) -> None:
     p = sub.add_parser("bench", help="load-generate against a running daemon: records/s, MB/s, ack latency")
     p.add_argument("--config", metavar="PATH", help="config file whose first listener is the default --address")
     p.add_argument("--address", help="tcp://HOST:PORT or unix:///PATH (default: the config's first listener)")
-    p.add_argument("--connections", type=_positive, default=8,
-                   help="concurrent connections (default 8); in one-per-connection mode, concurrent slots")
+    p.add_argument(
+        "--connections",
+        type=_positive,
+        default=8,
+        help="concurrent connections (default 8); in one-per-connection mode, concurrent slots",
+    )
     p.add_argument("--records", type=_positive, default=100_000, help="records to send in all (default 100000)")
-    p.add_argument("--record-bytes", type=_sizes, default=(100, 150), metavar="N|LO-HI",
-                   help="size of each record without its newline (default 100-150)")
-    p.add_argument("--mode", choices=MODES, default=STREAM,
-                   help="stream: pipelined on long connections; one-per-connection: connect, send one record "
-                        "without a newline, close (the seed client's pattern)")
-    p.add_argument("--ack", action="store_true",
-                   help="the listener has ack = true: wait for every answer; report latency p50/p99/p99.9")
-    p.add_argument("--window", type=_positive, default=1000,
-                   help="with --ack: records in flight per connection (default 1000)")
-    p.add_argument("--processes", type=_positive, default=0,
-                   help="generator processes (default: the number of CPUs, at least 2, at most --connections)")
-    p.add_argument("--wait-file", metavar="PATH",
-                   help="the daemon's messages log: also time until the records are in it (counts new lines)")
-    p.add_argument("--wait-slack", type=int, default=0, metavar="N",
-                   help="with --wait-file: stop that clock when at most N lines are missing (default 0)")
+    p.add_argument(
+        "--record-bytes",
+        type=_sizes,
+        default=(100, 150),
+        metavar="N|LO-HI",
+        help="size of each record without its newline (default 100-150)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default=STREAM,
+        help="stream: pipelined on long connections; one-per-connection: connect, send one record "
+        "without a newline, close (the seed client's pattern)",
+    )
+    p.add_argument(
+        "--ack",
+        action="store_true",
+        help="the listener has ack = true: wait for every answer; report latency p50/p99/p99.9",
+    )
+    p.add_argument(
+        "--window", type=_positive, default=1000, help="with --ack: records in flight per connection (default 1000)"
+    )
+    p.add_argument(
+        "--processes",
+        type=_positive,
+        default=0,
+        help="generator processes (default: the number of CPUs, at least 2, at most --connections)",
+    )
+    p.add_argument(
+        "--wait-file",
+        metavar="PATH",
+        help="the daemon's messages log: also time until the records are in it (counts new lines)",
+    )
+    p.add_argument(
+        "--wait-slack",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --wait-file: stop that clock when at most N lines are missing (default 0)",
+    )
     p.add_argument("--seed", type=int, default=1, help="seed of the generated records (default 1)")
     p.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds (default 300)")
     p.add_argument("--json", action="store_true", help="print the results as JSON (for scripts)")

@@ -8,8 +8,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Address, ListenerSettings, Settings
-from .errors import StartupError
+from ..config import Address, ListenerSettings, Settings
+from ..errors import StartupError
 
 SD_LISTEN_FDS_START = 3
 

@@ -39,17 +39,20 @@ import termios
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .events import get_logger
-from .framing import Frame, LineFramer
-from .pipeline import Pipeline, Stream
-from .sink import Batch
-from .stats import LoopStats
+from ..config import Settings
+from ..events import get_logger
+from ..output.writer import Batch, Writer
+from ..records.pipeline import Pipeline, Stream
+from ..records.record import Frame, RecordValidator
+from ..records.render import Renderer
+from ..stats import LoopStats
+from .access import OncePer
+from .framing import LineFramer
 
 if TYPE_CHECKING:
     from .listeners import Listener
-    from .server import Server
 
 log = get_logger()
 
@@ -80,6 +83,28 @@ def _peer_name(sock: socket.socket, family: int) -> str:
     except OSError:
         return "unknown"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class LoopHost(Protocol):
+    """What a loop needs from the server that runs it (``service.server.Server`` is one): a narrow
+    view, so that the wire does not import the service layer above it."""
+
+    settings: Settings
+    validator: RecordValidator
+    writer: Writer
+    loops: list[IOLoop]
+    connection_factories: dict[str, Callable[..., Connection]]
+    tls_failures_logged: OncePer
+
+    def make_renderer(self) -> Renderer: ...
+
+    def admit(self, listener: Listener, host: str) -> str | None: ...
+
+    def note_refused_connection(self, reason: str, listener: Listener, peer: str) -> None: ...
+
+    def connection_closed(self, host: str) -> None: ...
+
+    def fail(self, component: str, exc: BaseException) -> None: ...
 
 
 class DeadSocketError(Exception):
@@ -114,8 +139,9 @@ class Connection(Stream):
     )
 
     def __init__(self, loop: IOLoop, sock: socket.socket, listener: Listener, peer: str, host: str) -> None:
-        super().__init__(peer, listener.name, ack=listener.settings.ack,
-                         reject_tokens=loop.pipeline.rejects_burst, now=loop.now)
+        super().__init__(
+            peer, listener.name, ack=listener.settings.ack, reject_tokens=loop.pipeline.rejects_burst, now=loop.now
+        )
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
@@ -288,7 +314,7 @@ class Connection(Stream):
 class IOLoop:
     """A selector loop in its own thread."""
 
-    def __init__(self, server: Server, index: int) -> None:
+    def __init__(self, server: LoopHost, index: int) -> None:
         self.server = server
         self.index = index
         self.selector = selectors.DefaultSelector()
@@ -308,7 +334,8 @@ class IOLoop:
         self.idle_timeout = settings.limits.idle_timeout
         self.max_record_bytes = settings.limits.max_record_bytes
         self.pipeline = Pipeline(
-            server.validator.validate, server.make_renderer(),
+            server.validator.validate,
+            server.make_renderer(),
             rejects_per_second=settings.log.rejects_per_second,
             refused_close_after=settings.limits.refused_close_after,
             answer_limit=OUT_LIMIT,
@@ -335,8 +362,9 @@ class IOLoop:
     def __repr__(self) -> str:
         return f"<IOLoop {self.index} connections={len(self.connections)} paused={self.paused}>"
 
-    def apply(self, validate: Callable[[Frame], Any], *, idle_timeout: float, raw_limit: int,
-              max_record_bytes: int) -> None:
+    def apply(
+        self, validate: Callable[[Frame], Any], *, idle_timeout: float, raw_limit: int, max_record_bytes: int
+    ) -> None:
         """Reloaded settings, on the loop's own thread between two passes (nothing half-rendered).
 
         Record rules and the reject size apply from the next record on, the line limit to new
@@ -439,8 +467,12 @@ class IOLoop:
         """An unexpected error in one handler: log it, close that connection, keep serving."""
         self.stats.handler_errors += 1
         conn = getattr(handler, "__self__", None)
-        log.exception("handler_failed", loop=self.index, connection=repr(conn),
-                      action="closing the connection" if isinstance(conn, Connection) else "continuing")
+        log.exception(
+            "handler_failed",
+            loop=self.index,
+            connection=repr(conn),
+            action="closing the connection" if isinstance(conn, Connection) else "continuing",
+        )
         if isinstance(conn, Connection):
             conn.close()
 
@@ -470,8 +502,12 @@ class IOLoop:
                     return  # the listener itself is closed (shutdown): not a connection's error
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self.stats.accept_errors += 1
-                    log.error("accept_failed", listener=listener.name, error=exc.strerror,
-                              action="stopping" if draining else "pausing accepts for 0.5 s")
+                    log.error(
+                        "accept_failed",
+                        listener=listener.name,
+                        error=exc.strerror,
+                        action="stopping" if draining else "pausing accepts for 0.5 s",
+                    )
                     if not draining:
                         self._pause_accepting(listener, 0.5)
                     return
@@ -554,9 +590,16 @@ class IOLoop:
         closed = self.stats.records.closed_refused_records + 1  # this pass's count is added at hand-off
         if self.now - self._closed_logged >= 1.0:  # a flood of such clients cannot flood the journal
             self._closed_logged = self.now
-            log.warning("connection_closed", reason="refused_records", peer=conn.peer, listener=conn.listener.name,
-                        records=conn.seq, refused=conn.refused,
-                        refused_close_after=self.pipeline.refused_close_after, closed_so_far=closed)
+            log.warning(
+                "connection_closed",
+                reason="refused_records",
+                peer=conn.peer,
+                listener=conn.listener.name,
+                records=conn.seq,
+                refused=conn.refused,
+                refused_close_after=self.pipeline.refused_close_after,
+                closed_so_far=closed,
+            )
         conn.close()
 
     def release_held(self, conn: Connection) -> None:
@@ -584,9 +627,15 @@ class IOLoop:
         self.stats.closed_buffer_bytes += closed
         if closed and self.now - self._shed_logged >= 1.0:
             self._shed_logged = self.now
-            log.warning("connections_closed", reason="buffer_bytes", count=closed, largest_bytes=biggest,
-                        limit_bytes=self.mem_limit, closed_so_far=self.stats.closed_buffer_bytes,
-                        action="closed the connections holding the most unfinished lines and unsent answers")
+            log.warning(
+                "connections_closed",
+                reason="buffer_bytes",
+                count=closed,
+                largest_bytes=biggest,
+                limit_bytes=self.mem_limit,
+                closed_so_far=self.stats.closed_buffer_bytes,
+                action="closed the connections holding the most unfinished lines and unsent answers",
+            )
 
     def _flush_batch(self) -> None:
         pipeline = self.pipeline
@@ -596,8 +645,15 @@ class IOLoop:
         self.stats.records.add(out.counts)
         for conn in out.answers:
             conn.in_flight += 1
-        batch = Batch(self, out.messages, out.accepted, rejects=out.rejects, refused=out.reject_lines,
-                      acks=out.answers or None, answer_bytes=out.answer_bytes)
+        batch = Batch(
+            self,
+            out.messages,
+            out.accepted,
+            rejects=out.rejects,
+            refused=out.reject_lines,
+            acks=out.answers or None,
+            answer_bytes=out.answer_bytes,
+        )
         if self.server.writer.submit(batch) and not self.paused:
             self._pause()
 
@@ -682,8 +738,14 @@ class IOLoop:
         self._pause_logged = True
         self._pause_logged_at = time.monotonic()
         writer = self.server.writer
-        log.warning("reading_paused", loop=self.index, queue_bytes=writer.depth, queue_limit=writer.high_water,
-                    pauses=self.stats.pauses, reason="the writer is behind; clients wait in TCP")
+        log.warning(
+            "reading_paused",
+            loop=self.index,
+            queue_bytes=writer.depth,
+            queue_limit=writer.high_water,
+            pauses=self.stats.pauses,
+            reason="the writer is behind; clients wait in TCP",
+        )
 
     def _resume(self) -> None:
         if not self.paused:
@@ -692,8 +754,7 @@ class IOLoop:
         paused_for = time.monotonic() - self.paused_since
         self.stats.paused_seconds += paused_for
         if self._pause_logged or paused_for >= 1.0:
-            log.info("reading_resumed", loop=self.index, paused_seconds=round(paused_for, 3),
-                     pauses=self.stats.pauses)
+            log.info("reading_resumed", loop=self.index, paused_seconds=round(paused_for, 3), pauses=self.stats.pauses)
         now = self.now
 
         def resume(conn: Connection) -> None:
@@ -724,8 +785,7 @@ class IOLoop:
                 continue
 
             self.stats.idle_closed += 1
-            log.info("idle_closed", peer=conn.peer, listener=conn.listener.name,
-                     idle_timeout=self.idle_timeout)
+            log.info("idle_closed", peer=conn.peer, listener=conn.listener.name, idle_timeout=self.idle_timeout)
             conn.close()
 
     # -- shutdown ---------------------------------------------------------------------------------
@@ -785,9 +845,12 @@ class IOLoop:
                     conn.flush()
         if dropped:
             self.stats.incomplete_dropped += dropped
-            log.warning("incomplete_records_dropped", loop=self.index, count=dropped,
-                        reason="no newline and no end of stream when the daemon stopped")
-
+            log.warning(
+                "incomplete_records_dropped",
+                loop=self.index,
+                count=dropped,
+                reason="no newline and no end of stream when the daemon stopped",
+            )
 
     def force_close(self) -> None:
         for conn in list(self.connections):

@@ -18,14 +18,14 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from .config import Settings
-from .events import configure_events, get_logger
+from ..config import Settings
+from ..events import configure_events, get_logger
+from ..records.record import RecordValidator
 from .notify import Notifier
-from .record import RecordValidator
 from .server import Server
 
 if TYPE_CHECKING:
-    from .ioloop import IOLoop
+    pass
 
 log = get_logger()
 
@@ -113,19 +113,23 @@ def serve(
         if after_startup is not None:
             after_startup(server)
         server.start()
-        log.info("ready", pid=os.getpid(), config=settings.source,
-                 messages=str(settings.resolve(settings.log.path)),
-                 rejects=str(settings.resolve(settings.log.rejects_path)))
+        log.info(
+            "ready",
+            pid=os.getpid(),
+            config=settings.source,
+            messages=str(settings.resolve(settings.log.path)),
+            rejects=str(settings.resolve(settings.log.rejects_path)),
+        )
         notifier.send("READY=1", f"STATUS={status_text(server)}", f"MAINPID={os.getpid()}")
         if on_ready is not None:
             on_ready(server)
         _control_loop(server, catcher, notifier, reload_settings)
-        notifier.send("STOPPING=1", "STATUS=stopping: writing what was received"
-                      + (f" ({server.fatal})" if server.fatal else ""))
+        notifier.send(
+            "STOPPING=1", "STATUS=stopping: writing what was received" + (f" ({server.fatal})" if server.fatal else "")
+        )
         log.info("stopping", reason=server.fatal or "signal", **server.snapshot().as_dict())
         clean = server.shutdown(force=catcher.force)
-        log.info("stopped", clean=clean, written=server.writer.written_records,
-                 rejected=server.writer.written_rejects)
+        log.info("stopped", clean=clean, written=server.writer.written_records, rejected=server.writer.written_rejects)
         return clean
     finally:
         catcher.restore()
@@ -177,7 +181,11 @@ def _writer_healthy(server: Server, interval: float) -> bool:
     """The watchdog is fed only while the writer makes progress (or has nothing to do) and every
     thread still runs: systemd then restarts a daemon whose disk or threads are stuck."""
     writer = server.writer
-    if server.fatal is not None or not writer.alive or not all(loop.thread is not None and loop.thread.is_alive() for loop in server.loops):
+    if (
+        server.fatal is not None
+        or not writer.alive
+        or not all(loop.thread is not None and loop.thread.is_alive() for loop in server.loops)
+    ):
         return False
     # Measured from when records started waiting, not from the last write: after an idle hour the
     # first record is not a stall.
@@ -187,14 +195,25 @@ def _writer_healthy(server: Server, interval: float) -> bool:
 # The settings SIGHUP applies to the running daemon. Every other key (listeners, log paths and
 # file mode, I/O threads, metrics, pidfile, user) needs a restart: re-binding, other files, other
 # threads or another user. Record rules and limits apply to records and connections from then on.
-HOT_SETTINGS = frozenset({
-    "record.max_user_chars", "record.max_msg_chars", "record.extra",
-    "limits.max_record_bytes",  # for new connections
-    "limits.max_connections", "limits.max_connections_per_client", "limits.idle_timeout",
-    "log.reject_raw_bytes", "log.durability", "log.fsync_max_wait", "log.rotate_bytes", "log.rotate_keep",
-    "server.shutdown_timeout",
-    "daemon.events", "daemon.events_level",
-})
+HOT_SETTINGS = frozenset(
+    {
+        "record.max_user_chars",
+        "record.max_msg_chars",
+        "record.extra",
+        "limits.max_record_bytes",  # for new connections
+        "limits.max_connections",
+        "limits.max_connections_per_client",
+        "limits.idle_timeout",
+        "log.reject_raw_bytes",
+        "log.durability",
+        "log.fsync_max_wait",
+        "log.rotate_bytes",
+        "log.rotate_keep",
+        "server.shutdown_timeout",
+        "daemon.events",
+        "daemon.events_level",
+    }
+)
 
 
 def _flatten(settings: Settings) -> dict[str, Any]:
@@ -231,8 +250,11 @@ def _reload(server: Server, reload_settings: Callable[[], Settings]) -> None:
     hot = changed & HOT_SETTINGS
     restart = changed - HOT_SETTINGS
     if restart:
-        log.warning("reload_needs_restart", keys=sorted(restart),
-                    action="kept the running values; restart the daemon to apply them")
+        log.warning(
+            "reload_needs_restart",
+            keys=sorted(restart),
+            action="kept the running values; restart the daemon to apply them",
+        )
     if not hot:
         log.info("reloaded", config=new.source, applied={})
         return
@@ -241,13 +263,21 @@ def _reload(server: Server, reload_settings: Callable[[], Settings]) -> None:
         server.validator = RecordValidator(merged.record, merged.limits.max_record_bytes)
     server.settings = merged  # admission limits and the shutdown deadline read it each time
     for loop in server.loops:
-        loop.call_soon_threadsafe(functools.partial(
-            loop.apply, server.validator.validate, idle_timeout=merged.limits.idle_timeout,
-            raw_limit=merged.log.reject_raw_bytes, max_record_bytes=merged.limits.max_record_bytes,
-        ))
-    server.writer.apply(fsync=merged.log.durability == "fsync", fsync_max_wait=merged.log.fsync_max_wait,
-                        rotate_bytes=merged.log.rotate_bytes, rotate_keep=merged.log.rotate_keep)
+        loop.call_soon_threadsafe(
+            functools.partial(
+                loop.apply,
+                server.validator.validate,
+                idle_timeout=merged.limits.idle_timeout,
+                raw_limit=merged.log.reject_raw_bytes,
+                max_record_bytes=merged.limits.max_record_bytes,
+            )
+        )
+    server.writer.apply(
+        fsync=merged.log.durability == "fsync",
+        fsync_max_wait=merged.log.fsync_max_wait,
+        rotate_bytes=merged.log.rotate_bytes,
+        rotate_keep=merged.log.rotate_keep,
+    )
     if "daemon.events" in hot or "daemon.events_level" in hot:
         configure_events(merged.daemon.events, merged.daemon.events_level)
-    log.info("reloaded", config=new.source,
-             applied={key: after[key] for key in sorted(hot)})
+    log.info("reloaded", config=new.source, applied={key: after[key] for key in sorted(hot)})

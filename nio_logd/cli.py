@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TypeAlias
 
 from . import __version__
 from .config import Settings, load_settings
@@ -82,7 +83,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _register_daemon(sub: argparse._SubParsersAction[_Parser]) -> None:
+def _register_daemon(sub: Subparsers) -> None:
     p = sub.add_parser("start", help="start the classic daemon (detaches; returns once it listens)")
     _common(p)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait until it listens (default 30)")
@@ -158,20 +159,22 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 # -- the parser -----------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="nio-logd", description="A logging daemon for JSON records.")
-    parser.add_argument("--version", action="version", version=f"nio-logd {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
+Subparsers: TypeAlias = "argparse._SubParsersAction[_Parser]"
 
+
+def _register_run(sub: Subparsers) -> None:
     p = sub.add_parser("run", help="serve in the foreground (what systemd runs)")
     _common(p)
     p.set_defaults(func=cmd_run)
 
+
+def _register_check_config(sub: Subparsers) -> None:
     p = sub.add_parser("check-config", help="validate the config and print the effective settings")
     _common(p)
     p.set_defaults(func=cmd_check_config)
 
+
+def _register_send(sub: Subparsers) -> None:
     p = sub.add_parser("send", help="send records (from flags, or NDJSON on stdin)")
     _common(p)
     p.add_argument("--address", help="tcp://HOST:PORT or unix:///PATH (default: the config's first listener)")
@@ -195,26 +198,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_send)
 
-    from .tools.bench import register as register_bench
 
-    register_bench(sub)
-    _register_daemon(sub)
-    for register in EXTRA_COMMANDS:
-        register(sub)
-    return parser
+def _register_bench(sub: Subparsers) -> None:
+    from .tools.bench import register
+
+    register(sub, _common)
 
 
-# Commands defined in their own modules register here: f(subparsers) -> None.
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[_Parser]], None]] = []
-
-
-def _register_tail(sub: argparse._SubParsersAction[_Parser]) -> None:
+def _register_tail(sub: Subparsers) -> None:
     from .tools.tail import register
 
     register(sub, _common)
 
 
-EXTRA_COMMANDS.append(_register_tail)
+# Every command, in the order of --help: each adds its subparser (with --config) and its handler.
+COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
+    _register_run,
+    _register_check_config,
+    _register_send,
+    _register_bench,
+    _register_daemon,
+    _register_tail,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="nio-logd", description="A logging daemon for JSON records.")
+    parser.add_argument("--version", action="version", version=f"nio-logd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for register in COMMANDS:
+        register(sub)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -936,10 +936,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK if complete else EXIT_FAILURE
 
 
-def register(sub: Any) -> None:
+def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add ``bench`` to the ``nio-logd`` subcommands."""
     p = sub.add_parser("bench", help="load-generate against a running daemon: records/s, MB/s, ack latency")
-    p.add_argument("--config", metavar="PATH", help="config file whose first listener is the default --address")
+    common(p)  # --config: its first listener is the default --address
     p.add_argument("--address", help="tcp://HOST:PORT or unix:///PATH (default: the config's first listener)")
     p.add_argument(
         "--connections",

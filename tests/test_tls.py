@@ -697,3 +697,19 @@ def test_client_context_errors_name_the_file(tmp_path: Path, pki: PKI) -> None:
         client_context(str(pki.ca.pem), None, str(pki.client.key))
     with pytest.raises(ClientError, match=str(pki.client2.key)):
         client_context(str(pki.ca.pem), str(pki.client.pem), str(pki.client2.key))
+
+
+def test_two_listeners_with_the_same_configured_address_keep_their_own_tls(
+    tmp_path: Path, server_factory: Any, pki: PKI
+) -> None:
+    """Both configured as tcp://127.0.0.1:0, the first with TLS: the second stays plain (its
+    settings were once looked up by the configured address, so it spoke TLS too)."""
+    tls = tls_listener(pki, ca=False)
+    tls["address"] = "tcp://127.0.0.1:0"
+    srv = server_factory(write_config(tmp_path, listeners=[tls, {"address": "tcp://127.0.0.1:0"}]))
+    tls_address, plain_address = srv.server.addresses()
+    send(plain_address, [record("plain")], timeout=10)
+    send(tls_address, [record("tls")], tls=ctx_for(pki, None), timeout=10)
+    srv.wait_written(2)
+    assert sorted(line["send_user"] for line in read_lines(srv.messages)) == ["plain", "tls"]
+    assert srv.server.snapshot()["tls_handshake_failed"] == 0

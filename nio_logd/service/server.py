@@ -56,8 +56,10 @@ class Server:
         self.started_at = time.time()
         self._refusal_logged: dict[str, float] = {}
         # Per listener name: how its connections are made (TLS) and who may connect (allow).
-        self.connection_factories: dict[str, ConnectionFactory] = {}
-        self._allow: dict[str, AllowList] = {}
+        # Keyed by the listener itself, not its configured address: two listeners may both be
+        # configured as port 0, and only one of them has TLS.
+        self.connection_factories: dict[Listener, ConnectionFactory] = {}
+        self._allow: dict[Listener, AllowList] = {}
         # The first error that escaped a loop or the writer (a bug): the daemon stops, exit 1.
         self.fatal: str | None = None
         self.on_fatal: Callable[[], None] | None = None
@@ -84,9 +86,9 @@ class Server:
         for listener in self.listeners:
             context = contexts.get(id(listener.settings))
             if context is not None:
-                self.connection_factories[listener.name] = connection_factory(context)
+                self.connection_factories[listener] = connection_factory(context)
             if listener.settings.allow:
-                self._allow[listener.name] = AllowList(listener.settings.allow)
+                self._allow[listener] = AllowList(listener.settings.allow)
         self.loops = [IOLoop(self, i) for i in range(self.settings.server.io_threads)]
         for listener in self.listeners:
             self.loops[0].add_listener(listener)
@@ -107,7 +109,7 @@ class Server:
                 "listening",
                 address=describe(listener),
                 ack=listener.settings.ack,
-                tls=listener.name in self.connection_factories,
+                tls=listener in self.connection_factories,
             )
         if self.metrics is not None:
             self.metrics.start()
@@ -159,7 +161,7 @@ class Server:
     # -- connection admission ------------------------------------------------------------------------
     def admit(self, listener: Listener, host: str) -> str | None:
         """None if a new connection may proceed, else why not (it is then closed and counted)."""
-        if listener.settings.allow and not self._allow[listener.name].permits(host):
+        if listener.settings.allow and not self._allow[listener].permits(host):
             return "not_allowed"
         limits = self.settings.limits
         with self._conn_lock:

@@ -93,7 +93,7 @@ class LoopHost(Protocol):
     validator: RecordValidator
     writer: Writer
     loops: list[IOLoop]
-    connection_factories: dict[str, Callable[..., Connection]]
+    connection_factories: dict[Listener, Callable[..., Connection]]
     tls_failures_logged: OncePer
 
     def make_renderer(self) -> Renderer: ...
@@ -557,7 +557,7 @@ class IOLoop:
             self.server.connection_closed(host)
             return
         try:
-            conn = self.server.connection_factories.get(listener.name, Connection)(self, sock, listener, peer, host)
+            conn = self.server.connection_factories.get(listener, Connection)(self, sock, listener, peer, host)
         except DeadSocketError:
             # Reset before we could accept it (a health check's RST): nothing to serve, no slot kept.
             self.stats.accept_dead += 1

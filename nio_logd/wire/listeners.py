@@ -22,7 +22,7 @@ def listen_backlog() -> int:
         return socket.SOMAXCONN
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared and hashed by identity: a dict key per socket
 class Listener:
     """One listening socket and the settings it serves."""
 

@@ -30,7 +30,7 @@ PROBE_BYTES = 4096  # how much of a candidate copy's end must match the journal
 class WriteJournal:
     """The last bytes written to one file, with their offsets (one contiguous range)."""
 
-    __slots__ = ("chunks", "limit", "nbytes", "skip")
+    __slots__ = ("aligned", "chunks", "limit", "nbytes", "skip")
 
     def __init__(self, limit: int = JOURNAL_BYTES) -> None:
         self.limit = limit
@@ -39,6 +39,9 @@ class WriteJournal:
         # Bytes at the front of the first chunk that are no longer held. Cut off (copied) only once
         # they are half of it: cutting at every small write would copy a big chunk again and again.
         self.skip = 0
+        # Whether ``start`` is the start of a line: writes are whole lines, so it is unless only
+        # the end of a chunk is kept and that end begins inside a line.
+        self.aligned = True
 
     def __repr__(self) -> str:
         return f"<WriteJournal {self.start}..{self.end}>"
@@ -58,6 +61,7 @@ class WriteJournal:
         """Forget everything; optionally start again with ``data`` found at ``offset``."""
         self.chunks.clear()
         self.nbytes = self.skip = 0
+        self.aligned = True
         if data:
             self.add(offset, data)
 
@@ -76,6 +80,7 @@ class WriteJournal:
             cut = len(data) - self.limit
             chunks.append((offset + cut, bytes(memoryview(data)[cut:])))
             self.nbytes, self.skip = self.limit, 0
+            self.aligned = cut == 0 or data[cut - 1] == 0x0A
             return
         chunks.append((offset, data))
         self.nbytes += len(data)
@@ -87,9 +92,11 @@ class WriteJournal:
                 chunks.popleft()
                 self.nbytes -= live
                 self.skip = 0
+                self.aligned = True  # the next chunk is a whole write
                 continue
             self.skip += over
             self.nbytes -= over
+            self.aligned = first[self.skip - 1] == 0x0A
             if 2 * self.skip >= len(first):
                 chunks[0] = (first_offset + self.skip, first[self.skip :])
                 self.skip = 0
@@ -126,8 +133,10 @@ class WriteJournal:
                 # The copy ends inside a line: cut it back to its last newline, write the line again.
                 head = self.slice(begin, size)
                 newline = head.rfind(b"\n")
-                if newline >= 0:
-                    cut = begin + newline + 1
+                if newline >= 0 or self.aligned:
+                    # No newline in what the journal holds of the copy: the copy ends inside the
+                    # journal's first line, which starts at ``begin``; cut there.
+                    cut = begin + newline + 1 if newline >= 0 else begin
                     try:
                         _cut_copy(copy, cut, ident)
                     except OSError as exc:

@@ -58,6 +58,10 @@ class LogFile:
             tail = b""
             if size and readable:
                 size, tail = _repair_tail(fd, size, self.path)
+                if len(tail) < size:
+                    # The journal must begin at a line start (a copy is only ever cut at one).
+                    first = tail.find(b"\n")
+                    tail = tail[first + 1 :] if first >= 0 else b""
         except BaseException:
             os.close(fd)
             raise
@@ -171,10 +175,14 @@ class LogFile:
         """Rename path -> path.1 -> ... -> path.keep (the oldest dropped) and open a new file.
 
         Retried after a failure (it runs under ``Writer._retry``): once our file has been renamed
-        away, only the open is left to do, so a retry never shifts the rotated files twice.
+        away, only the open is left to do; and only the unbroken run .1, .2, ... is shifted, so
+        a retry after a rename failed partway (which left a gap) never shifts a file twice.
         """
         if self._is_at_path():
-            for i in range(keep - 1, 0, -1):
+            run = 0
+            while run < keep - 1 and os.path.lexists(f"{self.path}.{run + 1}"):
+                run += 1
+            for i in range(run, 0, -1):
                 older = Path(f"{self.path}.{i}")
                 # lexists: a planted link is renamed as a link (inside the folder), never followed.
                 if os.path.lexists(older):
@@ -210,7 +218,10 @@ def _repair_tail(fd: int, size: int, path: Path) -> tuple[int, bytes]:
         new_size = _line_start(fd, size - len(tail))
         os.ftruncate(fd, new_size)
         log.warning("partial_line_removed", path=str(path), bytes=size - new_size)
-        return new_size, b""
+        # The whole lines before it seed the journal, as in the short case: a copytruncate right
+        # after this start must still find its copy (it matches on the journal's bytes).
+        start = max(0, new_size - 65536)
+        return new_size, _pread_all(fd, new_size - start, start)
     new_size = size - len(tail) + cut + 1
     os.ftruncate(fd, new_size)
     log.warning("partial_line_removed", path=str(path), bytes=size - new_size)

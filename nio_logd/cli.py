@@ -199,16 +199,33 @@ def _register_send(sub: Subparsers) -> None:
     p.set_defaults(func=cmd_send)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .tools.bench import bench_command
+
+    code, text = bench_command(args)
+    print(text)
+    return code
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from .tools.tail import tail_command
+
+    def say(text: str) -> None:
+        print(f"nio-logd tail: {text}", file=sys.stderr, flush=True)
+
+    return tail_command(args, sys.stdout.buffer, say)
+
+
 def _register_bench(sub: Subparsers) -> None:
     from .tools.bench import register
 
-    register(sub, _common)
+    register(sub, _common).set_defaults(func=cmd_bench)
 
 
 def _register_tail(sub: Subparsers) -> None:
     from .tools.tail import register
 
-    register(sub, _common)
+    register(sub, _common).set_defaults(func=cmd_tail)
 
 
 # Every command, in the order of --help: each adds its subparser (with --config) and its handler.

@@ -16,16 +16,12 @@ import socket
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..config import Settings
 from ..events import configure_events, get_logger
-from ..records.record import RecordValidator
 from .notify import Notifier
 from .server import Server
-
-if TYPE_CHECKING:
-    pass
 
 log = get_logger()
 
@@ -259,25 +255,7 @@ def _reload(server: Server, reload_settings: Callable[[], Settings]) -> None:
         log.info("reloaded", config=new.source, applied={})
         return
     merged = _merge(old, new, hot)
-    if any(key.startswith("record.") for key in hot) or "limits.max_record_bytes" in hot:
-        server.validator = RecordValidator(merged.record, merged.limits.max_record_bytes)
-    server.settings = merged  # admission limits and the shutdown deadline read it each time
-    for loop in server.loops:
-        loop.call_soon_threadsafe(
-            functools.partial(
-                loop.apply,
-                server.validator.validate,
-                idle_timeout=merged.limits.idle_timeout,
-                raw_limit=merged.log.reject_raw_bytes,
-                max_record_bytes=merged.limits.max_record_bytes,
-            )
-        )
-    server.writer.apply(
-        fsync=merged.log.durability == "fsync",
-        fsync_max_wait=merged.log.fsync_max_wait,
-        rotate_bytes=merged.log.rotate_bytes,
-        rotate_keep=merged.log.rotate_keep,
-    )
+    server.apply(merged)
     if "daemon.events" in hot or "daemon.events_level" in hot:
         configure_events(merged.daemon.events, merged.daemon.events_level)
     log.info("reloaded", config=new.source, applied={key: after[key] for key in sorted(hot)})

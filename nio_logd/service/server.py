@@ -8,6 +8,7 @@ everything received and then closes. The CLI (``runner``) owns signals and proce
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -236,6 +237,33 @@ class Server:
             threads_alive=threads_alive,
             stopping=self.stopping,
             fatal=self.fatal,
+        )
+
+    def apply(self, settings: Settings) -> None:
+        """Reloaded settings (only the keys that need no restart differ): each part applies its own.
+
+        Admission limits and the shutdown deadline read ``self.settings`` each time; the loops
+        apply theirs on their own threads between two passes, the writer before its next batch.
+        """
+        old = self.settings
+        if settings.record != old.record or settings.limits.max_record_bytes != old.limits.max_record_bytes:
+            self.validator = RecordValidator(settings.record, settings.limits.max_record_bytes)
+        self.settings = settings
+        for loop in self.loops:
+            loop.call_soon_threadsafe(
+                functools.partial(
+                    loop.apply,
+                    self.validator.validate,
+                    idle_timeout=settings.limits.idle_timeout,
+                    raw_limit=settings.log.reject_raw_bytes,
+                    max_record_bytes=settings.limits.max_record_bytes,
+                )
+            )
+        self.writer.apply(
+            fsync=settings.log.durability == "fsync",
+            fsync_max_wait=settings.log.fsync_max_wait,
+            rotate_bytes=settings.log.rotate_bytes,
+            rotate_keep=settings.log.rotate_keep,
         )
 
     def request_reopen(self) -> None:

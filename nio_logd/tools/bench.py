@@ -894,7 +894,8 @@ def _sizes(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def bench_command(args: argparse.Namespace) -> tuple[int, str]:
+    """``nio-logd bench``: run it; the exit code and the report to print (the CLI prints it)."""
     from ..errors import EXIT_FAILURE, EXIT_OK
 
     address_text = args.address
@@ -924,21 +925,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ClientError(f"--records ({plan.records}) must be at least --connections ({plan.connections})")
     out = sys.stderr if sys.stderr.isatty() and not args.quiet else None
     result = run_bench(plan, wait_file=args.wait_file, wait_slack=args.wait_slack, progress_out=out)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(format_text(result))
+    text = json.dumps(result, indent=2) if args.json else format_text(result)
     complete = result["sent"]["records"] == plan.records and not result["errors"]
     if result["written"] is not None:
         complete = complete and result["written"]["complete"]
     if plan.ack:
         complete = complete and not result["refused"]
-    return EXIT_OK if complete else EXIT_FAILURE
+    return (EXIT_OK if complete else EXIT_FAILURE), text
 
 
-def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Add ``bench`` to the ``nio-logd`` subcommands."""
-    p = sub.add_parser("bench", help="load-generate against a running daemon: records/s, MB/s, ack latency")
+def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+    """Add ``bench`` to the ``nio-logd`` subcommands (the CLI sets its handler)."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "bench", help="load-generate against a running daemon: records/s, MB/s, ack latency"
+    )
     common(p)  # --config: its first listener is the default --address
     p.add_argument("--address", help="tcp://HOST:PORT or unix:///PATH (default: the config's first listener)")
     p.add_argument(
@@ -992,4 +992,4 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
     p.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds (default 300)")
     p.add_argument("--json", action="store_true", help="print the results as JSON (for scripts)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
-    p.set_defaults(func=cmd_bench)
+    return p

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import stat
-import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -748,10 +747,10 @@ def _log_path(args: argparse.Namespace) -> Path:
     return settings.resolve(settings.log.rejects_path if args.rejects else settings.log.path)
 
 
-def cmd_tail(args: argparse.Namespace) -> int:
+def tail_command(args: argparse.Namespace, out: IO[bytes], say: Callable[[str], None]) -> int:
+    """``nio-logd tail``: print to ``out``; ``say`` gets the notices (rotation, a file gone)."""
     keep = build_filter(args)
     path = _log_path(args)
-    out = sys.stdout.buffer
     pretty = args.pretty or (not args.json and out.isatty())
     render: Callable[[Line], bytes]
     if pretty:
@@ -763,7 +762,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
     def notice(text: str) -> None:
         printer.flush()
-        print(f"nio-logd tail: {text}", file=sys.stderr, flush=True)
+        say(text)
 
     def emit(lines: list[Line]) -> None:
         printer(lines)
@@ -803,9 +802,9 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Add ``nio-logd tail`` to the command line's subparsers."""
-    p = sub.add_parser(
+def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+    """Add ``nio-logd tail`` to the command line's subparsers (the CLI sets its handler)."""
+    p: argparse.ArgumentParser = sub.add_parser(
         "tail",
         help="print the messages log: last lines, follow across rotation, filters, pretty or JSON",
         description="Print the last lines of the messages log (or FILE), optionally following it across "
@@ -858,4 +857,4 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
         help="colours in human-readable output (auto: on a terminal, unless $NO_COLOR is set)",
     )
     p.add_argument("--rejects", action="store_true", help="read the config's rejects log instead")
-    p.set_defaults(func=cmd_tail)
+    return p

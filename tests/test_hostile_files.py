@@ -269,6 +269,9 @@ def test_fifo_at_log_path_plus_sighup_does_not_hang(tmp_path: Path, daemon_facto
     assert code == 0
     assert msgs(old) == [f"before-{i}" for i in range(10)] + [f"after-{i}" for i in range(10)]
     assert stat.S_ISFIFO(d.messages.lstat().st_mode)
+    # The drain never accepts on a closed listener (on 061c035: thousands of "Bad file descriptor").
+    d._reader.join(5)
+    assert not events_named(d, "accept_failed"), events_named(d, "accept_failed")[:3]
 
 
 # -- finding 6: a full rejects disk -------------------------------------------------------------------

@@ -105,7 +105,7 @@ def test_a_pass_equals_the_one_record_at_a_time_reference(spec: list[tuple[int, 
     ref_streams = {i: Stream(s.peer, s.listener_name, ack=s.ack) for i, s in streams.items()}
     expected = _reference(validator, [(ref_streams[i], fs) for i, _ack, fs in spec])
 
-    pipeline = Pipeline(validator.validate, Renderer(1024))
+    pipeline = Pipeline(validator.validate_many, Renderer(1024))
     out = pipeline.run(intake, now=0.0)
 
     assert out.taken == [len(fs) for _i, _a, fs in spec]
@@ -135,7 +135,7 @@ def test_bounds_keep_the_counts_whole(
     frames of ack streams, and nothing is taken past a closing stream or a full answer room."""
     validator = RecordValidator(RecordSettings(), MAX)
     pipeline = Pipeline(
-        validator.validate,
+        validator.validate_many,
         Renderer(1024),
         rejects_per_second=rate,
         refused_close_after=close_after,
@@ -169,3 +169,40 @@ def test_bounds_keep_the_counts_whole(
     assert answered == sum(s.seq for s in streams.values() if s.ack) - sum(
         1 for s in streams.values() if s.ack and s.closing
     )
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(good_frames, min_size=1, max_size=30),
+    st.none() | st.text(max_size=20),
+    st.floats(1.7e9, 2.0e9).map(lambda t: round(t, 6)),
+)
+def test_batch_lines_are_a_structlog_loggers_bytes_under_a_frozen_clock(
+    fs: list[bytes], client: str | None, frozen: float
+) -> None:
+    """The batch path (one timestamp per read, fields spliced between a constant head and tail)
+    writes exactly the bytes of a real structlog logger over the same processors, timestamp
+    included, when both read the same frozen clock."""
+    validator = RecordValidator(RecordSettings(), MAX)
+    pipeline = Pipeline(validator.validate_many, Renderer(1024, clock=lambda: frozen))
+    stream = Stream("[::1]:5000", "tcp://[::1]:8888", ack=True, client=client)
+    assert pipeline.take(stream, list(fs), now=0.0) == len(fs)
+    out = pipeline.outcome()
+    logger, collected = structlog_logger(processors(clock=lambda: frozen))
+    for frame in fs:
+        fields = validator.validate(frame)
+        assert isinstance(fields, dict)
+        extra = {} if client is None else {"client": client}
+        logger.info("message", **fields, peer=stream.peer, listener=stream.listener_name, **extra)
+    assert bytes(out.messages) == bytes(collected.buf)
+
+
+@settings(max_examples=200, deadline=None)
+@given(frames, st.sampled_from(["forbid", "ignore", "keep"]))
+def test_validate_many_equals_validate_one_by_one(fs: list[Frame], extra: str) -> None:
+    validator = RecordValidator(RecordSettings(extra=extra), MAX)  # type: ignore[arg-type]
+
+    def key(result: Any) -> Any:
+        return result if isinstance(result, dict) else (result.reason, result.errors, result.raw)
+
+    assert [key(r) for r in validator.validate_many(fs)] == [key(validator.validate(f)) for f in fs]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal, cast
@@ -239,7 +240,8 @@ class RecordValidator:
         )
         record.__pydantic_config__ = ConfigDict(extra=extra, strict=True)  # type: ignore[attr-defined]
         adapter: TypeAdapter[Fields] = TypeAdapter(cast("type[Fields]", record))
-        self._validate_json: Callable[[bytes], Fields] = adapter.validate_json
+        # The schema validator itself: TypeAdapter.validate_json only adds a Python call around it.
+        self._validate_json: Callable[[bytes], Fields] = adapter.validator.validate_json
         self.validate = self._validate_keeping if settings.extra == "keep" else self._validate
 
     def _validate_keeping(self, frame: Frame) -> Fields | Refusal:
@@ -268,6 +270,24 @@ class RecordValidator:
                 )
         return result
 
+    def validate_many(self, frames: list[Frame]) -> list[Fields | Refusal]:
+        """``[validate(f) for f in frames]``, with one Python call per read instead of per record
+        for the common case (the same results: anything unusual goes through ``validate``)."""
+        if self.settings.extra == "keep":
+            return [self.validate(frame) for frame in frames]
+        validate_json = self._validate_json
+        out: list[Fields | Refusal] = []
+        append = out.append
+        for frame in frames:
+            if type(frame) is bytes and frame.count(b'"') <= _PLAIN_RECORD_QUOTES:
+                try:
+                    append(validate_json(frame))
+                except ValidationError as exc:
+                    append(_refusal(frame, exc))
+            else:
+                append(self._validate(frame))
+        return out
+
     def _validate(self, frame: Frame) -> Fields | Refusal:
         """The record's fields, or why it is refused."""
         if type(frame) is bytes:
@@ -288,6 +308,18 @@ class RecordValidator:
         )
 
 
+# pydantic-core's "Invalid JSON: <what> at line L column C"; <what> may itself end in " at".
+_JSON_ERROR = re.compile(r"(?:Invalid JSON: )?(?P<what>.*?)(?: at)* at line (?P<line>\d+) column (?P<col>\d+)\Z", re.S)
+
+
+def _json_error(msg: str) -> str:
+    """The parser's message, said once: "invalid JSON: expected `:` at line 1 column 6"."""
+    m = _JSON_ERROR.match(msg)
+    if m is None:
+        return f"invalid JSON: {msg.removeprefix('Invalid JSON: ')}"
+    return f"invalid JSON: {m['what']} at line {m['line']} column {m['col']}"
+
+
 def _refusal(raw: bytes, exc: ValidationError) -> Refusal:
     errors = exc.errors(include_url=False, include_input=False, include_context=False)
     first = errors[0]
@@ -301,8 +333,7 @@ def _refusal(raw: bytes, exc: ValidationError) -> Refusal:
                 [{"field": "(record)", "error": f"not UTF-8: bad byte at offset {bad.start}"}],
                 raw,
             )
-        detail = first["msg"].removeprefix("Invalid JSON: ")
-        return Refusal("invalid_json", [{"field": "(record)", "error": f"invalid JSON: {detail}"}], raw)
+        return Refusal("invalid_json", [{"field": "(record)", "error": _json_error(first["msg"])}], raw)
     if not first["loc"]:
         return Refusal("not_an_object", [{"field": "(record)", "error": "not a JSON object"}], raw)
     fields = [

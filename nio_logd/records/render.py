@@ -14,6 +14,7 @@ about 4 KiB each (orjson over-allocates), costing memory and page faults.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -31,26 +32,30 @@ class Stamp:
     the microseconds are zero), which is structlog's ``TimeStamper(fmt="iso", utc=True)``.
     """
 
-    __slots__ = ("_prefix", "_second")
+    __slots__ = ("_prefix", "_second", "clock")
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock  # a test freezes it to compare the batch path with a structlog logger
         self._second = -1
         self._prefix = ""
 
-    def __call__(self, _logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
-        now = time.time()
+    def text(self) -> str:
+        """The timestamp of now, as written."""
+        now = self.clock()
         second = int(now)
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         micro = int((now - second) * 1_000_000)
-        stamp = f"{self._prefix}.{micro:06d}Z" if micro else f"{self._prefix}Z"
-        return {"timestamp": stamp, "level": name, "event": event_dict.pop("event"), **event_dict}
+        return f"{self._prefix}.{micro:06d}Z" if micro else f"{self._prefix}Z"
+
+    def __call__(self, _logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
+        return {"timestamp": self.text(), "level": name, "event": event_dict.pop("event"), **event_dict}
 
 
-def processors() -> list[Any]:
+def processors(clock: Callable[[], float] = time.time) -> list[Any]:
     """The processor chain of both log files."""
-    return [Stamp(), structlog.processors.JSONRenderer(serializer=orjson.dumps)]
+    return [Stamp(clock), structlog.processors.JSONRenderer(serializer=orjson.dumps)]
 
 
 class _Collector:
@@ -88,9 +93,9 @@ class Renderer:
 
     __slots__ = ("_dump", "_stamp", "accepted", "messages", "raw_limit", "refused", "rejects")
 
-    def __init__(self, raw_limit: int) -> None:
+    def __init__(self, raw_limit: int, clock: Callable[[], float] = time.time) -> None:
         self.raw_limit = raw_limit
-        self._stamp, self._dump = processors()
+        self._stamp, self._dump = processors(clock)
         self.messages = bytearray()
         self.rejects = bytearray()
         self.accepted = 0
@@ -115,6 +120,20 @@ class Renderer:
         )
         self.messages += b"\n"
         self.accepted += 1
+
+    def frame(self, peer: str, listener: str, client: str | None) -> tuple[bytes, bytes]:
+        """What goes before and after a record's own fields in its line, for the lines of one read.
+
+        The chain's output is ``{"timestamp":…,"level":"info","event":"message",`` + the fields
+        (orjson, compact, in their order) + ``,"peer":…,"listener":…[,"client":…]}``: so the
+        fields are serialised alone and spliced in, one timestamp for the whole read (the
+        tests check the bytes equal a structlog logger's under a frozen clock).
+        """
+        head = b'{"timestamp":%s,"level":"info","event":"message",' % orjson.dumps(self._stamp.text())
+        tail = b',"peer":%s,"listener":%s' % (orjson.dumps(peer), orjson.dumps(listener))
+        if client is not None:
+            tail += b',"client":%s' % orjson.dumps(client)
+        return head, tail + b"}\n"
 
     def message_with_client(self, fields: Fields, peer: str, listener: str, client: str) -> None:
         event = {"event": "message", **fields, "peer": peer, "listener": listener, "client": client}

@@ -12,6 +12,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from ..config import Settings
 from ..errors import StartupError
@@ -27,6 +28,17 @@ from ..wire.tls import ConnectionFactory, connection_factory, server_context
 from .metrics import MetricsServer
 
 log = get_logger()
+
+
+def _open_failure(exc: OSError, files: list[Path]) -> str:
+    """Name the log file that could not be opened, also when it was its folder that failed."""
+    failed = Path(str(exc.filename)) if exc.filename is not None else None
+    for path in files:
+        if failed == path:
+            break
+        if failed is not None and failed in path.parents:
+            return f"cannot open log file {path}: cannot create its folder {failed}: {exc.strerror}"
+    return f"cannot open log file {exc.filename}: {exc.strerror}"
 
 
 class Server:
@@ -82,7 +94,7 @@ class Server:
         try:
             self.writer.open()
         except OSError as exc:
-            raise StartupError(f"cannot open log file {exc.filename}: {exc.strerror}") from None
+            raise StartupError(_open_failure(exc, [self.writer.messages.path, self.writer.rejects.path])) from None
         self.listeners = bind(self.settings)
         for listener in self.listeners:
             context = contexts.get(id(listener.settings))
@@ -253,7 +265,7 @@ class Server:
             loop.call_soon_threadsafe(
                 functools.partial(
                     loop.apply,
-                    self.validator.validate,
+                    self.validator.validate_many,
                     idle_timeout=settings.limits.idle_timeout,
                     raw_limit=settings.log.reject_raw_bytes,
                     max_record_bytes=settings.limits.max_record_bytes,

@@ -334,7 +334,7 @@ class IOLoop:
         self.idle_timeout = settings.limits.idle_timeout
         self.max_record_bytes = settings.limits.max_record_bytes
         self.pipeline = Pipeline(
-            server.validator.validate,
+            server.validator.validate_many,
             server.make_renderer(),
             rejects_per_second=settings.log.rejects_per_second,
             refused_close_after=settings.limits.refused_close_after,
@@ -363,14 +363,19 @@ class IOLoop:
         return f"<IOLoop {self.index} connections={len(self.connections)} paused={self.paused}>"
 
     def apply(
-        self, validate: Callable[[Frame], Any], *, idle_timeout: float, raw_limit: int, max_record_bytes: int
+        self,
+        validate_many: Callable[[list[Frame]], list[Any]],
+        *,
+        idle_timeout: float,
+        raw_limit: int,
+        max_record_bytes: int,
     ) -> None:
         """Reloaded settings, on the loop's own thread between two passes (nothing half-rendered).
 
         Record rules and the reject size apply from the next record on, the line limit to new
         connections, the idle timeout at the next sweep.
         """
-        self.pipeline.apply(validate, raw_limit)
+        self.pipeline.apply(validate_many, raw_limit)
         self.idle_timeout = idle_timeout
         self.max_record_bytes = max_record_bytes
 

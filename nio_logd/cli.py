@@ -10,7 +10,7 @@ from typing import TypeAlias
 
 from . import __version__
 from .config import Settings, load_settings
-from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ClientError, NioLogdError
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ClientError, NioLogdError, UsageError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -104,12 +104,15 @@ def _register_daemon(sub: Subparsers) -> None:
 def cmd_check_config(args: argparse.Namespace) -> int:
     import json
 
+    from .service.daemonize import events_path
+
     settings = _settings(args)
     effective = settings.model_dump(mode="json", exclude={"base_dir"})
     effective["paths"] = {
         "messages": str(settings.resolve(settings.log.path)),
         "rejects": str(settings.resolve(settings.log.rejects_path)),
         "pidfile": str(settings.resolve(settings.daemon.pidfile)),
+        "events": str(events_path(settings)),  # [daemon] events_file, or its default next to the log
     }
     from .service.budget import memory_bound
 
@@ -122,39 +125,56 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 # -- send -----------------------------------------------------------------------------------------
 def cmd_send(args: argparse.Namespace) -> int:
-    from .tools.client import make_record, read_records, send
+    from .tools.client import check_time, client_context, make_record, read_records, send
 
-    address = args.address
-    if address is None:
+    # Everything that can be checked is, before reading stdin or connecting.
+    if args.time is not None:
+        if args.user is None and args.msg is None:
+            raise UsageError("--time needs --user and --msg")
+        check_time(args.time)
+    tls_settings = None
+    if args.address:
+        addresses: list[str] = args.address
+    else:
         settings = _settings(args)
-        address = settings.listeners[0].address
+        listener = settings.listeners[0]
+        addresses = [listener.address]
+        tls_settings = listener.tls  # the config's listener speaks TLS: so do we
     if args.user is not None or args.msg is not None:
         if args.user is None or args.msg is None:
             raise ClientError("--user and --msg go together (or give neither and pipe NDJSON on stdin)")
         lines = [make_record(args.user, args.msg, args.time)]
     else:
-        if args.time is not None:
-            raise ClientError("--time needs --user and --msg")
         if sys.stdin.isatty():
             print("reading NDJSON records from stdin (Ctrl-D to end)", file=sys.stderr)
         lines = list(read_records(sys.stdin.buffer))
     tls = None
-    if args.tls:
-        from .tools.client import client_context
-
-        tls = client_context(args.ca, args.cert, args.key)
+    if args.tls or tls_settings is not None:
+        if args.ca is None and tls_settings is not None:
+            # The listener's tls block holds the daemon's own certificate (chain): trusting it
+            # verifies the daemon as well as the CA that signed it would (see README "send").
+            server_cert = str(settings.resolve(tls_settings.cert))
+            tls = client_context(server_cert, args.cert, args.key, partial_chain=True)
+        else:
+            tls = client_context(args.ca, args.cert, args.key)
     elif args.ca or args.cert or args.key or args.server_name:
         raise ClientError("--ca, --cert, --key and --server-name need --tls")
-    result = send(address, lines, ack=args.ack, timeout=args.timeout, tls=tls, server_name=args.server_name)
+    result = send(addresses, lines, ack=args.ack, timeout=args.timeout, tls=tls, server_name=args.server_name)
+    sent = f"sent {len(lines)} record{'' if len(lines) == 1 else 's'}"
     if args.ack:
         for index, _line, answer in result.refused:
             print(f"record {index + 1} refused: {answer.get('error')}", file=sys.stderr)
         print(
-            f"sent {len(lines)} records: {result.acked} acknowledged, {len(result.refused)} refused"
-            + (f", {result.resent} resent after {result.reconnects} reconnects" if result.resent else ""),
+            f"{sent}: {result.acked} acknowledged, {len(result.refused)} refused"
+            + (
+                f", {result.resent} resent after {result.reconnects} reconnect{'' if result.reconnects == 1 else 's'}"
+                if result.resent
+                else ""
+            ),
             file=sys.stderr,
         )
         return EXIT_FAILURE if result.refused else EXIT_OK
+    print(sent, file=sys.stderr)
     return EXIT_OK
 
 
@@ -177,10 +197,18 @@ def _register_check_config(sub: Subparsers) -> None:
 def _register_send(sub: Subparsers) -> None:
     p = sub.add_parser("send", help="send records (from flags, or NDJSON on stdin)")
     _common(p)
-    p.add_argument("--address", help="tcp://HOST:PORT or unix:///PATH (default: the config's first listener)")
+    p.add_argument(
+        "--address",
+        action="append",
+        help="tcp://HOST:PORT or unix:///PATH (default: the config's first listener, with its TLS); "
+        "repeat it to fail over to the next address when one cannot be reached",
+    )
     p.add_argument("--user", help="send_user of the one record to send")
     p.add_argument("--msg", help="send_msg of the one record to send")
-    p.add_argument("--time", help="send_time (default: now, local time)")
+    p.add_argument(
+        "--time",
+        help="send_time, 'YYYY-MM-DD HH:MM:SS' or ISO 8601 (default: now, with the local UTC offset)",
+    )
     p.add_argument("--ack", action="store_true", help="wait for acknowledgements; exit 1 if any record is refused")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon (default 10)")
     p.add_argument("--tls", action="store_true", help="connect with TLS 1.2+ and verify the daemon's certificate")
@@ -213,7 +241,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     def say(text: str) -> None:
         print(f"nio-logd tail: {text}", file=sys.stderr, flush=True)
 
-    return tail_command(args, sys.stdout.buffer, say)
+    return tail_command(args, sys.stdout.buffer, say, sys.stdin.buffer if sys.stdin is not None else None)
 
 
 def _register_bench(sub: Subparsers) -> None:

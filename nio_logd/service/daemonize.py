@@ -106,7 +106,7 @@ def start(explicit_config: str | None, timeout: float, notice: Callable[[str], N
         raise AlreadyRunningError(f"already running (pid {running}, pidfile {pidfile.path})")
     stale = pidfile.read()
     if stale is not None:
-        notice(f"replacing stale pidfile {pidfile.path} (pid {stale} is not a running nio-logd)")
+        notice(f"replacing stale pidfile {pidfile.path} ({stale_pid_text(stale)})")
 
     ready_r, ready_w = os.pipe()
     sys.stdout.flush()
@@ -367,7 +367,7 @@ def as_root(explicit_config: str | None, settings: Settings) -> Callable[[Server
         check_config_file(path)
     identity = resolve_identity(settings.daemon.user, settings.daemon.group)
     if identity is None:
-        return None
+        return privilege_hook(settings, None, [])  # stays root: the same running_as_root warning as start
     created = make_dirs(
         sorted({settings.resolve(settings.log.path).parent, settings.resolve(settings.log.rejects_path).parent})
     )
@@ -391,10 +391,22 @@ def _reopen_events(path: Path, mode: int) -> None:
 
 
 # -- stop, status, reload ---------------------------------------------------------------------------
+def stale_pid_text(pid: int) -> str:
+    """What became of the pid a stale pidfile names: gone, or now another program's."""
+    if not is_alive(pid):
+        return f"pid {pid} is gone"
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text(errors="replace").strip()
+    except OSError:
+        name = ""
+    program = f"another program ({name!r})" if name else "another program"
+    return f"pid {pid} is now {program}, not nio-logd"
+
+
 def _not_running(pidfile: PidFile) -> str:
     stale = pidfile.read()
     if stale is not None:
-        return f"not running (stale pidfile {pidfile.path}: pid {stale} is not a running nio-logd)"
+        return f"not running (stale pidfile {pidfile.path}: {stale_pid_text(stale)})"
     return f"not running (no pidfile at {pidfile.path})"
 
 

@@ -11,20 +11,28 @@ import selectors
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import orjson
+from pydantic_core import SchemaValidator, ValidationError
+from pydantic_core import core_schema as cs
 
 from ..config import Address, parse_address
-from ..errors import ClientError
+from ..errors import ClientError, UsageError
 from ..tlssocket import ClientTLSSocket, EncryptedKeyError, no_password, ssl_reason
 
 
-def client_context(ca: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
-    """A client context: the server's certificate is verified (against ``ca`` or the system's CAs)."""
+def client_context(
+    ca: str | None = None, cert: str | None = None, key: str | None = None, *, partial_chain: bool = False
+) -> ssl.SSLContext:
+    """A client context: the server's certificate is verified (against ``ca`` or the system's CAs).
+
+    ``partial_chain``: any certificate in ``ca`` is a trust anchor, not only a self-signed root;
+    so ``ca`` may be the server's own certificate (chain) file.
+    """
     try:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
     except FileNotFoundError:
@@ -35,6 +43,8 @@ def client_context(ca: str | None = None, cert: str | None = None, key: str | No
         raise ClientError(f"TLS CA file {ca}: {exc.strerror}") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.sslsocket_class = ClientTLSSocket
+    if partial_chain:
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     if key is not None and cert is None:
         raise ClientError("a TLS key needs its certificate (--cert)")
     if cert is not None:
@@ -51,9 +61,32 @@ def client_context(ca: str | None = None, cert: str | None = None, key: str | No
     return ctx
 
 
+# The daemon's send_time rule (records.record): a string that looks like a date and time, then a
+# datetime in pydantic's lax mode (ISO 8601 / RFC 3339, "YYYY-MM-DD HH:MM:SS"; no epoch numbers).
+_SEND_TIME = SchemaValidator(
+    cs.chain_schema([cs.str_schema(pattern=r"^\d{4}-\d{2}-\d{2}[Tt _]\d{2}:\d{2}"), cs.datetime_schema(strict=False)])
+)
+
+
+def check_time(when: str) -> str:
+    """``when`` if the daemon would take it as a send_time, else UsageError saying what is expected."""
+    try:
+        _SEND_TIME.validate_python(when)
+    except ValidationError:
+        raise UsageError(
+            f"--time {when!r}: expected 'YYYY-MM-DD HH:MM:SS' or ISO 8601, e.g. 2026-11-29T12:00:00+01:00"
+        ) from None
+    return when
+
+
+def now() -> str:
+    """Now, to the second, with this machine's UTC offset: one instant, whatever $TZ says."""
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
 def make_record(user: str, msg: str, when: str | None = None) -> bytes:
-    """One record line (without its newline)."""
-    send_time = when or datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    """One record line (without its newline); ``when`` defaults to ``now()``."""
+    send_time = when or now()
     return orjson.dumps({"send_user": user, "send_time": send_time, "send_msg": msg})
 
 
@@ -111,8 +144,15 @@ class SendResult:
     refused: list[tuple[int, bytes, dict[str, Any]]] = field(default_factory=list)  # (index, line, answer)
 
 
+def _addresses(address: str | Address | Sequence[str | Address]) -> list[Address]:
+    given = [address] if isinstance(address, (str, Address)) else list(address)
+    if not given:
+        raise ClientError("no address to send to")
+    return [parse_address(a) if isinstance(a, str) else a for a in given]
+
+
 def send(
-    address: str | Address,
+    address: str | Address | Sequence[str | Address],
     lines: Iterable[bytes],
     *,
     ack: bool = False,
@@ -122,14 +162,37 @@ def send(
     tls: ssl.SSLContext | None = None,
     server_name: str | None = None,
 ) -> SendResult:
-    """Send every line; with ``ack``, wait until each has been answered. ``tls``: see ``connect``."""
+    """Send every line; with ``ack``, wait until each has been answered. ``tls``: see ``connect``.
+
+    ``address`` may be several (one daemon per host, in order of preference): one that cannot be
+    connected to is skipped for the next. With ``ack``, a connection lost mid-way also moves on to
+    the next address, where every record not yet answered is sent again. Without ``ack`` nothing
+    is resent once bytes went out (what the lost daemon took is unknown): that error is raised.
+    A TLS failure (an untrusted certificate) is raised at once, never skipped.
+    """
+    addresses = _addresses(address)
     if not ack:
-        return _send_plain(address, lines, timeout, tls=tls, server_name=server_name)
-    return _send_acked(address, list(lines), timeout, window, retries, tls=tls, server_name=server_name)
+        return _send_plain(addresses, lines, timeout, tls=tls, server_name=server_name)
+    return _send_acked(addresses, list(lines), timeout, window, retries, tls=tls, server_name=server_name)
+
+
+def _connect_any(
+    addresses: list[Address], timeout: float, *, tls: ssl.SSLContext | None, server_name: str | None
+) -> tuple[socket.socket, Address]:
+    """A connection to the first of ``addresses`` that takes one."""
+    errors: list[str] = []
+    for addr in addresses:
+        try:
+            return connect(addr, timeout, tls=tls, server_name=server_name), addr
+        except TLSError:
+            raise
+        except ClientError as exc:
+            errors.append(str(exc))
+    raise ClientError("; ".join(errors))
 
 
 def _send_plain(
-    address: str | Address,
+    addresses: list[Address],
     lines: Iterable[bytes],
     timeout: float,
     *,
@@ -137,7 +200,7 @@ def _send_plain(
     server_name: str | None = None,
 ) -> SendResult:
     result = SendResult()
-    sock = connect(address, timeout, tls=tls, server_name=server_name)
+    sock, address = _connect_any(addresses, timeout, tls=tls, server_name=server_name)
     try:
         chunk: list[bytes] = []
         size = 0
@@ -180,7 +243,7 @@ def _tls_close_notify(sock: ssl.SSLSocket) -> None:
 
 
 def _send_acked(
-    address: str | Address,
+    addresses: list[Address],
     lines: list[bytes],
     timeout: float,
     window: int,
@@ -189,19 +252,31 @@ def _send_acked(
     tls: ssl.SSLContext | None = None,
     server_name: str | None = None,
 ) -> SendResult:
+    """Until every line is answered: connect to the current address (the next one when that
+    fails), pump, and after a lost connection go on with the next address. One attempt is one
+    round over every address that failed to connect, or one lost connection; backoff between."""
     result = SendResult()
     attempts = 0
+    current = 0
+    round_errors: list[str] = []  # why each address failed to connect, since the last connection
     while result.answered < len(lines):
+        address = addresses[current]
         try:
             sock = connect(address, timeout, tls=tls, server_name=server_name)
         except TLSError:
             raise
-        except ClientError:
+        except ClientError as exc:
+            current = (current + 1) % len(addresses)
+            round_errors.append(str(exc))
+            if len(round_errors) < len(addresses):
+                continue  # the next address, at once
             attempts += 1
             if attempts > retries:
-                raise
+                raise ClientError("; ".join(round_errors)) from None
+            round_errors = []
             time.sleep(min(0.2 * 2**attempts, 5.0))
             continue
+        round_errors = []
         if result.sent:
             result.reconnects += 1
         try:
@@ -217,7 +292,10 @@ def _send_acked(
                     f"lost connection to {address} {attempts} times: {getattr(exc, 'strerror', None) or exc}; "
                     f"{result.answered} of {len(lines)} records answered"
                 ) from None
-            time.sleep(min(0.1 * 2**attempts, 5.0))
+            if len(addresses) > 1:
+                current = (current + 1) % len(addresses)  # fail over; the unanswered go there
+            else:
+                time.sleep(min(0.1 * 2**attempts, 5.0))
         finally:
             sock.close()
     return result

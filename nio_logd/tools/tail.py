@@ -4,7 +4,13 @@ design: the file is read as bytes and cut into lines; each line is parsed once i
 (a JSON object, or malformed with the reason), and the filters and renderers only ever see
 ``Line`` objects, so hostile content (not JSON, not UTF-8, not an object, huge, terminal escapes)
 is shown as such and never crashes them. The last N lines come from reading backwards from the
-end in blocks. Following polls the path, like ``tail -F``: when another file appears at the path
+end in blocks; a compressed file (gzip, bzip2, xz, known by its first bytes) and stdin (``-``) are
+streams, read front to back keeping only the last N lines. A regular file's last line without a
+newline is printed if it is a whole JSON object (else it is a write in progress: a notice says it
+is not shown); a stream's is always printed, with a notice. Following watches the path, like
+``tail -F``, with inotify where the kernel has it (waking only when the file or its folder
+changes, and every FALLBACK_POLL seconds as a safety net), by polling otherwise: when another
+file appears at the path
 (rename + create) the old one is read to its end and kept open a while for a daemon that has not
 reopened yet; when the file gets shorter (truncation), or its last bytes we read change, it is
 read again from its start. After a truncation, the lines a ``copytruncate`` copy holds that we
@@ -18,11 +24,16 @@ the lines byte for byte.
 from __future__ import annotations
 
 import argparse
+import bz2
+import gzip
 import json
+import lzma
 import os
 import re
 import stat
 import time
+import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,7 +48,8 @@ MAX_LINE = 16 << 20  # longer lines are shown as malformed, with their start onl
 PREVIEW = 2048  # bytes of a malformed line that are shown
 BLOCK = 1 << 16  # read size when reading backwards
 READ = 1 << 20  # read size when reading forwards
-POLL = 0.1  # seconds between looks at the file when following
+POLL = 0.1  # seconds between looks at the file when following without inotify
+FALLBACK_POLL = 2.0  # with inotify: seconds between looks when no event came (a change inotify cannot see)
 DRAIN_GRACE = 10.0  # seconds a rotated-away file is still read after its last new line
 SEEN_BYTES = 1 << 20  # what we remember of what we printed, to skip lines a copytruncate put back
 DEFAULT_LINES = 10
@@ -130,6 +142,13 @@ class LineSplitter:
                 self.preview, self.skipped = bytes(self.buf[:PREVIEW]), len(self.buf)
                 self.buf.clear()
         return out
+
+    def finish(self) -> Line | None:
+        """At the end of a stream: its last line if it had no newline (None if there is none)."""
+        if not self.buf and not self.skipped:
+            return None
+        lines = self.feed(b"\n")
+        return lines[0] if lines else None  # whitespace only: no line, as anywhere else
 
 
 def lines_backwards(fd: int, end: int) -> Iterator[Line]:
@@ -472,6 +491,120 @@ def all_lines(fd: int, end: int, emit: Callable[[list[Line]], None]) -> None:
         emit(splitter.feed(data))
 
 
+def unterminated_line(fd: int, end: int, size: int) -> Line | None:
+    """The bytes of [end, size) (after the last newline) as a line; None if there are none (or blanks)."""
+    if size - end > MAX_LINE:
+        return too_long(os.pread(fd, PREVIEW, end), size - end)
+    raw = os.pread(fd, size - end, end) if size > end else b""
+    return parse_line(raw) if raw.strip() else None
+
+
+# -- streams: stdin and compressed files --------------------------------------------------------------
+# What the first bytes of a file say it is: the formats read, and the ones that are only named.
+_COMPRESSED_MAGIC = (
+    (b"\x1f\x8b\x08", "gzip"),
+    (b"BZh", "bzip2"),
+    (b"\xfd7zXZ\x00", "xz"),
+)
+_OTHER_MAGIC = (
+    (b"\x28\xb5\x2f\xfd", "zstd", "zstd -dc"),
+    (b"\x04\x22\x4d\x18", "lz4", "lz4 -dc"),
+    (b"\x89LZO\x00", "lzop", "lzop -dc"),
+    (b"\x1f\x9d", "compress (.Z)", "uncompress -c"),
+    (b"PK\x03\x04", "zip", "unzip -p"),
+)
+_OPENERS: dict[str, Callable[..., Any]] = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open, "lzma": lzma.open}
+# What a damaged compressed file raises while it is read: truncated (EOFError), corrupt (the rest).
+_DECODE_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError)
+
+
+def compression(fd: int, path: Path) -> str | None:
+    """The compression of the open file (gzip, bzip2, xz, lzma), None for a plain file.
+
+    NoInputError for a compression that is recognised and not read (zstd, lz4, ...), with the
+    command that decompresses it into ``nio-logd tail -``.
+    """
+    head = os.pread(fd, 8, 0)
+    for magic, kind in _COMPRESSED_MAGIC:
+        if head.startswith(magic) and (kind != "bzip2" or head[3:4].isdigit()):
+            return kind
+    if path.name.endswith(".lzma") and head[:1] == b"\x5d":  # the old .lzma format has no real magic
+        return "lzma"
+    for magic, kind, command in _OTHER_MAGIC:
+        if head.startswith(magic):
+            shown = safe_text(str(path))
+            raise NoInputError(
+                f"{shown}: {kind}-compressed; only gzip, bzip2 and xz files are read "
+                f"(decompress it into stdin: {command} {shown} | nio-logd tail -)"
+            )
+    return None
+
+
+def decompressed(fd: int, kind: str, shown: str) -> Iterator[bytes]:
+    """The decompressed bytes of the open file ``fd`` in blocks (closes it); NoInputError where the
+    data is corrupt or cut short, after the blocks decoded before it."""
+    decoded = 0
+    with os.fdopen(fd, "rb") as raw, _OPENERS[kind](raw, "rb") as f:
+        while True:
+            try:
+                data = f.read1(READ)  # one decompression step at a time: an error loses little
+            except _DECODE_ERRORS as exc:
+                reason = safe_text(str(exc) or type(exc).__name__)
+                raise NoInputError(
+                    f"{shown}: {kind} data corrupt or cut short after {decoded} bytes ({reason}); "
+                    "the lines before it are printed"
+                ) from None
+            if not data:
+                return
+            decoded += len(data)
+            yield data
+
+
+def stdin_blocks(fd: int) -> Iterator[bytes]:
+    """What stdin holds, in blocks as they arrive, to its end."""
+    while True:
+        try:
+            data = os.read(fd, READ)
+        except OSError as exc:
+            raise NoInputError(f"stdin: cannot read: {exc.strerror}") from None
+        if not data:
+            return
+        yield data
+
+
+def print_stream(blocks: Iterator[bytes], n: int, keep: Filter, printer: Printer) -> Line | None:
+    """The last ``n`` lines of a stream that ``keep`` accepts (n < 0: all of them, printed as they
+    come), in bounded memory; a last line without a newline is one. Returns that line if it was
+    printed. If the stream fails (NoInputError), the lines read before are printed first."""
+    splitter = LineSplitter()
+    last: deque[Line] | None = deque(maxlen=n) if n >= 0 else None
+
+    def take(lines: list[Line]) -> None:
+        if last is None:
+            printer(lines)
+            printer.flush()
+        else:
+            last.extend(line for line in lines if keep(line))
+
+    try:
+        for data in blocks:
+            take(splitter.feed(data))
+    except NoInputError:
+        if last is not None:
+            printer(list(last))
+        printer.flush()
+        raise
+    final = splitter.finish()
+    if final is not None:
+        take([final])
+    if last is not None:
+        printer(list(last))
+    printer.flush()
+    if final is None or not keep(final) or (last is not None and (not last or last[-1] is not final)):
+        return None
+    return final
+
+
 class _Source:
     """A file being followed: its descriptor and identity, how far it was read."""
 
@@ -497,6 +630,69 @@ class _Source:
         os.close(self.fd)
 
 
+class _Wakeup:
+    """Sleep until the followed files may have changed: inotify where the kernel has it, else polling.
+
+    With inotify each open file is watched through /proc/self/fd (its inode, whatever its name is
+    now: a rotated-away file still being written wakes us too), and the folder for a file created
+    or moved at the path. The events themselves are not looked at: any one means look again. A
+    watch that cannot be added (no /proc, the watch limit) falls back to polling.
+    """
+
+    FILE_EVENTS = 0x2 | 0x4 | 0x400 | 0x800  # IN_MODIFY | IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF
+    FOLDER_EVENTS = 0x100 | 0x80 | 0x40 | 0x200  # IN_CREATE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.inotify: Any = None
+        self.watches: dict[int, int] = {}  # a followed file's descriptor -> its watch
+        self.polling = False  # a watch is missing: look every POLL seconds, as without inotify
+        self.folder_watched = False
+        try:
+            import inotify_simple  # type: ignore[import-untyped,unused-ignore]
+
+            self.inotify = inotify_simple.INotify()
+        except (ImportError, OSError):  # not installed; no inotify in this kernel or container; no more instances
+            return
+        self._watch_folder()
+
+    def _watch_folder(self) -> None:
+        try:
+            self.inotify.add_watch(self.folder, self.FOLDER_EVENTS)
+            self.folder_watched = True
+        except OSError:  # not there (yet): the file cannot appear without it; poll until it is
+            self.folder_watched = False
+
+    def watch(self, fd: int) -> None:
+        if self.inotify is None:
+            return
+        try:
+            self.watches[fd] = self.inotify.add_watch(f"/proc/self/fd/{fd}", self.FILE_EVENTS)
+        except OSError:
+            self.polling = True
+
+    def unwatch(self, fd: int) -> None:
+        wd = self.watches.pop(fd, None)
+        if wd is not None and wd not in self.watches.values():
+            try:
+                self.inotify.rm_watch(wd)
+            except OSError:  # the file is gone: its watch went with it
+                pass
+
+    def wait(self) -> None:
+        if self.inotify is not None and not self.folder_watched:
+            self._watch_folder()
+        if self.inotify is None or self.polling or not self.folder_watched:
+            time.sleep(POLL)
+            return
+        self.inotify.read(timeout=int(FALLBACK_POLL * 1000))
+
+    def close(self) -> None:
+        if self.inotify is not None:
+            self.inotify.close()
+            self.inotify = None
+
+
 class Follower:
     """``tail -F``: print what is appended to ``path``, across rotation and truncation."""
 
@@ -509,6 +705,7 @@ class Follower:
         self.draining: list[_Source] = []
         self.waiting = False
         self.refused: tuple[int, int] | None = None  # the non-regular file at the path last reported
+        self.wakeup: _Wakeup | None = None  # while running
 
     def start_at(self, fd: int, pos: int) -> None:
         """Follow the open file ``fd`` from ``pos`` (where the initial output stopped)."""
@@ -517,12 +714,28 @@ class Follower:
             self.current.seen = os.pread(fd, min(pos, 64), pos - min(pos, 64))
 
     def run(self) -> None:
-        if self.current is None and not self.path.exists():
-            self.notice(f"{self.shown}: no such file yet; waiting for it to appear")
-            self.waiting = True
-        while True:
-            if not self.step():
-                time.sleep(POLL)
+        self.wakeup = wakeup = _Wakeup(self.path.parent)
+        try:
+            if self.current is not None:
+                wakeup.watch(self.current.fd)
+            if self.current is None and not self.path.exists():
+                self.notice(f"{self.shown}: no such file yet; waiting for it to appear")
+                self.waiting = True
+            while True:
+                if not self.step():
+                    wakeup.wait()
+        finally:
+            wakeup.close()
+            self.wakeup = None
+
+    def _watch(self, src: _Source) -> None:
+        if self.wakeup is not None:
+            self.wakeup.watch(src.fd)
+
+    def _close(self, src: _Source) -> None:
+        if self.wakeup is not None:
+            self.wakeup.unwatch(src.fd)
+        src.close()
 
     def step(self) -> bool:
         """One look at the files; True if any line was read."""
@@ -534,7 +747,7 @@ class Follower:
                 src.idle_since = now
             elif now - src.idle_since > DRAIN_GRACE:
                 self.draining.remove(src)
-                src.close()
+                self._close(src)
         current = self.current
         if current is not None:
             self._check_truncated(current)
@@ -565,6 +778,7 @@ class Follower:
             self.notice(f"{self.shown}: has appeared; following it")
             self.waiting = False
         self.current = new
+        self._watch(new)  # before reading: what is written after the read wakes us
         return self._read(new) or got
 
     def _refuse(self, exc: NotRegularFileError) -> None:
@@ -747,10 +961,17 @@ def _log_path(args: argparse.Namespace) -> Path:
     return settings.resolve(settings.log.rejects_path if args.rejects else settings.log.path)
 
 
-def tail_command(args: argparse.Namespace, out: IO[bytes], say: Callable[[str], None]) -> int:
-    """``nio-logd tail``: print to ``out``; ``say`` gets the notices (rotation, a file gone)."""
+def tail_command(
+    args: argparse.Namespace, out: IO[bytes], say: Callable[[str], None], stdin: IO[bytes] | None = None
+) -> int:
+    """``nio-logd tail``: print to ``out``; ``say`` gets the notices (rotation, a file gone).
+
+    FILE ``-`` reads ``stdin`` (None: it is closed).
+    """
     keep = build_filter(args)
     path = _log_path(args)
+    if args.follow and path.name.endswith(COMPRESSED):
+        raise UsageError(f"-f: {safe_text(str(path))} is compressed and does not grow; drop -f to read it")
     pretty = args.pretty or (not args.json and out.isatty())
     render: Callable[[Line], bytes]
     if pretty:
@@ -768,6 +989,18 @@ def tail_command(args: argparse.Namespace, out: IO[bytes], say: Callable[[str], 
         printer(lines)
         printer.flush()
 
+    no_newline = "the last line has no newline at its end; printed as it is"
+    if args.file == "-":
+        try:
+            fd = -1 if stdin is None else stdin.fileno()
+        except (OSError, ValueError):  # closed, or not a real file
+            fd = -1
+        if fd < 0:
+            raise NoInputError("stdin: cannot read: it is closed")
+        # -f: every line as it comes, until the end of the stream (-n has nothing to count back from)
+        if print_stream(stdin_blocks(fd), -1 if args.follow else n, keep, printer) is not None:
+            notice(no_newline)
+        return 0
     follower = Follower(path, emit, notice) if args.follow else None
     shown = safe_text(str(path))
     try:
@@ -784,17 +1017,43 @@ def tail_command(args: argparse.Namespace, out: IO[bytes], say: Callable[[str], 
         raise NoInputError(f"{shown}: cannot open: {exc.strerror}") from None
     if fd >= 0:
         try:
-            end = complete_end(fd, os.fstat(fd).st_size)
+            kind = compression(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        if kind is not None:
+            if follower is not None:
+                os.close(fd)
+                raise UsageError(f"-f: {shown} is {kind}-compressed and does not grow; drop -f to read it")
+            if print_stream(decompressed(fd, kind, shown), n, keep, printer) is not None:
+                notice(no_newline)
+            return 0
+        try:
+            size = os.fstat(fd).st_size
+            end = complete_end(fd, size)
+            # Read once, a static file's last line without a newline is shown if it is a whole JSON
+            # object; a fragment is a write in progress (-f prints it once its newline is there).
+            final = unterminated_line(fd, end, size) if follower is None else None
+            fragment = final if final is not None and final.obj is None else None
+            kept = [final] if final is not None and fragment is None and n != 0 and keep(final) else []
             if n < 0:
                 all_lines(fd, end, printer)
+                printer(kept)
             else:
-                printer(last_lines(fd, end, n, keep))
+                printer([*last_lines(fd, end, n - len(kept), keep), *kept])
             printer.flush()
         except BaseException:
             os.close(fd)
             raise
         if follower is None:
             os.close(fd)
+            if kept:
+                notice(no_newline)
+            elif fragment is not None:
+                notice(
+                    f"the last line ({fragment.length} bytes) has no newline and is not a whole JSON object "
+                    "(still being written?); not shown"
+                )
             return 0
         follower.start_at(fd, end)
     assert follower is not None
@@ -816,7 +1075,8 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> arg
         "file",
         nargs="?",
         metavar="FILE",
-        help="the log file to read (default: the config's messages log, or rejects log with --rejects)",
+        help="the log file to read, plain or gzip/bzip2/xz-compressed; '-' reads stdin "
+        "(default: the config's messages log, or rejects log with --rejects)",
     )
     p.add_argument(
         "-n",
@@ -831,7 +1091,8 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> arg
         "--follow",
         action="store_true",
         help="then print new lines as they come, across rotation (rename + new file, truncation), like tail -F; "
-        "waits for a missing file (or for a regular file in place of a directory, FIFO or device); Ctrl-C stops",
+        "waits for a missing file (or for a regular file in place of a directory, FIFO or device); Ctrl-C stops. "
+        "Not for a compressed file; with FILE '-', every line of stdin as it comes, until its end",
     )
     p.add_argument(
         "--user", action="append", metavar="U", help="only records whose send_user is U (repeat for several users)"

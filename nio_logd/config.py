@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import json
 import os
+import pwd
 import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -120,10 +131,65 @@ class ListenerSettings(_Frozen):
     ack: bool = False
     allow: tuple[NetworkText, ...] = ()
     tls: TLSSettings | None = None
+    # unix:// only: the socket file's mode, owner and group (as systemd's SocketMode=, SocketUser=,
+    # SocketGroup=), set by the daemon at bind, as root before it drops privileges. Unset: mode
+    # 0666 (systemd's default: who may connect is then up to the folder), owner and group those
+    # of the daemon at bind. Names or numeric ids; unknown names are refused at load.
+    mode: ModeText | None = None
+    owner: str | int | None = None
+    group: str | int | None = None
 
     @property
     def parsed(self) -> Address:
         return parse_address(self.address)
+
+    @property
+    def socket_mode(self) -> int:
+        """The mode of the unix socket file this listener creates."""
+        return int(self.mode, 8) if self.mode is not None else 0o666
+
+    @property
+    def socket_uid(self) -> int:
+        """The owner's uid for the unix socket file; -1: leave it."""
+        return -1 if self.owner is None else self._uid(self.owner)
+
+    @property
+    def socket_gid(self) -> int:
+        """The group's gid for the unix socket file; -1: leave it."""
+        return -1 if self.group is None else self._gid(self.group)
+
+    @staticmethod
+    def _uid(value: str | int) -> int:
+        if isinstance(value, int) or value.isdigit():
+            return int(value)
+        try:
+            return pwd.getpwnam(value).pw_uid
+        except KeyError:
+            raise ValueError(f"no such user {value!r}") from None
+
+    @staticmethod
+    def _gid(value: str | int) -> int:
+        if isinstance(value, int) or value.isdigit():
+            return int(value)
+        try:
+            return grp.getgrnam(value).gr_gid
+        except KeyError:
+            raise ValueError(f"no such group {value!r}") from None
+
+    @field_validator("owner", "group")
+    @classmethod
+    def _known_id(cls, value: str | int | None, info: ValidationInfo) -> str | int | None:
+        if value is None:
+            return value
+        if isinstance(value, int) and not 0 <= value < (1 << 32) - 1:
+            raise ValueError(f"{value} is not a {'user' if info.field_name == 'owner' else 'group'} id")
+        if isinstance(value, str) and not value:
+            raise ValueError("empty name")
+        if info.field_name == "owner":
+            cls._uid(value)
+        else:
+            cls._gid(value)
+        return value
 
     @model_validator(mode="after")
     def _tcp_only_options(self) -> ListenerSettings:
@@ -132,6 +198,10 @@ class ListenerSettings(_Frozen):
                 raise ValueError("tls: TLS is for tcp:// listeners, not unix:// ones")
             if self.allow:
                 raise ValueError("allow: allowed networks are for tcp:// listeners, not unix:// ones")
+        else:
+            for key in ("mode", "owner", "group"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: the socket file's {key} is for unix:// listeners, not tcp:// ones")
         return self
 
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from nio_logd.config import RecordSettings
 from nio_logd.records.pipeline import Pipeline, Stream
 from nio_logd.records.record import RecordValidator, Refusal
-from nio_logd.records.render import Renderer, processors, structlog_logger
+from nio_logd.records.render import Renderer, escape_raw, processors, structlog_logger
 from nio_logd.wire.framing import Frame, TooLarge
 
 MAX = 4096
@@ -206,3 +206,51 @@ def test_validate_many_equals_validate_one_by_one(fs: list[Frame], extra: str) -
         return result if isinstance(result, dict) else (result.reason, result.errors, result.raw)
 
     assert [key(r) for r in validator.validate_many(fs)] == [key(validator.validate(f)) for f in fs]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.one_of(good_frames, bad_frames), min_size=1, max_size=30),
+    st.tuples(st.integers(1, 2**31 - 1), st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1)),
+    st.floats(1.7e9, 2.0e9).map(lambda t: round(t, 6)),
+)
+def test_unix_peer_credentials_are_spliced_into_structlog_loggers_bytes_for_records_and_rejects(
+    fs: list[bytes], credentials: tuple[int, int, int], frozen: float
+) -> None:
+    """A stream with SO_PEERCRED credentials writes "peer_pid", "peer_uid", "peer_gid" after
+    "listener" in each accepted line and each reject line: exactly a structlog logger's bytes."""
+    validator = RecordValidator(RecordSettings(), MAX)
+    pipeline = Pipeline(validator.validate_many, Renderer(1024, clock=lambda: frozen))
+    stream = Stream("unix", "unix:///run/nio-logd/nio-logd.sock", ack=False, credentials=credentials)
+    assert pipeline.take(stream, list(fs), now=0.0) == len(fs)
+    out = pipeline.outcome()
+    logger, collected = structlog_logger(processors(clock=lambda: frozen))
+    rejects_logger, rejects_collected = structlog_logger(processors(clock=lambda: frozen))
+    pid, uid, gid = credentials
+    ids = {"peer_pid": pid, "peer_uid": uid, "peer_gid": gid}
+    for frame in fs:
+        fields = validator.validate(frame)
+        if isinstance(fields, dict):
+            logger.info("message", **fields, peer=stream.peer, listener=stream.listener_name, **ids)
+        else:
+            assert isinstance(fields, Refusal)
+            raw, cut = escape_raw(fields.raw, 1024)
+            rejects_logger.warning(
+                "rejected",
+                reason=fields.reason,
+                error=fields.message,
+                errors=fields.errors,
+                peer=stream.peer,
+                listener=stream.listener_name,
+                **ids,
+                raw=raw,
+                raw_bytes=len(fields.raw),
+                raw_truncated=cut,
+            )
+    assert bytes(out.messages) == bytes(collected.buf)
+    assert bytes(out.rejects) == bytes(rejects_collected.buf)
+    for line in bytes(out.messages).splitlines() + bytes(out.rejects).splitlines():
+        keys = list(json.loads(line))
+        at = keys.index("listener")
+        assert keys[at + 1 : at + 4] == ["peer_pid", "peer_uid", "peer_gid"]
+        assert json.loads(line)["peer_pid"] == pid

@@ -38,6 +38,7 @@ class Stream:
         "ack",
         "client",
         "closing",
+        "credentials",
         "listener_name",
         "owed",
         "peer",
@@ -57,6 +58,7 @@ class Stream:
         *,
         ack: bool,
         client: str | None = None,
+        credentials: tuple[int, int, int] | None = None,
         reject_tokens: float = 0.0,
         now: float = 0.0,
     ) -> None:
@@ -64,6 +66,8 @@ class Stream:
         self.listener_name = listener_name
         self.ack = ack
         self.client = client  # TLS: the client certificate's subject, written with each record
+        # Unix sockets: the peer's pid, uid and gid (SO_PEERCRED), written with each record
+        self.credentials = credentials
         self.seq = 0  # records seen, numbered from 1 in answers
         self.owed = 0  # answer bytes made and not yet sent (the caller subtracts what it sends)
         self.refused = 0
@@ -185,7 +189,7 @@ class Pipeline:
         renderer = self.renderer
         # One timestamp for the read: each accepted line is a constant head, the record's fields
         # serialised alone, and a constant tail (render.Renderer.frame).
-        head, tail = renderer.frame(stream.peer, stream.listener_name, stream.client)
+        head, tail = renderer.frame(stream.peer, stream.listener_name, stream.client, stream.credentials)
         lines = renderer.messages
         dumps = orjson.dumps
         seq = stream.seq
@@ -259,13 +263,13 @@ class Pipeline:
                 stream.reject_tokens = tokens - 1.0
                 if stream.suppressed:
                     self.summarize(stream)
-                self.renderer.reject(refusal, stream.peer, stream.listener_name)
+                self.renderer.reject(refusal, stream.peer, stream.listener_name, stream.credentials)
             else:
                 stream.reject_tokens = tokens
                 stream.suppressed += 1
                 counts.rejects_suppressed += 1
         else:
-            self.renderer.reject(refusal, stream.peer, stream.listener_name)
+            self.renderer.reject(refusal, stream.peer, stream.listener_name, stream.credentials)
         limit = self.refused_close_after
         if limit:
             span = seq - stream.window_seq

@@ -63,7 +63,9 @@ def _writable(value: Any) -> bool:
 
 
 # Keys the daemon writes itself; a kept extra field may not use them.
-RESERVED_KEYS = frozenset({"timestamp", "level", "event", "peer", "listener", "client"})
+RESERVED_KEYS = frozenset(
+    {"timestamp", "level", "event", "peer", "listener", "client", "peer_pid", "peer_uid", "peer_gid"}
+)
 
 TIME_RULE = "must be 'YYYY-MM-DD HH:MM:SS' or ISO 8601 / RFC 3339, e.g. 2026-11-29T12:00:00Z"
 USER_RULE = "must not contain control or bidirectional formatting characters"

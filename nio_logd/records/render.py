@@ -121,16 +121,21 @@ class Renderer:
         self.messages += b"\n"
         self.accepted += 1
 
-    def frame(self, peer: str, listener: str, client: str | None) -> tuple[bytes, bytes]:
+    def frame(
+        self, peer: str, listener: str, client: str | None, credentials: tuple[int, int, int] | None = None
+    ) -> tuple[bytes, bytes]:
         """What goes before and after a record's own fields in its line, for the lines of one read.
 
         The chain's output is ``{"timestamp":…,"level":"info","event":"message",`` + the fields
-        (orjson, compact, in their order) + ``,"peer":…,"listener":…[,"client":…]}``: so the
-        fields are serialised alone and spliced in, one timestamp for the whole read (the
-        tests check the bytes equal a structlog logger's under a frozen clock).
+        (orjson, compact, in their order) + ``,"peer":…,"listener":…[,"peer_pid":…,"peer_uid":…,
+        "peer_gid":…][,"client":…]}``: so the fields are serialised alone and spliced in, one
+        timestamp for the whole read (the tests check the bytes equal a structlog logger's under
+        a frozen clock). ``credentials``: a Unix socket peer's pid, uid and gid (SO_PEERCRED).
         """
         head = b'{"timestamp":%s,"level":"info","event":"message",' % orjson.dumps(self._stamp.text())
         tail = b',"peer":%s,"listener":%s' % (orjson.dumps(peer), orjson.dumps(listener))
+        if credentials is not None:
+            tail += b',"peer_pid":%d,"peer_uid":%d,"peer_gid":%d' % credentials
         if client is not None:
             tail += b',"client":%s' % orjson.dumps(client)
         return head, tail + b"}\n"
@@ -141,19 +146,23 @@ class Renderer:
         self.messages += b"\n"
         self.accepted += 1
 
-    def reject(self, refusal: Refusal, peer: str, listener: str) -> None:
+    def reject(
+        self, refusal: Refusal, peer: str, listener: str, credentials: tuple[int, int, int] | None = None
+    ) -> None:
         raw, truncated = escape_raw(refusal.raw, self.raw_limit)
-        event = {
+        event: dict[str, Any] = {
             "event": "rejected",
             "reason": refusal.reason,
             "error": refusal.message,
             "errors": refusal.errors,
             "peer": peer,
             "listener": listener,
-            "raw": raw,
-            "raw_bytes": len(refusal.raw),
-            "raw_truncated": truncated,
         }
+        if credentials is not None:
+            event["peer_pid"], event["peer_uid"], event["peer_gid"] = credentials
+        event["raw"] = raw
+        event["raw_bytes"] = len(refusal.raw)
+        event["raw_truncated"] = truncated
         self.rejects += self._dump(None, "warning", self._stamp(None, "warning", event))
         self.rejects += b"\n"
         self.refused += 1

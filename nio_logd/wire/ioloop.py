@@ -35,6 +35,7 @@ import functools
 import heapq
 import selectors
 import socket
+import struct
 import termios
 import threading
 import time
@@ -83,6 +84,19 @@ def _peer_name(sock: socket.socket, family: int) -> str:
     except OSError:
         return "unknown"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def _peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
+    """The pid, uid and gid of a Unix socket's peer (SO_PEERCRED, as of its connect()); None if
+    the kernel will not say."""
+    try:
+        pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    except (OSError, struct.error):
+        return None
+    return pid, uid, gid
 
 
 class LoopHost(Protocol):
@@ -572,6 +586,8 @@ class IOLoop:
                 pass
             self.server.connection_closed(host)
             return
+        if sock.family == socket.AF_UNIX:
+            conn.credentials = _peer_credentials(sock)  # written with each record: "peer_pid", ...
         conn.last_active = self.now = time.monotonic()
         self.connections.add(conn)
         self.stats.connections_total += 1

@@ -65,9 +65,22 @@ def _bind_one(settings: Settings, ls: ListenerSettings) -> Listener:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)
-            sock.listen(backlog)
         except OSError as exc:
             sock.close()
+            raise StartupError(f"cannot listen on {ls.address}: {exc.strerror}") from None
+        try:
+            # Owner, group and mode before listen(): until then a connect() is refused, so no
+            # client gets in through the mode bind() left (umask-dependent).
+            _set_socket_file(path, ls)
+            sock.listen(backlog)
+        except (OSError, StartupError) as exc:
+            sock.close()
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            if isinstance(exc, StartupError):
+                raise
             raise StartupError(f"cannot listen on {ls.address}: {exc.strerror}") from None
         sock.setblocking(False)
         return Listener(sock, ls, ls.address, unix_path=path)
@@ -89,6 +102,33 @@ def _bind_one(settings: Settings, ls: ListenerSettings) -> Listener:
         raise StartupError(f"cannot listen on {ls.address}: {exc.strerror}") from None
     sock.setblocking(False)
     return Listener(sock, ls, ls.address)
+
+
+def _set_socket_file(path: str, ls: ListenerSettings) -> None:
+    """Give the socket file just bound its configured owner, group and mode (systemd's SocketUser=,
+    SocketGroup=, SocketMode=); the folder is left as it is."""
+    try:
+        uid, gid = ls.socket_uid, ls.socket_gid
+    except ValueError as exc:  # the user or group was removed since the config was loaded
+        raise StartupError(f"cannot listen on {ls.address}: owner/group: {exc}") from None
+    if uid != -1 or gid != -1:
+        try:
+            os.chown(path, uid, gid, follow_symlinks=False)
+        except OSError as exc:
+            keys = " and ".join(k for k, v in (("owner", ls.owner), ("group", ls.group)) if v is not None)
+            raise StartupError(
+                f"cannot listen on {ls.address}: {keys}: cannot give the socket file uid {uid} gid {gid}: "
+                f"{exc.strerror}"
+            ) from None
+    # os.chmod follows symlinks (Linux has no lchmod): make sure the path is still our socket.
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise StartupError(f"cannot listen on {ls.address}: the socket file was replaced while binding")
+    try:
+        os.chmod(path, ls.socket_mode)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen on {ls.address}: mode: cannot chmod the socket file: {exc.strerror}"
+        ) from None
 
 
 def _remove_stale_unix_socket(path: str) -> None:

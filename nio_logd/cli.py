@@ -79,7 +79,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_reload(args: argparse.Namespace) -> int:
     from .service.daemonize import reload
 
-    print(reload(_settings(args)))
+    print(reload(_settings(args), args.timeout))
+    return EXIT_OK
+
+
+def cmd_reopen(args: argparse.Namespace) -> int:
+    from .service.daemonize import reopen
+
+    print(reopen(_settings(args)))
     return EXIT_OK
 
 
@@ -95,9 +102,17 @@ def _register_daemon(sub: Subparsers) -> None:
     p = sub.add_parser("status", help="exit 0 and print the pid if the daemon runs, 3 if not")
     _common(p)
     p.set_defaults(func=cmd_status)
-    p = sub.add_parser("reload", help="SIGHUP: reopen the log files and re-read the config")
+    p = sub.add_parser(
+        "reload", help="SIGHUP: re-read the config (and reopen the log files); exit non-zero if it failed"
+    )
     _common(p)
+    p.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for the daemon's reload result (default 10)"
+    )
     p.set_defaults(func=cmd_reload)
+    p = sub.add_parser("reopen", help="SIGUSR1: reopen the log files only (logrotate); the config is not read")
+    _common(p)
+    p.set_defaults(func=cmd_reopen)
 
 
 # -- check-config ---------------------------------------------------------------------------------

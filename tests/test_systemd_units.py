@@ -382,7 +382,9 @@ def test_service_unit_settings(path: Path) -> None:
     exec_start = one(unit, "Service.ExecStart").split()
     assert exec_start[0].startswith("/") and exec_start[0].endswith("/nio-logd")
     assert exec_start[1:] == ["run", "--config", "/etc/nio-logd/nio-logd.toml"]
-    assert one(unit, "Service.ExecReload") == "/bin/kill -HUP $MAINPID"
+    # The CLI sends SIGHUP and waits for the daemon's outcome: `systemctl reload` fails on a bad config.
+    reload = one(unit, "Service.ExecReload").split()
+    assert reload[0] == exec_start[0] and reload[1] == "reload" and "--config" in reload
     assert one(unit, "Service.Restart") == "on-failure"
     assert re.fullmatch(r"\d+s", one(unit, "Service.WatchdogSec"))
     assert one(unit, "Service.DynamicUser") == "yes"
@@ -434,6 +436,8 @@ def _runnable_copies(tmp_path: Path) -> list[Path]:
         text = unit.read_text()
         if unit.suffix == ".service":
             text, n = re.subn(r"^ExecStart=\S+", f"ExecStart={exe}", text, flags=re.MULTILINE)
+            assert n == 1
+            text, n = re.subn(r"^ExecReload=\S+", f"ExecReload={exe}", text, flags=re.MULTILINE)
             assert n == 1
         (tmp_path / unit.name).write_text(text)
         copies.append(tmp_path / unit.name)

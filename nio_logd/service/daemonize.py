@@ -13,6 +13,7 @@ terminal job-control signals: ``serve`` installs the SIGTERM/SIGINT/SIGHUP handl
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -35,7 +36,7 @@ from ..errors import (
     StopTimeoutError,
 )
 from ..output.files import open_regular
-from .pidfile import PidFile, is_alive
+from .pidfile import PidFile, ReloadStatus, is_alive
 from .privilege import (
     Identity,
     check_config_file,
@@ -229,7 +230,13 @@ def _child(settings: Settings, path: Path | None, identity: Identity | None, pid
         stderr=events_file,
         # Job control from a terminal must not stop the daemon, nor a SIGHUP (logrotate) while it
         # is still starting. serve() then installs its own SIGTERM/SIGINT/SIGHUP handlers.
-        signal_map={signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None, signal.SIGHUP: None},
+        signal_map={
+            signal.SIGTSTP: None,
+            signal.SIGTTIN: None,
+            signal.SIGTTOU: None,
+            signal.SIGHUP: None,
+            signal.SIGUSR1: None,
+        },
     )
     try:
         context.open()
@@ -282,6 +289,7 @@ def _daemon_main(
         settings,
         identity,
         [*created, pidfile.path],
+        reload_status=ReloadStatus(pidfile.path),
         events_fd=sys.stderr.fileno(),
         events_file=events,
         events_created=events_created,
@@ -291,12 +299,21 @@ def _daemon_main(
         readiness.ready(server.addresses())
 
     def reload_settings() -> Settings:
-        _reopen_events(events, settings.file_mode)
         return load_checked(path, settings.base_dir)
+
+    def reopen() -> None:
+        _reopen_events(events, settings.file_mode)
 
     code = EXIT_FAILURE
     try:
-        clean = serve(settings, on_ready=on_ready, reload_settings=reload_settings, after_startup=after_startup)
+        clean = serve(
+            settings,
+            on_ready=on_ready,
+            reload_settings=reload_settings,
+            after_startup=after_startup,
+            pidfile=pidfile,
+            reopen=reopen,
+        )
         code = EXIT_OK if clean else EXIT_FAILURE
     except NioLogdError as exc:
         log.error("start_failed", error=str(exc))
@@ -324,6 +341,7 @@ def privilege_hook(
     *,
     events_file: Path | None = None,
     events_created: bool = False,
+    reload_status: ReloadStatus | None = None,
 ) -> Callable[[Server], None]:
     """What runs between binding and serving: hand the files to ``identity`` and become it.
 
@@ -352,7 +370,16 @@ def privilege_hook(
             else:
                 kept.append((events_file or Path(f"/proc/self/fd/{events_fd}"), events_fd))
         sockets = [Path(listener.unix_path) for listener in server.listeners if listener.unix_path]
-        hand_over(identity, fds, [*paths, *sockets], mode=settings.file_mode)
+        status_files: list[Path] = []
+        if reload_status is not None and reload_status.pidfile.exists():
+            # The reload results go next to the pidfile, a folder the new user may not write:
+            # created now (generation 0), handed over, and rewritten in place if need be.
+            try:
+                reload_status.write({"pid": os.getpid(), "generation": 0, "result": "started"})
+                status_files.append(reload_status.path)
+            except OSError as exc:
+                get_logger().warning("reload_status_not_written", path=str(reload_status.path), error=exc.strerror)
+        hand_over(identity, fds, [*paths, *sockets, *status_files], mode=settings.file_mode)
         warn_not_handed_over(identity, kept)
         drop_privileges(identity)
         warn_unwritable(sorted({writer.messages.path.parent, writer.rejects.path.parent}))
@@ -368,14 +395,22 @@ def as_root(explicit_config: str | None, settings: Settings) -> Callable[[Server
     identity = resolve_identity(settings.daemon.user, settings.daemon.group)
     if identity is None:
         return privilege_hook(settings, None, [])  # stays root: the same running_as_root warning as start
+    pidfile = pidfile_of(settings).path
     created = make_dirs(
-        sorted({settings.resolve(settings.log.path).parent, settings.resolve(settings.log.rejects_path).parent})
+        sorted(
+            {
+                settings.resolve(settings.log.path).parent,
+                settings.resolve(settings.log.rejects_path).parent,
+                pidfile.parent,
+            }
+        )
     )
-    return privilege_hook(settings, identity, created)
+    # serve() writes the pidfile (freshly created, so theirs to hand over) before this hook runs.
+    return privilege_hook(settings, identity, [*created, pidfile], reload_status=ReloadStatus(pidfile))
 
 
 def _reopen_events(path: Path, mode: int) -> None:
-    """SIGHUP: point fd 2 at a fresh events file (after logrotate renamed the old one)."""
+    """SIGUSR1 and SIGHUP: point fd 2 at a fresh events file (after logrotate renamed the old one)."""
     from ..events import get_logger
 
     try:
@@ -438,18 +473,70 @@ def status(settings: Settings) -> tuple[int, str]:
     return EXIT_OK, f"nio-logd is running (pid {pid})"
 
 
-def reload(settings: Settings) -> str:
-    """SIGHUP: reopen the log files and re-read the settings that need no restart."""
-    pidfile = pidfile_of(settings)
+RELOAD_WAIT = 10.0
+
+
+def _signal(pidfile: PidFile, signum: int) -> int | None:
     try:
-        pid = pidfile.send_signal(signal.SIGHUP)
+        return pidfile.send_signal(signum)
     except PermissionError:
         raise NioLogdError(
             f"cannot signal the daemon of {pidfile.path}: permission denied (run as root or as its user)"
         ) from None
+
+
+def reload(settings: Settings, timeout: float = RELOAD_WAIT) -> str:
+    """SIGHUP, then wait for the daemon's reload result: the text to say, or raise with its reason.
+
+    The daemon re-reads the config, applies the settings that need no restart and reopens its
+    files, then writes the outcome next to its pidfile under a new generation number. A failed
+    reload raises with the daemon's reason and exit code (78 for a config error); the daemon
+    keeps its running settings.
+    """
+    pidfile = pidfile_of(settings)
+    status_file = ReloadStatus(pidfile.path)
+    before = status_file.read()
+    pid = _signal(pidfile, signal.SIGHUP)
     if pid is None:
         raise NotRunningError(_not_running(pidfile))
-    return f"nio-logd reload: sent SIGHUP to pid {pid}"
+    last = -1
+    if before is not None and before.get("pid") == pid and isinstance(before.get("generation"), int):
+        last = int(before["generation"])  # type: ignore[call-overload]
+    deadline = time.monotonic() + timeout
+    while True:
+        now = status_file.read()
+        if now is not None and now.get("pid") == pid and now.get("result") != "started":
+            generation = now.get("generation")
+            if isinstance(generation, int) and generation > last:
+                break
+        if not is_alive(pid):
+            raise NioLogdError(f"pid {pid} exited during the reload (see its events)")
+        if time.monotonic() >= deadline:
+            raise NioLogdError(
+                f"sent SIGHUP to pid {pid}, but it reported no reload result in {status_file.path} "
+                f"within {timeout:g} s (see its events)"
+            )
+        time.sleep(0.02)
+    if now.get("result") != "ok":
+        err = NioLogdError(f"reload failed, pid {pid} keeps its running settings: {now.get('error')}")
+        code = now.get("exit_code")
+        err.exit_code = code if isinstance(code, int) and code > 0 else EXIT_FAILURE
+        raise err
+    applied = now.get("applied") or {}
+    text = f"nio-logd reloaded (pid {pid}): applied {json.dumps(applied, sort_keys=True)}"
+    restart = now.get("needs_restart")
+    if restart:
+        text += f"; needs a restart to apply: {', '.join(map(str, restart))}"  # type: ignore[call-overload]
+    return text
 
 
-__all__ = ["as_root", "config_path", "events_path", "load_checked", "reload", "start", "status", "stop"]
+def reopen(settings: Settings) -> str:
+    """SIGUSR1: reopen the log files only (logrotate); the config is not read."""
+    pidfile = pidfile_of(settings)
+    pid = _signal(pidfile, signal.SIGUSR1)
+    if pid is None:
+        raise NotRunningError(_not_running(pidfile))
+    return f"nio-logd reopen: sent SIGUSR1 to pid {pid}"
+
+
+__all__ = ["as_root", "config_path", "events_path", "load_checked", "reload", "reopen", "start", "status", "stop"]

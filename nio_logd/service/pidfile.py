@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import signal
 import stat
@@ -317,4 +318,67 @@ class PidFile:
                 raise
 
 
-__all__ = ["PidFile", "is_alive", "process_state", "read_pid"]
+class ReloadStatus:
+    """The result of the daemon's last reload, next to its pidfile (``PIDFILE.reload``, JSON).
+
+    The daemon writes it at start (``result: started``, generation 0) and after every SIGHUP
+    (generation + 1, ``ok`` or ``failed`` with the reason and exit code); ``nio-logd reload``
+    waits for the generation to change. Written under a temporary name and renamed; a daemon that
+    can no longer write the folder (it dropped root) rewrites the file, which it owns, in place,
+    in one write(2) - a reader that sees a partial file just reads again.
+    """
+
+    __slots__ = ("path", "pidfile")
+
+    def __init__(self, pidfile_path: Path) -> None:
+        self.pidfile = pidfile_path
+        self.path = pidfile_path.with_name(pidfile_path.name + ".reload")
+
+    def write(self, data: dict[str, object]) -> None:
+        payload = (json.dumps(data, sort_keys=True) + "\n").encode()
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except PermissionError:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, payload, 0)
+            finally:
+                os.close(fd)
+            return
+        try:
+            os.write(fd, payload)
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp, self.path)
+        except OSError:
+            os.unlink(tmp)
+            raise
+
+    def read(self) -> dict[str, object] | None:
+        """The last result; None if missing or not (yet wholly) written."""
+        fd = _open_existing(self.path)
+        if fd is None:
+            return None
+        try:
+            data = json.loads(os.pread(fd, 1 << 16, 0))
+        except ValueError:
+            return None
+        finally:
+            os.close(fd)
+        return data if isinstance(data, dict) else None
+
+    def remove(self, pid: int) -> None:
+        """Remove the file if it is ``pid``'s (the exiting daemon's)."""
+        current = self.read()
+        if current is None or current.get("pid") != pid:
+            return
+        try:
+            self.path.unlink()
+        except OSError:
+            pass  # a folder the daemon may no longer write: the next daemon replaces it
+
+
+__all__ = ["PidFile", "ReloadStatus", "is_alive", "process_state", "read_pid"]

@@ -3,6 +3,14 @@
 design: signal handlers only record the signal (``signal.set_wakeup_fd`` wakes the control loop
 and a flag is set); the control loop, in the main thread, acts on it and logs. The first SIGTERM
 or SIGINT starts a graceful shutdown; a second one during it forces the end.
+
+SIGUSR1 only reopens the log files (logrotate, every night: a half-edited config is never read
+then). SIGHUP re-reads the config, applies what needs no restart, and reopens the files too; its
+outcome (generation, ok/failed and the reason) is written to the ``ReloadStatus`` file next to
+the pidfile, which ``nio-logd reload`` waits for; the file is created at the first reload (or
+before a privilege drop), so a daemon nobody reloads leaves only its pidfile there. ``serve``
+holds ``[daemon] pidfile`` locked for ``run`` as well (what systemd runs), so ``status``,
+``start`` and ``reload`` find that daemon.
 """
 
 from __future__ import annotations
@@ -19,8 +27,10 @@ from types import FrameType
 from typing import Any
 
 from ..config import Settings
+from ..errors import EXIT_FAILURE, AlreadyRunningError, NioLogdError
 from ..events import configure_events, get_logger
 from .notify import Notifier
+from .pidfile import PidFile, ReloadStatus
 from .server import Server
 
 log = get_logger()
@@ -93,15 +103,25 @@ def serve(
     on_ready: Callable[[Server], None] | None = None,
     reload_settings: Callable[[], Settings] | None = None,
     after_startup: Callable[[Server], None] | None = None,
+    pidfile: PidFile | bool = True,
+    reopen: Callable[[], None] | None = None,
 ) -> bool:
     """Serve until SIGTERM/SIGINT; True if every record received was written before exit.
+
+    ``pidfile``: True (``run``) to hold ``[daemon] pidfile`` locked while serving (raises
+    AlreadyRunningError if another daemon holds it); the caller's held PidFile (the classic
+    daemon); False for none. The reload results are written next to it. ``reopen`` runs on
+    SIGUSR1 and SIGHUP, besides the log files' reopening (the classic daemon's events file).
 
     ``after_startup`` runs once the sockets are bound and the files open, before any I/O thread
     reads a byte from a client (the privilege drop). Raises StartupError (or ConfigError) before
     serving if the daemon cannot start.
     """
+    held = _hold_pidfile(settings) if pidfile is True else None
+    path_of = held if held is not None else (pidfile if isinstance(pidfile, PidFile) else None)
+    results = _ReloadResults(ReloadStatus(path_of.path)) if path_of is not None else None
     notifier = Notifier()
-    catcher = SignalCatcher((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+    catcher = SignalCatcher((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1))
     try:
         server = Server(settings)
         server.on_fatal = functools.partial(catcher.post, FATAL)
@@ -119,7 +139,7 @@ def serve(
         notifier.send("READY=1", f"STATUS={status_text(server)}", f"MAINPID={os.getpid()}")
         if on_ready is not None:
             on_ready(server)
-        _control_loop(server, catcher, notifier, reload_settings)
+        _control_loop(server, catcher, notifier, reload_settings, results=results, reopen=reopen)
         notifier.send(
             "STOPPING=1", "STATUS=stopping: writing what was received" + (f" ({server.fatal})" if server.fatal else "")
         )
@@ -130,6 +150,59 @@ def serve(
     finally:
         catcher.restore()
         notifier.close()
+        if results is not None:
+            results.status.remove(os.getpid())
+        if held is not None:
+            try:
+                held.remove_if_ours(os.getpid())
+            except OSError as exc:
+                log.error("pidfile_not_removed", pidfile=str(held.path), error=repr(exc))
+
+
+def _hold_pidfile(settings: Settings) -> PidFile | None:
+    """``run``: lock ``[daemon] pidfile`` as the classic daemon does, so that ``status``, ``start``
+    and ``reload`` find this daemon (under systemd too). Another daemon holding it is an error (it
+    writes the same files); a pidfile that cannot be written is only a warning."""
+    from .privilege import make_dirs
+
+    held = PidFile(settings.resolve(settings.daemon.pidfile))
+    try:
+        make_dirs([held.path.parent])
+        held.acquire(os.getpid())
+    except AlreadyRunningError:
+        raise
+    except (OSError, NioLogdError) as exc:
+        log.warning(
+            "pidfile_not_written",
+            pidfile=str(held.path),
+            error=getattr(exc, "strerror", None) or str(exc),
+            action="status, start and reload will not see this daemon",
+        )
+        return None
+    return held
+
+
+class _ReloadResults:
+    """Numbers each reload's outcome and writes it to the status file for ``nio-logd reload``."""
+
+    def __init__(self, status: ReloadStatus) -> None:
+        self.status = status
+        self.generation = 0  # 0: "started", written before a privilege drop (daemonize.privilege_hook)
+        self.broken = False
+
+    def record(self, outcome: dict[str, Any]) -> None:
+        self.generation += 1
+        try:
+            self.status.write({"pid": os.getpid(), "generation": self.generation, **outcome})
+        except OSError as exc:
+            if not self.broken:  # once: the next reloads would fail the same way
+                log.error(
+                    "reload_status_not_written",
+                    path=str(self.status.path),
+                    error=exc.strerror,
+                    action="nio-logd reload cannot tell the outcome (see these events)",
+                )
+            self.broken = True
 
 
 def _control_loop(
@@ -137,6 +210,9 @@ def _control_loop(
     catcher: SignalCatcher,
     notifier: Notifier,
     reload_settings: Callable[[], Settings] | None,
+    *,
+    results: _ReloadResults | None = None,
+    reopen: Callable[[], None] | None = None,
 ) -> None:
     sel = selectors.DefaultSelector()
     sel.register(catcher.fileno(), selectors.EVENT_READ)
@@ -157,11 +233,21 @@ def _control_loop(
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     log.info("signal", signal=signal.Signals(signum).name, action="shutting down")
                     return
-                if signum == signal.SIGHUP:
-                    log.info("signal", signal="SIGHUP", action="reopening log files")
-                    if reload_settings is not None:
-                        _reload(server, reload_settings)
+                if signum == signal.SIGUSR1:
+                    log.info("signal", signal="SIGUSR1", action="reopening log files")
+                    if reopen is not None:
+                        reopen()
                     server.request_reopen()
+                if signum == signal.SIGHUP:
+                    log.info("signal", signal="SIGHUP", action="re-reading the config and reopening log files")
+                    if reopen is not None:
+                        reopen()
+                    outcome: dict[str, Any] = {"result": "ok", "applied": {}, "needs_restart": []}
+                    if reload_settings is not None:
+                        outcome = _reload(server, reload_settings)
+                    server.request_reopen()
+                    if results is not None:
+                        results.record(outcome)
             if notifier.enabled:
                 text = status_text(server)
                 if text != last_status:
@@ -234,12 +320,14 @@ def _merge(old: Settings, new: Settings, keys: set[str]) -> Settings:
     return old.model_copy(update={**update, "source": new.source})
 
 
-def _reload(server: Server, reload_settings: Callable[[], Settings]) -> None:
+def _reload(server: Server, reload_settings: Callable[[], Settings]) -> dict[str, Any]:
+    """Re-read the config and apply its hot settings; the outcome, for the reload status file."""
     try:
         new = reload_settings()
     except Exception as exc:  # noqa: BLE001 - a bad file on reload must not take the daemon down
         log.error("reload_failed", error=str(exc), action="keeping the current settings")
-        return
+        code = exc.exit_code if isinstance(exc, NioLogdError) else EXIT_FAILURE
+        return {"result": "failed", "error": str(exc), "exit_code": code}
     old = server.settings
     before, after = _flatten(old), _flatten(new)
     changed = {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
@@ -251,11 +339,14 @@ def _reload(server: Server, reload_settings: Callable[[], Settings]) -> None:
             keys=sorted(restart),
             action="kept the running values; restart the daemon to apply them",
         )
+    outcome: dict[str, Any] = {"result": "ok", "config": new.source, "needs_restart": sorted(restart)}
     if not hot:
         log.info("reloaded", config=new.source, applied={})
-        return
+        return {**outcome, "applied": {}}
     merged = _merge(old, new, hot)
     server.apply(merged)
     if "daemon.events" in hot or "daemon.events_level" in hot:
         configure_events(merged.daemon.events, merged.daemon.events_level)
-    log.info("reloaded", config=new.source, applied={key: after[key] for key in sorted(hot)})
+    applied = {key: after[key] for key in sorted(hot)}
+    log.info("reloaded", config=new.source, applied=applied)
+    return {**outcome, "applied": applied}

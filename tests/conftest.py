@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -182,6 +184,17 @@ class DaemonProcess:
             self.proc.kill()
             self.proc.wait(10)
         self._close_pipe()
+
+
+@pytest.fixture
+def world_dir() -> Iterator[Path]:
+    """A folder an unprivileged user can traverse (tmp_path is 0700 root, like /root)."""
+    path = Path(tempfile.mkdtemp(prefix="nio-logd-world-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

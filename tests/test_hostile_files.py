@@ -18,7 +18,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -49,17 +48,6 @@ SECRET = b"root:$6$secret-hash:19000:0:99999:7:::\nlast line without a newline"
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-@pytest.fixture
-def world_dir() -> Iterator[Path]:
-    """A folder the unprivileged user can traverse (tmp_path is 0700 root, like /root)."""
-    path = Path(tempfile.mkdtemp(prefix="nio-logd-hostile-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.fixture
 def ids() -> tuple[int, int]:
     return pwd.getpwnam(USER).pw_uid, grp.getgrnam(GROUP).gr_gid

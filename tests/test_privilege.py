@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,17 +30,6 @@ pytestmark = [
 ]
 
 USER, GROUP = "nobody", "nogroup"
-
-
-@pytest.fixture
-def world_dir() -> Iterator[Path]:
-    """A folder the unprivileged user can traverse (tmp_path is 0700 root, like /root)."""
-    path = Path(tempfile.mkdtemp(prefix="nio-logd-priv-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -12,13 +12,10 @@ import grp
 import json
 import os
 import pwd
-import shutil
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,17 +59,6 @@ if fd != 3:
 os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
 os.execv(sys.executable, [sys.executable, "-m", "nio_logd", "run", "--config", sys.argv[2]])
 """
-
-
-@pytest.fixture
-def world_dir() -> Iterator[Path]:
-    """A folder everyone can traverse (tmp_path is 0700 root), holding the socket and logs."""
-    path = Path(tempfile.mkdtemp(prefix="nio-logd-unix-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

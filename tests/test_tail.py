@@ -70,9 +70,10 @@ def rids(output: bytes) -> list[int]:
 class TailProcess:
     """``nio-logd tail ARGS`` running, its stdout and stderr collected as they come."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, stdin: Any = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nio_logd", "tail", *args],
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=REPO,

@@ -16,14 +16,18 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.conftest import REPO, wait_for
-from tests.test_tail import TailProcess, daemon_line, rids, run_tail, write_log
+from tests.test_tail import (  # noqa: F401 - tail_factory is a fixture
+    TailProcess,
+    daemon_line,
+    rids,
+    run_tail,
+    tail_factory,
+    write_log,
+)
 
 # What must never reach a terminal raw: C0 (newline included: it separates lines), DEL, C1,
 # the line/paragraph separators and the bidi controls.
@@ -42,20 +46,6 @@ SGR = re.compile("\x1b\\[[0-9;]*m")
 def raw_unsafe(text: str) -> list[str]:
     """The unsafe characters in ``text`` other than the newlines ending its lines, as code points."""
     return sorted({f"U+{ord(c):04X}" for c in text if c in UNSAFE and c != "\n"})
-
-
-@pytest.fixture
-def tail_factory() -> Iterator[Any]:
-    started: list[TailProcess] = []
-
-    def start(*args: str) -> TailProcess:
-        t = TailProcess(*args)
-        started.append(t)
-        return t
-
-    yield start
-    for t in started:
-        t.kill()
 
 
 def on_terminal(*args: str, timeout: float = 30.0) -> tuple[int, str, bytes]:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, wait_for
-from tests.test_tail import TailProcess, daemon_line, rids, run_tail, write_log
+from tests.test_tail import (  # noqa: F401 - tail_factory is a fixture
+    TailProcess,
+    daemon_line,
+    rids,
+    run_tail,
+    tail_factory,
+    write_log,
+)
 
 OPENERS: dict[str, Callable[..., Any]] = {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open}
 NO_NEWLINE = "the last line has no newline at its end; printed as it is"
@@ -49,20 +56,6 @@ def one_line_error(proc: subprocess.CompletedProcess[bytes]) -> str:
     err = proc.stderr.decode()
     assert err.count("\n") == 1 and "Traceback" not in err, err
     return err
-
-
-@pytest.fixture
-def tail_factory() -> Iterator[Any]:
-    started: list[TailProcess] = []
-
-    def start(*args: str) -> TailProcess:
-        t = TailProcess(*args)
-        started.append(t)
-        return t
-
-    yield start
-    for t in started:
-        t.kill()
 
 
 def idle_cost(pid: int) -> tuple[float, int]:
@@ -208,30 +201,11 @@ def test_dash_reads_stdin_like_a_file(tmp_path: Path) -> None:
         assert rids(run_tail("-n", "2", "-", stdin=f).stdout) == [38, 39]
 
 
-class StdinTail:
+class StdinTail(TailProcess):
     """``nio-logd tail ARGS -`` with a pipe as its stdin, its output collected as it comes."""
 
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nio_logd", "tail", *args, "-"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=REPO,
-        )
-        self.out: list[bytes] = []
-        self.err: list[bytes] = []
-        self.threads = [
-            threading.Thread(target=self._pump, args=(self.proc.stdout, self.out), daemon=True),
-            threading.Thread(target=self._pump, args=(self.proc.stderr, self.err), daemon=True),
-        ]
-        for t in self.threads:
-            t.start()
-
-    @staticmethod
-    def _pump(stream: Any, into: list[bytes]) -> None:
-        for line in stream:
-            into.append(line)
+        super().__init__(*args, "-", stdin=subprocess.PIPE)
 
     def write(self, data: bytes) -> None:
         assert self.proc.stdin is not None
@@ -242,7 +216,7 @@ class StdinTail:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
-        for t in self.threads:
+        for t in self._threads:
             t.join(5)
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream is not None:
@@ -266,8 +240,8 @@ def test_dash_with_follow_prints_each_line_as_it_arrives_until_eof() -> None:
         assert tail.proc.stdin is not None
         tail.proc.stdin.close()
         assert tail.proc.wait(20) == 0
-        tail.threads[0].join(5)
-        tail.threads[1].join(5)
+        tail._threads[0].join(5)
+        tail._threads[1].join(5)
         assert rids(b"".join(tail.out)) == list(range(6))
         assert b"".join(tail.err).decode() == f"nio-logd tail: {NO_NEWLINE}\n"
     finally:

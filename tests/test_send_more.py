@@ -214,7 +214,12 @@ def test_send_ack_fails_over_when_the_first_daemon_stops_mid_way(tmp_path: Path,
         assert proc.stdin is not None and proc.stderr is not None
         proc.stdin.write(b"".join(record("f", f"m-{i}") + b"\n" for i in range(total)))
         proc.stdin.close()
-        wait_for(lambda: len(read_lines(first.messages, writing=True)) >= 20_000, 60, 0.01)
+        # A stat, not a parse of the growing log: parsing it took longer than the daemon took to
+        # finish all 200,000 (seen in CI). SIGSTOP first, so the client cannot collect the rest of
+        # its acks from it between our look and the kill.
+        wait_for(lambda: first.messages.exists() and first.messages.stat().st_size >= 1_000_000, 60, 0.002)
+        first.signal(signal.SIGSTOP)
+        assert proc.poll() is None, "the client finished before the first daemon was stopped"
         first.signal(signal.SIGKILL)
         first.proc.wait(30)
         err = proc.stderr.read()

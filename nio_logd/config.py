@@ -245,11 +245,33 @@ class LimitSettings(_Frozen):
     refused_close_after: Annotated[int, Field(ge=0)] = 1000
 
 
-class ServerSettings(_Frozen):
-    """The I/O threads and shutdown."""
+def cpus_available() -> int:
+    """The CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
+
+class ServerSettings(_Frozen):
+    """The ingest processes, their I/O threads, and shutdown."""
+
+    # Ingest processes (each validating and rendering on its own loops), around one process that
+    # owns the files. "auto": the CPUs available to the daemon. 1: one process, no IPC.
+    workers: int | Literal["auto"] = "auto"
     io_threads: Annotated[int, Field(ge=1, le=64)] = 1
     shutdown_timeout: Seconds = 10.0
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: object) -> object:
+        if value == "auto" or (type(value) is int and 1 <= value <= 64):
+            return value
+        raise ValueError('a number of processes from 1 to 64, or "auto" (the CPUs available)')
+
+    @property
+    def worker_count(self) -> int:
+        return cpus_available() if self.workers == "auto" else self.workers
 
 
 class DaemonSettings(_Frozen):
@@ -316,6 +338,8 @@ def _format_error(source: Path, exc: ValidationError) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")  # our own validators' text, as written
         parts.append(f"{loc}: {msg}")
     return f"{source}: " + "; ".join(parts)
 

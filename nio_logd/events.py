@@ -69,8 +69,13 @@ def _with_priority(renderer: Any) -> Any:
 def configure_events(
     fmt: Literal["auto", "json", "console"] = "auto",
     level: Literal["debug", "info", "warning", "error"] = "info",
+    *,
+    context: dict[str, Any] | None = None,
 ) -> None:
-    """Route ``get_logger()`` events to stderr as JSON lines, or coloured text on a terminal."""
+    """Route ``get_logger()`` events to stderr as JSON lines, or coloured text on a terminal.
+
+    ``context``: fields every event of this process carries (a worker's ``worker`` number).
+    """
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     renderer: Any
@@ -83,6 +88,7 @@ def configure_events(
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            *([_add_context(dict(context))] if context else []),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
@@ -93,6 +99,15 @@ def configure_events(
         logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
+
+
+def _add_context(fields: dict[str, Any]) -> Any:
+    def add(_logger: Any, _method: str, event_dict: Any) -> Any:
+        for key, value in fields.items():
+            event_dict.setdefault(key, value)
+        return event_dict
+
+    return add
 
 
 class _Stderr:

@@ -29,12 +29,31 @@ def is_root() -> bool:
     return os.geteuid() == 0
 
 
-def rss_kib(pid: int) -> int:
-    """The resident set size of a process (VmRSS), in KiB."""
+def children(pid: int) -> list[int]:
+    """The process's children (a daemon's worker processes), as the kernel lists them now."""
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _own_rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set size of a daemon (VmRSS) in KiB: the process and its worker processes,
+    summed (the memory a flood costs may sit in any of them)."""
+    total = _own_rss_kib(pid)
+    for child in children(pid):
+        try:
+            total += _own_rss_kib(child)
+        except (OSError, AssertionError):
+            pass  # a worker that just ended
+    return total
 
 
 class RssSampler:

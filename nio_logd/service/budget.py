@@ -26,12 +26,15 @@ def memory_bound(settings: Settings) -> dict[str, int]:
     """The parts of the bound, in bytes, and their ``total``."""
     limits = settings.limits
     tls = any(listener.tls is not None for listener in settings.listeners)
+    workers = settings.server.worker_count
+    loops = workers * settings.server.io_threads
     parts = {
-        "base": BASE_BYTES,
+        # One interpreter per process: the hub and each worker (or the one process).
+        "base": BASE_BYTES * (workers + 1 if workers > 1 else 1),
         # Batches queued for the writer, and the writer's joined copy of the group it writes.
         "writer_queue": 2 * limits.queue_bytes,
-        # Each loop may hand over one more pass after the queue went over its bound.
-        "pass_overshoot": settings.server.io_threads * pass_limit(limits.queue_bytes),
+        # Each loop may hand over one more pass after the queue (a worker's credit) went over its bound.
+        "pass_overshoot": loops * pass_limit(limits.queue_bytes // workers),
         # Unfinished lines, records read but not taken yet, unsent answers: over all connections.
         "buffers": limits.buffer_bytes,
         # The connections' own objects (socket, framer; OpenSSL's buffers with TLS).
@@ -39,5 +42,8 @@ def memory_bound(settings: Settings) -> dict[str, int]:
         # The last bytes written to each of the two files, to repair a copytruncate.
         "copytruncate_journal": 2 * JOURNAL_BYTES,
     }
+    if workers > 1:
+        # A worker keeps each batch it sent until the hub has written it: its credit, summed.
+        parts["worker_credit"] = limits.queue_bytes
     parts["total"] = sum(parts.values())
     return parts

@@ -123,7 +123,7 @@ def serve(
     notifier = Notifier()
     catcher = SignalCatcher((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1))
     try:
-        server = Server(settings)
+        server = Server(settings, workers=settings.server.worker_count)
         server.on_fatal = functools.partial(catcher.post, FATAL)
         server.startup()
         if after_startup is not None:
@@ -269,6 +269,8 @@ def _writer_healthy(server: Server, interval: float) -> bool:
         or not all(loop.thread is not None and loop.thread.is_alive() for loop in server.loops)
     ):
         return False
+    if server.pool is not None and not server.snapshot().threads_alive:
+        return False  # a worker is down (being restarted) or does not answer
     # Measured from when records started waiting, not from the last write: after an idle hour the
     # first record is not a stall.
     return writer.stalled_seconds() < 2 * interval

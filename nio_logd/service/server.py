@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import collections
 import functools
+import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..config import Settings
+from ..config import Settings, TLSSettings
 from ..errors import StartupError
 from ..events import get_logger
 from ..output.writer import Writer
@@ -23,9 +25,10 @@ from ..records.render import Renderer
 from ..stats import LoopStats, Stats
 from ..wire.access import AllowList, OncePer
 from ..wire.ioloop import IOLoop
-from ..wire.listeners import Listener, bind, describe
+from ..wire.listeners import Listener, bind, copies, describe
 from ..wire.tls import ConnectionFactory, connection_factory, server_context
 from .metrics import MetricsServer
+from .workers import WorkerPool
 
 log = get_logger()
 
@@ -41,22 +44,40 @@ def _open_failure(exc: OSError, files: list[Path]) -> str:
     return f"cannot open log file {exc.filename}: {exc.strerror}"
 
 
-class Server:
-    """Everything that serves: the listeners, the I/O loops and the writer."""
+def _tls_files(tls: TLSSettings, resolve: Callable[[str], Path]) -> dict[str, bytes]:
+    """The bytes of a TLS listener's files, read now (as root, before the drop) for the workers."""
+    files = {"cert": tls.cert, "key": tls.key, "ca": tls.ca}
+    return {label: resolve(name).read_bytes() for label, name in files.items() if name is not None}
 
-    def __init__(self, settings: Settings) -> None:
+
+class Server:
+    """Everything that serves: the listeners, the I/O loops and the writer.
+
+    Three shapes. ``workers == 1`` (the default): one process, loops and writer. ``workers > 1``
+    (the hub): the writer, the metrics and the worker processes (``WorkerPool``), no loops. A
+    worker's (``writer`` given: a ``RemoteWriter``): loops only, on the hub's sockets (``adopt``).
+    """
+
+    def __init__(self, settings: Settings, *, workers: int = 1, writer: Writer | None = None) -> None:
         self.settings = settings
         self.validator = RecordValidator(settings.record, settings.limits.max_record_bytes)
         log_settings = settings.log
-        self.writer = Writer(
-            settings.resolve(log_settings.path),
-            settings.resolve(log_settings.rejects_path),
-            mode=settings.file_mode,
-            fsync=log_settings.durability == "fsync",
-            fsync_max_wait=log_settings.fsync_max_wait,
-            queue_bytes=settings.limits.queue_bytes,
-            rotate_bytes=log_settings.rotate_bytes,
-            rotate_keep=log_settings.rotate_keep,
+        self.workers = workers
+        self.pool: WorkerPool | None = None
+        self.in_worker = writer is not None
+        self.writer = (
+            writer
+            if writer is not None
+            else Writer(
+                settings.resolve(log_settings.path),
+                settings.resolve(log_settings.rejects_path),
+                mode=settings.file_mode,
+                fsync=log_settings.durability == "fsync",
+                fsync_max_wait=log_settings.fsync_max_wait,
+                queue_bytes=settings.limits.queue_bytes,
+                rotate_bytes=log_settings.rotate_bytes,
+                rotate_keep=log_settings.rotate_keep,
+            )
         )
         self.writer.on_fatal = self.fail
         self.metrics: MetricsServer | None = None
@@ -95,16 +116,21 @@ class Server:
             self.writer.open()
         except OSError as exc:
             raise StartupError(_open_failure(exc, [self.writer.messages.path, self.writer.rejects.path])) from None
-        self.listeners = bind(self.settings)
-        for listener in self.listeners:
-            context = contexts.get(id(listener.settings))
-            if context is not None:
-                self.connection_factories[listener] = connection_factory(context)
-            if listener.settings.allow:
-                self._allow[listener] = AllowList(listener.settings.allow)
-        self.loops = [IOLoop(self, i) for i in range(self.settings.server.io_threads)]
-        for listener in self.listeners:
-            self.loops[0].add_listener(listener)
+        self.listeners = bind(self.settings, reuse_port=self.workers > 1)
+        if self.workers > 1:
+            try:
+                tls = {id(ls): _tls_files(ls.tls, settings.resolve) for ls in settings.listeners if ls.tls}
+                per_listener = [copies(listener, self.workers) for listener in self.listeners]
+            except (OSError, StartupError) as exc:
+                for listener in self.listeners:
+                    listener.close()
+                if isinstance(exc, StartupError):
+                    raise
+                raise StartupError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
+            sets = [[mine[i] for mine in per_listener] for i in range(self.workers)]
+            self.pool = WorkerPool(settings, self.writer, sets, tls, self.fail)
+        else:
+            self.adopt(self.listeners, contexts)
         if self.settings.metrics.address:
             try:
                 self.metrics = MetricsServer(self, self.settings.metrics.address)
@@ -113,10 +139,31 @@ class Server:
                     listener.close()
                 raise
 
+    def adopt(self, listeners: list[Listener], contexts: dict[int, ssl.SSLContext] | None = None) -> None:
+        """Serve ``listeners`` with this process's loops (a worker: the hub's sockets, whose TLS
+        factories it has set up already)."""
+        self.listeners = listeners
+        for listener in listeners:
+            context = (contexts or {}).get(id(listener.settings))
+            if context is not None:
+                self.connection_factories[listener] = connection_factory(context)
+            if listener.settings.allow:
+                self._allow[listener] = AllowList(listener.settings.allow)
+        self.loops = [IOLoop(self, i) for i in range(self.settings.server.io_threads)]
+        for listener in listeners:
+            self.loops[0].add_listener(listener)
+
     def start(self) -> None:
         self.writer.start()
         for loop in self.loops:
             loop.start()
+        if self.pool is not None:
+            fmt = self.settings.daemon.events
+            if fmt == "auto":
+                fmt = "console" if sys.stderr.isatty() else "json"
+            self.pool.start((fmt, self.settings.daemon.events_level))
+        if self.in_worker:
+            return  # the hub says where it listens
         for listener in self.listeners:
             log.info(
                 "listening",
@@ -163,6 +210,13 @@ class Server:
                 clean = False
                 loop.call_soon_threadsafe(loop.force_close)
                 loop.thread.join(2.0)
+        if self.pool is not None:
+            # The workers drain against the same deadline; the writer runs until they are done.
+            clean = self.pool.stop(deadline + 1.0, force) and clean
+            for sockets in self.pool.listener_sets:
+                for listener in sockets:
+                    if listener not in self.listeners:
+                        listener.close()
         for listener in self.listeners:
             listener.close()
         left = max(0.5, deadline - time.monotonic())
@@ -238,11 +292,26 @@ class Server:
                 paused_loops += 1
                 paused_now = max(paused_now, now - loop.paused_since)
             threads_alive = threads_alive and loop.thread is not None and loop.thread.is_alive()
+        connections = self.open_connections
+        buffered = sum(loop.mem for loop in self.loops)
+        if self.pool is not None:
+            # The workers' counters (asked now), and those of workers that died; a worker that
+            # is down or does not answer makes the daemon not alive (health 503, no watchdog).
+            reports, workers_alive = self.pool.reports()
+            totals.add(self.pool.retired.loops)
+            for report in reports:
+                totals.add(report.loops)
+                connections += report.connections
+                buffered += report.buffered_bytes
+                paused_loops += report.paused_loops
+                paused_now = max(paused_now, report.paused_now_seconds)
+                paused_seconds += report.paused_seconds
+            threads_alive = self.writer.alive and workers_alive
         return Stats(
             loops=totals,
             writer=self.writer.stats(),
-            connections=self.open_connections,
-            buffered_bytes=sum(loop.mem for loop in self.loops),
+            connections=connections,
+            buffered_bytes=buffered,
             paused_loops=paused_loops,
             paused_now_seconds=paused_now,
             paused_seconds=paused_seconds,
@@ -277,6 +346,8 @@ class Server:
             rotate_bytes=settings.log.rotate_bytes,
             rotate_keep=settings.log.rotate_keep,
         )
+        if self.pool is not None:
+            self.pool.apply(settings)
 
     def request_reopen(self) -> None:
         self.writer.request_reopen()

@@ -40,15 +40,19 @@ class Listener:
                 pass
 
 
-def bind(settings: Settings) -> list[Listener]:
-    """Bind every configured listener, or use systemd's sockets; raise StartupError on failure."""
+def bind(settings: Settings, *, reuse_port: bool = False) -> list[Listener]:
+    """Bind every configured listener, or use systemd's sockets; raise StartupError on failure.
+
+    ``reuse_port``: TCP sockets get SO_REUSEPORT, so that ``copies`` can bind more on the same
+    address (one per worker process; the kernel spreads new connections over them).
+    """
     inherited = inherited_sockets()
     if inherited:
         return _match_inherited(settings, inherited)
     out: list[Listener] = []
     try:
         for ls in settings.listeners:
-            out.append(_bind_one(settings, ls))
+            out.append(_bind_one(settings, ls, reuse_port=reuse_port))
     except StartupError:
         for listener in out:
             listener.close()
@@ -56,7 +60,33 @@ def bind(settings: Settings) -> list[Listener]:
     return out
 
 
-def _bind_one(settings: Settings, ls: ListenerSettings) -> Listener:
+def copies(listener: Listener, count: int) -> list[Listener]:
+    """``count`` sockets serving ``listener``: itself, and for a TCP listener bound with
+    SO_REUSEPORT, more sockets bound to the very address it has (port 0 resolved). Unix and
+    inherited sockets are shared: the same one ``count`` times."""
+    sock = listener.sock
+    if sock.family == socket.AF_UNIX or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+        return [listener] * count
+    out = [listener]
+    try:
+        for _ in range(count - 1):
+            more = socket.socket(sock.family, socket.SOCK_STREAM)
+            out.append(Listener(more, listener.settings, listener.name))
+            more.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            more.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if sock.family == socket.AF_INET6:
+                more.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            more.bind(sock.getsockname())
+            more.listen(listen_backlog())
+            more.setblocking(False)
+    except OSError as exc:
+        for extra in out[1:]:
+            extra.close()
+        raise StartupError(f"cannot listen on {listener.name} once per worker: {exc.strerror}") from None
+    return out
+
+
+def _bind_one(settings: Settings, ls: ListenerSettings, *, reuse_port: bool = False) -> Listener:
     addr = ls.parsed
     backlog = listen_backlog()
     if addr.scheme == "unix":
@@ -93,6 +123,8 @@ def _bind_one(settings: Settings, ls: ListenerSettings) -> Listener:
     try:
         # Restarts must not fail with "Address already in use" while old connections sit in TIME_WAIT.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)

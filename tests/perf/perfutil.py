@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,51 @@ def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     # fields[0] is the state (field 3 of stat(5)); utime and stime are fields 14 and 15.
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _stat_ticks(pid: int) -> tuple[int, int]:
+    """(utime + stime, cutime + cstime) of a process in clock ticks: its own and its reaped children's."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and all its descendants, in seconds, the list of processes read now.
+
+    utime + stime of every live process of the tree, plus cutime + cstime of the top one: a
+    worker that died and was reaped since the last reading (a restart) is counted there, so the
+    difference of two readings is the tree's CPU between them even when workers come and go.
+    """
+    own, reaped = _stat_ticks(pid)
+    total = own + reaped
+    for child in descendants_of(pid):
+        try:
+            total += _stat_ticks(child)[0]
+        except (OSError, ValueError, IndexError):
+            pass  # ended between the listing and the reading
+    return total / CLK_TCK
+
+
+def tree_cpu_ns(pid: int) -> int:
+    """``cpu_ns`` summed over a process and its descendants (plus the top one's reaped children)."""
+    total = cpu_ns(pid) + _stat_ticks(pid)[1] * (1_000_000_000 // CLK_TCK)
+    for child in descendants_of(pid):
+        try:
+            total += cpu_ns(child)
+        except OSError:
+            pass
+    return total
+
+
+def tree_hwm_kb(pid: int) -> dict[int, int]:
+    """Peak RSS (VmHWM, kB) of each process of the tree, by pid."""
+    out: dict[int, int] = {}
+    for p in [pid, *descendants_of(pid)]:
+        try:
+            out[p] = status_kb(p, "VmHWM")
+        except (OSError, KeyError):
+            pass  # ended, or a zombie (no memory left to report)
+    return out
 
 
 def cpu_ns(pid: int) -> int:
@@ -121,9 +167,59 @@ def working_tree_state() -> str:
         ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     dirty = subprocess.run(
-        ["git", "-C", str(REPO), "status", "--porcelain", "--", "nio_logd"], capture_output=True, text=True
+        ["git", "-C", str(REPO), "--no-optional-locks", "status", "--porcelain", "--", "nio_logd"],
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     return head + ("+dirty" if dirty else "")
+
+
+def git_state() -> dict[str, Any]:
+    """The commit checked out (``git rev-parse HEAD``) and what differs from it, read-only.
+
+    ``dirty`` is about nio_logd/ (the code measured); ``dirty_elsewhere`` about the rest of the tree.
+    ``--no-optional-locks``: ``git status`` must not even refresh the index.
+    """
+
+    def git(*argv: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(REPO), "--no-optional-locks", *argv], capture_output=True, text=True
+        ).stdout.strip()
+
+    changed = git("status", "--porcelain", "--", "nio_logd").splitlines()
+    elsewhere = [line for line in git("status", "--porcelain").splitlines() if line not in changed]
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(changed),
+        "changed_in_nio_logd": changed,
+        "dirty_elsewhere": bool(elsewhere),
+    }
+
+
+def children_of(pid: int) -> list[int]:
+    """The direct children of a process, started by any of its threads (each thread has its own list)."""
+    out: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return []
+    for task in tasks:
+        try:
+            out.extend(int(x) for x in (task / "children").read_text().split())
+        except OSError:
+            pass  # a thread that just ended
+    return sorted(set(out))
+
+
+def descendants_of(pid: int) -> list[int]:
+    """Children, grandchildren, ... of a process, read from /proc now."""
+    out: list[int] = []
+    todo = children_of(pid)
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo.extend(children_of(child))
+    return sorted(out)
 
 
 # -- daemons ---------------------------------------------------------------------------------------------
@@ -141,8 +237,16 @@ class Daemon:
 
     @property
     def pids(self) -> list[int]:
-        """Every process doing the daemon's work (one, except for the multi-process prototype)."""
-        return [self.proc.pid]
+        """Every process doing the daemon's work: the top one and its descendants, read now."""
+        return [self.proc.pid, *descendants_of(self.proc.pid)]
+
+    def _started(self, wait: Callable[[], object]) -> None:
+        """Run ``wait`` (listening, ready); if it fails, stop the process before raising."""
+        try:
+            wait()
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> int | None:
         if self.proc.poll() is None:
@@ -156,25 +260,55 @@ class Daemon:
 
 
 class Rsyslog(Daemon):
-    """rsyslogd -n with a private config: imtcp only, %rawmsg% lines, async omfile in ``directory``."""
+    """rsyslogd -n with a private config: imtcp only, %rawmsg% lines, async omfile in ``directory``.
 
-    def __init__(self, directory: Path, port: int | None = None, extra_imtcp: str = "") -> None:
-        self.name = "rsyslog"
+    ``json_parse``: the peer doing comparable work. Every record goes through mmjsonparse
+    (``cookie=""``: the whole message is the JSON, no "@cee:" prefix; ``useRawMsg="on"``: the
+    received bytes, not the syslog-parsed MSG part), is written re-serialised from the parsed tree
+    (``%$!all-json%``) with the same async omfile, and a record that does not parse
+    (``$parsesuccess == "FAIL"``, e.g. not an object) goes to ``rejects`` as received.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        extra_imtcp: str = "",
+        *,
+        json_parse: bool = False,
+        name: str | None = None,
+    ) -> None:
+        self.name = name or ("rsyslog json" if json_parse else "rsyslog")
+        self.json_parse = json_parse
         self.port = port or free_port()
         directory.mkdir(parents=True, exist_ok=True)
         work = directory / "work"
         work.mkdir(exist_ok=True)
         self.output = directory / "messages.log"
+        self.rejects = directory / "rejects.log"
         self.config = directory / "rsyslog.conf"
-        # Only imtcp is loaded: no imuxsock (/dev/log), no imklog; nothing but our file is written.
+        omfile = 'asyncWriting="on" ioBufferSize="64k" flushOnTXEnd="off"'
+        if json_parse:
+            rules = (
+                '  action(type="mmjsonparse" cookie="" useRawMsg="on")\n'
+                '  if $parsesuccess == "FAIL" then {\n'
+                f'    action(type="omfile" file="{self.rejects}" template="raw")\n'
+                "  } else {\n"
+                f'    action(type="omfile" file="{self.output}" template="json" {omfile})\n'
+                "  }\n"
+            )
+        else:
+            rules = f'  action(type="omfile" file="{self.output}" template="raw" {omfile})\n'
+        # Only imtcp (and mmjsonparse) are loaded: no imuxsock (/dev/log), no imklog; nothing but
+        # our files is written.
+        imtcp = f" {extra_imtcp}" if extra_imtcp else ""
         self.config.write_text(
             f'global(workDirectory="{work}" net.enableDNS="off")\n'
-            'module(load="imtcp"' + (f" {extra_imtcp}" if extra_imtcp else "") + ")\n"
-            'template(name="raw" type="string" string="%rawmsg%\\n")\n'
-            'ruleset(name="bench") {\n'
-            f'  action(type="omfile" file="{self.output}" template="raw"\n'
-            '         asyncWriting="on" ioBufferSize="64k" flushOnTXEnd="off")\n'
-            "}\n"
+            f'module(load="imtcp"{imtcp})\n'
+            + ('module(load="mmjsonparse")\n' if json_parse else "")
+            + 'template(name="raw" type="string" string="%rawmsg%\\n")\n'
+            'template(name="json" type="string" string="%$!all-json%\\n")\n'
+            'ruleset(name="bench") {\n' + rules + "}\n"
             f'input(type="imtcp" address="127.0.0.1" port="{self.port}" ruleset="bench")\n'
         )
         check = subprocess.run([RSYSLOGD, "-N1", "-f", str(self.config)], capture_output=True, text=True)
@@ -187,7 +321,7 @@ class Rsyslog(Daemon):
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-        wait_listening(self.port, proc=self.proc)
+        self._started(lambda: wait_listening(self.port, proc=self.proc))
 
 
 class NioLogd(Daemon):
@@ -203,8 +337,11 @@ class NioLogd(Daemon):
         extra: dict[str, dict[str, Any]] | None = None,
         port: int | None = None,
         source: Path | None = None,
+        workers: int | str | None = None,
     ) -> None:
+        """``workers``: ``[server] workers`` (a number or "auto"); None leaves the daemon's default."""
         self.name = name
+        self.workers = workers
         self.port = port or free_port()
         directory.mkdir(parents=True, exist_ok=True)
         self.output = directory / "logs" / "messages.log"
@@ -213,6 +350,8 @@ class NioLogd(Daemon):
             "log": {"path": "logs/messages.log", "rejects_path": "logs/rejects.log", "durability": durability},
             "daemon": {"events": "json", "pidfile": "nio-logd.pid"},
         }
+        if workers is not None:
+            sections["server"] = {"workers": workers}
         for key, values in (extra or {}).items():
             sections.setdefault(key, {}).update(values)
         lines = ["[[listeners]]", f'address = "tcp://127.0.0.1:{self.port}"', f"ack = {str(ack).lower()}"]
@@ -232,6 +371,9 @@ class NioLogd(Daemon):
             cwd=directory,
             env=env,
         )
+        self._started(self._wait_started)
+
+    def _wait_started(self) -> None:
         wait_listening(self.port, proc=self.proc)
         self._wait_ready()
 
@@ -241,25 +383,29 @@ class NioLogd(Daemon):
     def _wait_ready(self) -> None:
         self._wait_event("ready")
 
-    def _wait_event(self, name: str, timeout: float = 15.0) -> None:
+    def _wait_event(self, name: str, timeout: float = 60.0) -> None:
+        # 60 s: with workers, "ready" comes once every worker (a fresh interpreter) listens, on a
+        # machine that may be busy.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in self.log_path.read_text(errors="replace").splitlines():
-                try:
-                    if json.loads(line).get("event") == name:
-                        return
-                except ValueError:
-                    pass
+            if any(e.get("event") == name for e in self.events()):
+                return
+            if self.proc.poll() is not None:
+                break
             time.sleep(0.05)
         raise RuntimeError(f"{self.name}: no {name!r} event; stderr: {self.log_path.read_text()[-2000:]}")
 
-
-def children_of(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(x) for x in text.split()]
+    def events(self) -> list[dict[str, Any]]:
+        """The daemon's events so far (its stderr, one JSON object a line; other lines skipped)."""
+        out: list[dict[str, Any]] = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                out.append(event)
+        return out
 
 
 class ProtoDaemon(NioLogd):

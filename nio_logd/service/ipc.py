@@ -1,0 +1,236 @@
+"""The channel between a worker process and the process that owns the files (the hub).
+
+design: one Unix stream socket pair per worker, made by the hub before it starts the worker. A
+message is a 5-byte header (kind, payload length) and its payload. The worker sends the batches
+its loops rendered (``BATCH``: sequence number, counts, the messages bytes and the rejects bytes,
+sent as they are, never re-encoded), its reports (``STATS``) and its events (``EVENT``); the hub
+answers with the highest sequence number written (``DONE``: batches are written in the order they
+arrive, so one number covers every batch before it), and sends requests (``QUERY``, ``SETTINGS``,
+``STOP``, ``FORCE``).
+
+Credit-based backpressure: the worker's ``RemoteWriter`` counts the bytes it has sent and not yet
+seen written; past its credit (its share of ``[limits] queue_bytes``) ``submit`` tells the loop to
+stop reading its sockets, and the loop reads again once half of it is written. So the hub never
+holds more than the credits of its workers, and never has to stop reading a worker's socket.
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ..output.writer import Batch, Completion
+from ..stats import WriterStats
+
+BATCH = 1  # worker -> hub: rendered lines
+STATS = 2  # worker -> hub: a Stats (the answer to QUERY)
+EVENT = 3  # worker -> hub: one rendered event line for the hub's stderr
+READY = 4  # worker -> hub: every loop of the worker runs and listens
+DONE = 10  # hub -> worker: every batch up to this sequence number is written
+QUERY = 11  # hub -> worker: send a STATS
+SETTINGS = 12  # hub -> worker: reloaded settings to apply
+STOP = 13  # hub -> worker: stop accepting, drain, exit
+FORCE = 14  # hub -> worker: the drain is over (a second signal): close everything, exit
+
+HEADER = struct.Struct("!BI")
+BATCH_HEAD = struct.Struct("!QIII")  # seq, accepted, refused, len(messages); then messages, rejects
+SEQ = struct.Struct("!Q")
+# What one message may carry: a batch is at most a pass's limit (8 MiB) plus one pass of lines.
+MAX_PAYLOAD = 1 << 30
+SOCKET_BUFFER = 4 << 20
+
+
+class ChannelClosed(Exception):
+    """The other end has gone (EOF, reset, or a message that breaks the protocol)."""
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    """The hub's end and the worker's end (the worker's is inheritable, for pass_fds)."""
+    hub, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for sock in (hub, worker):
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            except OSError:
+                pass  # the kernel's cap (net.core.wmem_max) applies; smaller only costs syscalls
+    return hub, worker
+
+
+def send_parts(sock: socket.socket, parts: list[bytes | bytearray | memoryview]) -> None:
+    """Send every byte of ``parts``, in order, with as few system calls as the kernel allows."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        sent = sock.sendmsg(views)
+        while sent:
+            first = views[0]
+            if sent >= len(first):
+                sent -= len(first)
+                views.pop(0)
+            else:
+                views[0] = first[sent:]
+                sent = 0
+
+
+def message(kind: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(kind, len(payload)) + payload
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytearray:
+    """Exactly ``n`` bytes, or ChannelClosed."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        try:
+            k = sock.recv_into(view[got:])
+        except OSError as exc:
+            raise ChannelClosed(str(exc)) from None
+        if not k:
+            raise ChannelClosed("end of stream")
+        got += k
+    return buf
+
+
+def recv_message(sock: socket.socket) -> tuple[int, bytearray]:
+    kind, size = HEADER.unpack(recv_exact(sock, HEADER.size))
+    if size > MAX_PAYLOAD:
+        raise ChannelClosed(f"a message of {size} bytes")
+    return kind, recv_exact(sock, size) if size else bytearray()
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickled: both ends are this program, started by the hub over a socket pair nobody else has."""
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def loads(data: bytes | bytearray) -> Any:
+    return pickle.loads(data)  # noqa: S301 - see dumps
+
+
+class RemoteWriter:
+    """The worker's writer: batches go to the hub, and come back written (``DONE``).
+
+    It offers what a loop uses of ``output.writer.Writer`` (``submit``, ``depth``, ``high_water``)
+    and what ``Server`` uses (``stats``, ``alive``, ``stop`` …), so a worker's loops and server are
+    the single-process ones.
+    """
+
+    def __init__(self, sock: socket.socket, credit: int) -> None:
+        self.sock = sock
+        self.high_water = credit
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._seq = 0
+        self._pending: dict[int, Batch] = {}  # sent, not yet written (in order of seq)
+        self._depth = 0
+        self._paused: set[Completion] = set()
+        self.closed = False  # the hub has gone
+        self.written_records = 0
+        self.written_rejects = 0
+        self.on_fatal: Callable[[str, BaseException], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<RemoteWriter pending={len(self._pending)} depth={self._depth}>"
+
+    # -- what the loops call ----------------------------------------------------------------------
+    def submit(self, batch: Batch) -> bool:
+        """Send a batch to the hub; True when the credit is used up and the caller must stop reading."""
+        with self._send_lock:
+            if self.closed:
+                return True  # nothing will be written any more: stop reading, the records stay unacked
+            self._seq += 1
+            seq = self._seq
+            with self._cond:
+                self._pending[seq] = batch
+                self._depth += batch.nbytes
+                over = self._depth >= self.high_water
+                if over and batch.owner is not None:
+                    self._paused.add(batch.owner)
+            head = BATCH_HEAD.pack(seq, batch.accepted, batch.refused, len(batch.messages))
+            size = BATCH_HEAD.size + len(batch.messages) + len(batch.rejects)
+            try:
+                send_parts(self.sock, [HEADER.pack(BATCH, size), head, batch.messages, batch.rejects])
+            except OSError:
+                self._lost()
+                return True
+        return over
+
+    def send(self, kind: int, payload: bytes = b"") -> bool:
+        """Any thread: one message to the hub; False if the hub has gone."""
+        with self._send_lock:
+            if self.closed:
+                return False
+            try:
+                send_parts(self.sock, [HEADER.pack(kind, len(payload)), payload])
+            except OSError:
+                self._lost()
+                return False
+        return True
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    # -- what the channel's reader calls ------------------------------------------------------------
+    def written(self, upto: int) -> None:
+        """``DONE``: every batch up to ``upto`` is written; give each back to its loop."""
+        done: list[Batch] = []
+        with self._cond:
+            for seq in [s for s in self._pending if s <= upto]:
+                batch = self._pending.pop(seq)
+                self._depth -= batch.nbytes
+                done.append(batch)
+            resume = self._paused if self._depth <= self.high_water // 2 else set()
+            if resume:
+                self._paused = set()
+            self._cond.notify_all()
+        for batch in done:
+            self.written_records += batch.accepted
+            self.written_rejects += batch.refused
+            if batch.owner is not None:
+                batch.owner.batch_done(batch)
+        for owner in resume:
+            owner.resume_reading()
+
+    def _lost(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def hub_gone(self) -> None:
+        """The reader saw the channel close: nothing sent and not answered will be written."""
+        self._lost()
+
+    # -- what Server calls --------------------------------------------------------------------------
+    def open(self) -> None:
+        """The hub opened the files."""
+
+    def start(self) -> None:
+        """The channel's reader is started by the worker."""
+
+    @property
+    def alive(self) -> bool:
+        return not self.closed
+
+    def stats(self) -> WriterStats:
+        """The hub's writer reports the files; a worker only says what it has in flight."""
+        return WriterStats(queue_bytes=self._depth, queue_limit=self.high_water)
+
+    def stalled_seconds(self) -> float:
+        return 0.0
+
+    def apply(self, *, fsync: bool, fsync_max_wait: float, rotate_bytes: int, rotate_keep: int) -> None:
+        """The files are the hub's: nothing to apply here."""
+
+    def request_reopen(self) -> None:
+        """The files are the hub's."""
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Wait until every batch sent is written (or the hub has gone); True if all were."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._pending or self.closed, timeout)
+            return not self._pending

@@ -333,7 +333,11 @@ class Settings(_Frozen):
 
 def _format_error(source: Path, exc: ValidationError) -> str:
     parts = []
-    for err in exc.errors(include_url=False, include_input=False):
+    errors = exc.errors(include_url=False, include_input=False)
+    failed_items = {err["loc"][:-1] for err in errors if len(err["loc"]) > 1}
+    for err in errors:
+        if err["type"] == "too_short" and any(loc[: len(err["loc"])] == err["loc"] for loc in failed_items):
+            continue  # "at least 1 item ... not 0" only because an item above failed: said once
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":

@@ -113,6 +113,7 @@ class DaemonProcess:
         self.rejects = self.settings.resolve(self.settings.log.rejects_path)
         self.events: list[dict[str, Any]] = []
         self.stderr_lines: list[str] = []
+        self.stop_sent = False
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nio_logd", "run", "--config", str(config), *extra_args],
             stdout=subprocess.DEVNULL,
@@ -165,11 +166,14 @@ class DaemonProcess:
         return host.strip("[]"), int(port)
 
     def signal(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stop_sent = True
         self.proc.send_signal(signum)
 
     def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        """SIGTERM (unless the test sent one already: a second one forces the end) and wait."""
+        if self.proc.poll() is None and not self.stop_sent:
+            self.signal(signal.SIGTERM)
         code = self.proc.wait(timeout)
         self._close_pipe()
         return code

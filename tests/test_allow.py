@@ -123,7 +123,10 @@ def test_100_refusals_from_one_address_log_one_event_a_minute(tmp_path: Path, da
     wait_for(lambda: len(read_lines(d.messages)) == 1)
     assert d.stop() == 0
     refusals = [e for e in d.events if e.get("event") == "connection_refused"]
-    assert sorted(e["peer"].rpartition(":")[0] for e in refusals) == ["127.0.0.2", "127.0.0.3"]
+    hosts = [e["peer"].rpartition(":")[0] for e in refusals]
+    # Once a minute per address in each worker process (each keeps its own rate): not 103 lines.
+    assert sorted(set(hosts)) == ["127.0.0.2", "127.0.0.3"], hosts
+    assert all(hosts.count(h) <= d.settings.server.worker_count for h in hosts), hosts
     for e in refusals:
         assert e["reason"] == "not_allowed" and e["level"] == "warning" and e["allow"] == ["127.0.0.1/32"]
     stopping = d.event("stopping")

@@ -246,7 +246,8 @@ def test_fifo_at_log_path_plus_sighup_does_not_hang(tmp_path: Path, daemon_facto
     d.signal(signal.SIGHUP)
     refused = wait_for(lambda: d.event("log_file_refused"), 10)
     assert refused["path"] == str(d.messages) and "FIFO" in refused["reason"], refused
-    assert any(ev.get("path") == str(d.messages) for ev in events_named(d, "reopen_failed"))
+    # Logged right after log_file_refused, by the same thread: waited for, not raced.
+    wait_for(lambda: any(ev.get("path") == str(d.messages) for ev in events_named(d, "reopen_failed")), 10)
     second = exchange(d.tcp, [record(msg=f"after-{i}") for i in range(10)], timeout=15)
     assert [a["ok"] for a in second] == [True] * 10, "records were not acked after the SIGHUP"
     t0 = time.monotonic()

@@ -89,8 +89,10 @@ def test_tls_reset_before_accept_keeps_the_daemon_serving(
 
 def test_an_exception_escaping_a_loop_is_fatal(tmp_path: Path) -> None:
     """A bug that escapes an I/O loop: health goes 503, the watchdog stops, serve() reports
-    failure (exit 1), and the records received before it are written."""
-    cfg = write_config(tmp_path, limits={"idle_timeout": 60.0})
+    failure (exit 1), and the records received before it are written. (The loops of this one
+    process: with worker processes a worker whose loop dies exits 1 and is restarted, as
+    test_workers.py kills one.)"""
+    cfg = write_config(tmp_path, limits={"idle_timeout": 60.0}, server={"workers": 1})
     settings = load_file(cfg)
     seen: dict[str, Any] = {}
     stopped = threading.Event()

@@ -292,8 +292,9 @@ def test_socket_activation_serves_on_the_inherited_socket_without_binding(tmp_pa
         wait_for(lambda: len(read_lines(messages)) == 2, timeout=15)
         send_lines(port, [record("carol", "third")])
         wait_for(lambda: len(read_lines(messages)) == 3, timeout=10)
-        listening = daemon.event("listening")
-        assert listening is not None and listening["address"] == f"tcp://127.0.0.1:{port}", daemon.events
+        # Logged once every worker listens: a worker may serve the records above before that.
+        listening = wait_for(lambda: daemon.event("listening"), 15)
+        assert listening["address"] == f"tcp://127.0.0.1:{port}", daemon.events
         # fd 3 is now close-on-exec, as sd_listen_fds() leaves it: no child inherits the listener.
         flags = int(Path(f"/proc/{daemon.daemon_pid}/fdinfo/3").read_text().split("flags:")[1].split()[0], 8)
         assert flags & os.O_CLOEXEC

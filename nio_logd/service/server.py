@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import functools
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +26,9 @@ from ..wire.access import AllowList, OncePer
 from ..wire.ioloop import IOLoop
 from ..wire.listeners import Listener, bind, copies, describe
 from ..wire.tls import ConnectionFactory, connection_factory, server_context
+from .admission import SharedCounts
 from .metrics import MetricsServer
+from .privilege import Identity
 from .workers import WorkerPool
 
 log = get_logger()
@@ -65,6 +66,9 @@ class Server:
         self.workers = workers
         self.pool: WorkerPool | None = None
         self.in_worker = writer is not None
+        # A worker's connection counts, shared with the other workers (set by the worker).
+        self.shared: SharedCounts | None = None
+        self.worker_index = 0
         self.writer = (
             writer
             if writer is not None
@@ -128,7 +132,8 @@ class Server:
                     raise
                 raise StartupError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
             sets = [[mine[i] for mine in per_listener] for i in range(self.workers)]
-            self.pool = WorkerPool(settings, self.writer, sets, tls, self.fail)
+            counts = SharedCounts.create(self.workers, settings.limits.max_connections)
+            self.pool = WorkerPool(settings, self.writer, sets, tls, self.fail, counts=counts)
         else:
             self.adopt(self.listeners, contexts)
         if self.settings.metrics.address:
@@ -153,15 +158,18 @@ class Server:
         for listener in listeners:
             self.loops[0].add_listener(listener)
 
+    def start_workers(self, identity: Identity | None) -> None:
+        """The hub: start the worker processes now (the privilege drop calls this just before the
+        hub drops: each worker becomes ``identity`` itself, once it has read its bootstrap)."""
+        if self.pool is not None:
+            self.pool.spawn(identity)
+
     def start(self) -> None:
         self.writer.start()
         for loop in self.loops:
             loop.start()
         if self.pool is not None:
-            fmt = self.settings.daemon.events
-            if fmt == "auto":
-                fmt = "console" if sys.stderr.isatty() else "json"
-            self.pool.start((fmt, self.settings.daemon.events_level))
+            self.pool.start()
         if self.in_worker:
             return  # the hub says where it listens
         for listener in self.listeners:
@@ -169,7 +177,7 @@ class Server:
                 "listening",
                 address=describe(listener),
                 ack=listener.settings.ack,
-                tls=listener in self.connection_factories,
+                tls=listener.settings.tls is not None,
             )
         if self.metrics is not None:
             self.metrics.start()
@@ -231,6 +239,18 @@ class Server:
         if listener.settings.allow and not self._allow[listener].permits(host):
             return "not_allowed"
         limits = self.settings.limits
+        shared = self.shared
+        if shared is not None:  # a worker: the limits hold for all the workers together
+            with shared:
+                if shared.open_connections() >= limits.max_connections:
+                    return "max_connections"
+                per_client = limits.max_connections_per_client
+                if per_client and shared.client(host) >= per_client:
+                    return "max_connections_per_client"
+                shared.add(self.worker_index, host, 1, per_client=True)
+            with self._conn_lock:
+                self.open_connections += 1
+            return None
         with self._conn_lock:
             if self.open_connections >= limits.max_connections:
                 return "max_connections"
@@ -241,6 +261,12 @@ class Server:
         return None
 
     def connection_closed(self, host: str) -> None:
+        if self.shared is not None:
+            with self.shared:
+                self.shared.add(self.worker_index, host, -1, per_client=True)
+            with self._conn_lock:
+                self.open_connections -= 1
+            return
         with self._conn_lock:
             self.open_connections -= 1
             left = self._per_client[host] - 1

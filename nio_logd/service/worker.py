@@ -18,11 +18,14 @@ import threading
 from pathlib import Path
 from typing import cast
 
+from ..errors import StartupError
 from ..events import configure_events, get_logger
 from ..output.writer import Writer
 from ..wire.listeners import Listener
 from ..wire.tls import connection_factory, server_context
 from . import ipc
+from .admission import SharedCounts
+from .privilege import drop_privileges
 from .server import Server
 from .workers import Bootstrap, ListenerSpec
 
@@ -113,7 +116,15 @@ def serve_worker(fd: int) -> int:
     force = threading.Event()
     hub_gone = threading.Event()
     server.on_fatal = stop.set
-    server.adopt(_listeners(server, boot.listeners))
+    server.shared = SharedCounts(*boot.counts)
+    server.worker_index = boot.index
+    try:
+        server.adopt(_listeners(server, boot.listeners))
+        if boot.identity is not None:
+            drop_privileges(boot.identity)  # before the first byte from a client is read
+    except StartupError as exc:
+        log.error("worker_not_started", worker=boot.index, error=str(exc))
+        return exc.exit_code
 
     def read() -> None:
         try:
@@ -157,7 +168,6 @@ def main() -> None:
         code = serve_worker(fd)
     except ipc.ChannelClosed:
         code = 1  # the hub went away before the worker was started
-    sys.stdout.flush()
     os._exit(code)  # no atexit work: the hub owns the files and the sockets
 
 

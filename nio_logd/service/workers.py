@@ -22,7 +22,6 @@ written) and the requests. A worker that dies is logged and restarted (after 0.1
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import socket
@@ -41,6 +40,8 @@ from ..output.writer import Batch, Writer
 from ..stats import LoopStats, Stats
 from ..wire.listeners import Listener
 from . import ipc
+from .admission import SharedCounts
+from .privilege import Identity
 
 log = get_logger()
 
@@ -51,15 +52,14 @@ YOUNG = 10.0  # a worker that dies younger than this doubles the restart delay
 
 
 def worker_settings(settings: Settings, workers: int) -> Settings:
-    """``settings`` with each worker's share of the daemon-wide limits.
+    """``settings`` with each worker's share of the daemon-wide memory limits.
 
-    ``max_connections``, ``buffer_bytes`` and ``queue_bytes`` (the worker's credit) are divided
-    among the workers; per-connection limits are the same in each. ``max_connections_per_client``
-    applies per worker (the kernel spreads one client's connections over the workers).
+    ``buffer_bytes`` and ``queue_bytes`` (the worker's credit) are divided among the workers;
+    per-connection limits are the same in each; ``max_connections`` and
+    ``max_connections_per_client`` are counted for all workers together (``SharedCounts``).
     """
     limits = settings.limits
     share = {
-        "max_connections": max(1, math.ceil(limits.max_connections / workers)),
         "buffer_bytes": max(1 << 20, limits.buffer_bytes // workers),
         "queue_bytes": max(1 << 16, limits.queue_bytes // workers),
     }
@@ -84,6 +84,8 @@ class Bootstrap:
     settings: Settings
     listeners: list[ListenerSpec]
     events: tuple[str, str]  # format ("json"/"console", decided by the hub's stderr) and level
+    identity: Identity | None  # whom the worker becomes before it serves (started as root)
+    counts: tuple[int, int, int]  # the shared connection counts: memfd, workers, slots per worker
 
 
 class HubBatch(Batch):
@@ -132,6 +134,7 @@ class WorkerLink:
                 [sys.executable, "-m", "nio_logd.service.worker", str(worker_end.fileno())],
                 pass_fds=[worker_end.fileno(), *fds],
                 stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # a detached hub has no stdout; a worker prints nothing
                 env=env,
                 close_fds=True,
             )
@@ -254,7 +257,10 @@ class WorkerPool:
         listener_sets: list[list[Listener]],
         tls: dict[int, dict[str, bytes]],
         on_fatal: Callable[[str, BaseException], None],
+        *,
+        counts: SharedCounts,
     ) -> None:
+        self.counts = counts
         self.count = len(listener_sets)
         self.settings = worker_settings(settings, self.count)
         self.writer = writer
@@ -269,6 +275,7 @@ class WorkerPool:
         self._events_lock = threading.Lock()
         self._delay = [RESTART_MIN] * self.count
         self.events: tuple[str, str] = ("json", settings.daemon.events_level)
+        self.identity: Identity | None = None
 
     def __repr__(self) -> str:
         return f"<WorkerPool {self.count} workers, {self.retired.restarts} restarts>"
@@ -278,15 +285,27 @@ class WorkerPool:
             ListenerSpec(ls.sock.fileno(), ls.settings, ls.name, self.tls.get(id(ls.settings)))
             for ls in self.listener_sets[index]
         ]
-        return Bootstrap(index, self.settings, specs, self.events), [s.fd for s in specs]
+        counts = (self.counts.fd, self.counts.workers, self.counts.slots)
+        boot = Bootstrap(index, self.settings, specs, self.events, self.identity, counts)
+        return boot, [self.counts.fd, *{s.fd for s in specs}]
 
-    def start(self, events: tuple[str, str]) -> None:
-        """Start every worker and wait until each listens; StartupError if one does not."""
-        self.events = events
+    def spawn(self, identity: Identity | None) -> None:
+        """Start every worker. Called by the privilege drop just before the hub drops (with the
+        identity each worker becomes after it has read its bootstrap), or by ``start``."""
+        self.identity = identity
+        fmt, level = self.settings.daemon.events, self.settings.daemon.events_level
+        if fmt == "auto":
+            fmt = "console" if sys.stderr.isatty() else "json"
+        self.events = (fmt, level)
         for index in range(self.count):
             link = WorkerLink(self, index, 0)
             self.links.append(link)
             link.spawn(*self._bootstrap(index))
+
+    def start(self) -> None:
+        """Wait until every worker listens (starting them if nobody has); StartupError if one does not."""
+        if not self.links:
+            self.spawn(None)
         deadline = time.monotonic() + READY_TIMEOUT
         for link in self.links:
             while not link.ready.wait(0.05):
@@ -305,6 +324,8 @@ class WorkerPool:
             if link.report is not None and not link.retired:
                 self.retired.loops.add(link.report.loops)
                 link.retired = True
+            with self.counts:
+                self.counts.clear(link.index)  # its connections died with it
             if self.stopping or link not in self.links:
                 return
             age = time.monotonic() - link.started

@@ -1,0 +1,158 @@
+"""Connection counts shared by the worker processes: ``max_connections`` and
+``max_connections_per_client`` hold for the whole daemon, not for each worker.
+
+design: a memfd that the hub creates and passes to every worker (by fd), mapped by each, with one
+region per worker: its open connections, and an open-addressed table (linear probing) of its open
+connections per client address, keyed by 64-bit BLAKE2 hashes of the address (0: never used, 1:
+a deleted entry, swept by rehashing once they fill an eighth of the table). A worker writes only
+its own region; a decision (read every region, then count in its own) runs under a POSIX record
+lock on the memfd (``lockf``: between processes) and a thread lock (between the loops of one
+process), two system calls per connection admitted. When a worker dies the hub clears its region:
+the connections it held are gone, and so are their counts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import mmap
+import os
+import struct
+import threading
+
+_EMPTY, _DELETED = 0, 1
+_SLOT = struct.Struct("=Qq")  # key, count
+_HEAD = struct.Struct("=qq")  # the region's open connections, its deleted entries
+
+
+def _key(host: str) -> int:
+    digest = hashlib.blake2b(host.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    key = int.from_bytes(digest, "little")
+    return key if key > _DELETED else key + 2
+
+
+def table_slots(max_connections: int) -> int:
+    """Slots per region: at least twice the connections one worker can hold, a power of two."""
+    return 1 << max(10, (2 * max_connections - 1).bit_length())
+
+
+class SharedCounts:
+    """The open connections of every worker, per client address too, in shared memory."""
+
+    def __init__(self, fd: int, workers: int, slots: int) -> None:
+        self.fd = fd
+        self.workers = workers
+        self.slots = slots
+        self.region = _HEAD.size + slots * _SLOT.size
+        self.map = mmap.mmap(fd, self.region * workers)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<SharedCounts workers={self.workers} slots={self.slots}>"
+
+    @classmethod
+    def create(cls, workers: int, max_connections: int) -> SharedCounts:
+        """The hub, before it starts the workers (the fd goes to them through pass_fds)."""
+        slots = table_slots(max_connections)
+        fd = os.memfd_create("nio-logd-connections", os.MFD_CLOEXEC)
+        os.ftruncate(fd, (_HEAD.size + slots * _SLOT.size) * workers)
+        return cls(fd, workers, slots)
+
+    # -- locking ------------------------------------------------------------------------------------
+    def __enter__(self) -> SharedCounts:
+        self._lock.acquire()
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        finally:
+            self._lock.release()
+
+    # -- reading (under the lock) -------------------------------------------------------------------
+    def open_connections(self) -> int:
+        return sum(int(_HEAD.unpack_from(self.map, w * self.region)[0]) for w in range(self.workers))
+
+    def _find(self, base: int, key: int) -> tuple[int, int]:
+        """In the region at ``base``: (offset of ``key``'s slot or -1, first reusable slot or -1)."""
+        mask = self.slots - 1
+        i = key & mask
+        reusable = -1
+        table = base + _HEAD.size
+        for _ in range(self.slots):
+            offset = table + i * _SLOT.size
+            k = _SLOT.unpack_from(self.map, offset)[0]
+            if k == key:
+                return offset, reusable
+            if k == _EMPTY:
+                return -1, reusable if reusable >= 0 else offset
+            if k == _DELETED and reusable < 0:
+                reusable = offset
+            i = (i + 1) & mask
+        return -1, reusable
+
+    def client(self, host: str) -> int:
+        """The connections open from ``host`` in every worker."""
+        key = _key(host)
+        total = 0
+        for w in range(self.workers):
+            offset, _free = self._find(w * self.region, key)
+            if offset >= 0:
+                total += int(_SLOT.unpack_from(self.map, offset)[1])
+        return total
+
+    # -- writing one's own region (under the lock) --------------------------------------------------
+    def add(self, worker: int, host: str, delta: int, *, per_client: bool) -> None:
+        base = worker * self.region
+        open_now, deleted = _HEAD.unpack_from(self.map, base)
+        open_now += delta
+        _HEAD.pack_into(self.map, base, open_now, deleted)
+        if not per_client:
+            return
+        key = _key(host)
+        offset, free = self._find(base, key)
+        if offset < 0:
+            if delta <= 0 or free < 0:
+                return  # nothing to take off; or full (cannot be: twice the worker's connections)
+            offset = free
+            if _SLOT.unpack_from(self.map, offset)[0] == _DELETED:
+                deleted -= 1
+            _SLOT.pack_into(self.map, offset, key, 0)
+        count = _SLOT.unpack_from(self.map, offset)[1] + delta
+        if count > 0:
+            _SLOT.pack_into(self.map, offset, key, count)
+        else:
+            _SLOT.pack_into(self.map, offset, _DELETED, 0)
+            deleted += 1
+        _HEAD.pack_into(self.map, base, open_now, deleted)
+        if deleted * 8 > self.slots:
+            self._rehash(base)
+
+    def _rehash(self, base: int) -> None:
+        table = base + _HEAD.size
+        end = base + self.region
+        live = []
+        for offset in range(table, end, _SLOT.size):
+            key, count = _SLOT.unpack_from(self.map, offset)
+            if key > _DELETED and count > 0:
+                live.append((key, count))
+        self.map[table:end] = bytes(end - table)
+        mask = self.slots - 1
+        for key, count in live:
+            i = key & mask
+            while _SLOT.unpack_from(self.map, table + i * _SLOT.size)[0] != _EMPTY:
+                i = (i + 1) & mask
+            _SLOT.pack_into(self.map, table + i * _SLOT.size, key, count)
+        _HEAD.pack_into(self.map, base, _HEAD.unpack_from(self.map, base)[0], 0)
+
+    def clear(self, worker: int) -> int:
+        """The hub, once ``worker`` has died: its connections are gone; returns how many it held."""
+        base = worker * self.region
+        held = int(_HEAD.unpack_from(self.map, base)[0])
+        self.map[base : base + self.region] = bytes(self.region)
+        return held

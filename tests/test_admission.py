@@ -1,0 +1,91 @@
+"""The connection counts the worker processes share (``service/admission.py``): a real memfd, real
+locks, a second process mapping the same table."""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nio_logd.service.admission import SharedCounts
+
+HOSTS = [f"10.0.0.{i}" for i in range(12)] + ["::1", "unix", "[fe80::1]"]
+
+ops = st.lists(
+    st.tuples(st.sampled_from(["open", "close", "die"]), st.integers(0, 2), st.sampled_from(HOSTS)),
+    max_size=300,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops)
+def test_counts_equal_a_counter_model_through_opens_closes_and_deaths(script: list[tuple[str, int, str]]) -> None:
+    """Any mix of opens, closes and worker deaths over 3 workers: the shared table's total and
+    per-client counts equal a plain per-worker Counter's (the table is small: deletions and the
+    rehash that sweeps them are exercised)."""
+    counts = SharedCounts.create(3, 16)  # 1024 slots per worker
+    model = [collections.Counter[str]() for _ in range(3)]
+    try:
+        for op, worker, host in script:
+            with counts:
+                if op == "open":
+                    counts.add(worker, host, 1, per_client=True)
+                    model[worker][host] += 1
+                elif op == "close" and model[worker][host] > 0:
+                    counts.add(worker, host, -1, per_client=True)
+                    model[worker][host] -= 1
+                elif op == "die":
+                    assert counts.clear(worker) == sum(model[worker].values())
+                    model[worker] = collections.Counter()
+                assert counts.open_connections() == sum(sum(m.values()) for m in model)
+                for h in HOSTS:
+                    assert counts.client(h) == sum(m[h] for m in model), h
+    finally:
+        counts.map.close()
+        os.close(counts.fd)
+
+
+def test_many_distinct_clients_come_and_go_without_filling_the_table() -> None:
+    """50,000 distinct clients, each opening and closing: deleted entries are swept, the table never
+    fills, and the counts end at zero."""
+    counts = SharedCounts.create(1, 100)
+    try:
+        for i in range(50_000):
+            host = f"192.0.{i >> 8 & 255}.{i & 255}:{i}"
+            with counts:
+                counts.add(0, host, 1, per_client=True)
+                assert counts.client(host) == 1
+                counts.add(0, host, -1, per_client=True)
+        with counts:
+            assert counts.open_connections() == 0
+            assert counts.client("192.0.0.1:1") == 0
+    finally:
+        counts.map.close()
+        os.close(counts.fd)
+
+
+def test_another_process_sees_and_changes_the_same_counts() -> None:
+    """A second interpreter maps the memfd it was passed (as a worker is): what it adds, we see."""
+    counts = SharedCounts.create(2, 64)
+    try:
+        with counts:
+            counts.add(0, "10.0.0.1", 1, per_client=True)
+        code = (
+            "import sys; from nio_logd.service.admission import SharedCounts\n"
+            f"c = SharedCounts({counts.fd}, 2, {counts.slots})\n"
+            "with c:\n"
+            "    assert c.client('10.0.0.1') == 1, c.client('10.0.0.1')\n"
+            "    c.add(1, '10.0.0.1', 2, per_client=True)\n"
+        )
+        done = subprocess.run([sys.executable, "-c", code], pass_fds=[counts.fd], capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        with counts:
+            assert counts.client("10.0.0.1") == 3
+            assert counts.open_connections() == 3
+    finally:
+        counts.map.close()
+        os.close(counts.fd)

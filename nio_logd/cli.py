@@ -10,7 +10,7 @@ from typing import TypeAlias
 
 from . import __version__
 from .config import Settings, load_settings
-from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ClientError, NioLogdError, UsageError
+from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ClientError, NioLogdError, UsageError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -119,9 +119,17 @@ def _register_daemon(sub: Subparsers) -> None:
 def cmd_check_config(args: argparse.Namespace) -> int:
     import json
 
+    from .config import find_config
     from .service.daemonize import events_path
+    from .service.preflight import preflight
 
     settings = _settings(args)
+    # What run would refuse or stumble on before it serves: said now, each on its line, exit 78.
+    problems = preflight(settings, find_config(args.config))
+    if problems:
+        for problem in problems:
+            print(f"nio-logd check-config: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     effective = settings.model_dump(mode="json", exclude={"base_dir"})
     effective["paths"] = {
         "messages": str(settings.resolve(settings.log.path)),

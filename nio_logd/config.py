@@ -330,6 +330,31 @@ class Settings(_Frozen):
     def file_mode(self) -> int:
         return int(self.log.file_mode, 8)
 
+    @model_validator(mode="after")
+    def _no_clashes(self) -> Settings:
+        """Combinations that cannot work: two listeners on one address (the second bind fails),
+        accepted and refused records mixed in one file."""
+        seen: dict[str, int] = {}
+        for i, ls in enumerate(self.listeners):
+            addr = ls.parsed
+            if addr.scheme == "unix":
+                key = f"unix://{self.resolve(addr.path)}"
+            elif addr.port == 0:
+                continue  # each gets a port of its own
+            else:
+                key = str(addr)
+            if key in seen:
+                raise ValueError(
+                    f"listeners.{seen[key]} and listeners.{i} are both {ls.address}: give each its own address"
+                )
+            seen[key] = i
+        if self.resolve(self.log.path) == self.resolve(self.log.rejects_path):
+            raise ValueError(
+                f"log.path and log.rejects_path are the same file ({self.log.path}): "
+                "accepted and refused records would be mixed; give the rejects their own file"
+            )
+        return self
+
 
 def _format_error(source: Path, exc: ValidationError) -> str:
     parts = []
@@ -344,7 +369,10 @@ def _format_error(source: Path, exc: ValidationError) -> str:
             msg = "unknown key"
         elif err["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")  # our own validators' text, as written
-        parts.append(f"{loc}: {msg}")
+        if not err["loc"] and err["type"] == "value_error":
+            parts.append(msg)  # a check of the whole config: its text names the keys
+        else:
+            parts.append(f"{loc}: {msg}")
     return f"{source}: " + "; ".join(parts)
 
 

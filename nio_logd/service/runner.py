@@ -91,9 +91,10 @@ class SignalCatcher:
 def status_text(server: Server) -> str:
     s = server.snapshot()
     paused = " PAUSED (writer behind)" if s.paused else ""
+    metrics = " METRICS UNAVAILABLE (see the journal)" if server.metrics_error else ""
     return (
         f"connections={s.connections} accepted={s.loops.records.accepted} refused={s.loops.records.refused} "
-        f"queue_bytes={s.writer.queue_bytes}{paused}"
+        f"queue_bytes={s.writer.queue_bytes}{paused}{metrics}"
     )
 
 

@@ -85,6 +85,7 @@ class Server:
         )
         self.writer.on_fatal = self.fail
         self.metrics: MetricsServer | None = None
+        self.metrics_error: str | None = None  # [metrics] could not be served (socket activation)
         self.stopping = False
         self.listeners: list[Listener] = []
         self.loops: list[IOLoop] = []
@@ -139,10 +140,22 @@ class Server:
         if self.settings.metrics.address:
             try:
                 self.metrics = MetricsServer(self, self.settings.metrics.address)
-            except StartupError:
-                for listener in self.listeners:
-                    listener.close()
-                raise
+            except StartupError as exc:
+                if any(listener.inherited for listener in self.listeners):
+                    # Socket-activated (the shipped unit has no network of its own): the clients
+                    # systemd holds for us are served all the same, and the journal says why
+                    # there are no metrics. Failing would make systemd retry until the socket
+                    # unit itself fails, and the waiting clients' records would be lost.
+                    self.metrics_error = str(exc)
+                    log.error(
+                        "metrics_unavailable",
+                        error=str(exc),
+                        action="serving without [metrics]; use nio-logd.service for metrics",
+                    )
+                else:
+                    for listener in self.listeners:
+                        listener.close()
+                    raise
 
     def adopt(self, listeners: list[Listener], contexts: dict[int, ssl.SSLContext] | None = None) -> None:
         """Serve ``listeners`` with this process's loops (a worker: the hub's sockets, whose TLS

@@ -30,6 +30,7 @@ class Listener:
     settings: ListenerSettings
     name: str  # the address as configured, written with each record
     unix_path: str | None = None  # a socket file we created and remove on exit
+    inherited: bool = False  # passed by systemd (LISTEN_FDS)
 
     def close(self) -> None:
         self.sock.close()
@@ -223,7 +224,7 @@ def _match_inherited(settings: Settings, socks: list[socket.socket]) -> list[Lis
             )
         addr = _sock_address(sock)
         ls = by_address.get(str(addr), settings.listeners[0])
-        out.append(Listener(sock, ls, str(addr)))
+        out.append(Listener(sock, ls, str(addr), inherited=True))
     return out
 
 

@@ -163,7 +163,7 @@ def thread_cpu(pid: int) -> dict[int, tuple[float, float, float]]:
 def schedstat_only(args: argparse.Namespace) -> int:
     """Without the profiler's pauses: how busy each thread is while the bench's clock runs."""
     base = Path(tempfile.mkdtemp(prefix="nio-logd-profile-"))
-    daemon = NioLogd(base / "nio-logd", source=args.source)
+    daemon = NioLogd(base / "nio-logd", source=args.source, workers=1)  # the per-record work of one process
     print(
         "| run | records/s in the file | thread (by CPU) | on a CPU | runnable, waiting for a CPU | CPU µs / record |"
     )
@@ -227,7 +227,7 @@ def main() -> int:
         return schedstat_only(args)
 
     base = Path(tempfile.mkdtemp(prefix="nio-logd-profile-"))
-    daemon = NioLogd(base / "nio-logd", source=args.source)
+    daemon = NioLogd(base / "nio-logd", source=args.source, workers=1)  # the per-record work of one process
     raw = base / "profile.raw"
     try:
         cmd = [

@@ -1,0 +1,111 @@
+"""``nio-logd check-config``: every check that ``run`` and ``start`` make before they serve, without
+binding a socket or creating a file, each failure one line naming what is wrong.
+
+``run`` makes the same checks by doing the thing (loading the TLS files, resolving the user,
+opening the logs); this runs the very functions it runs where they have no side effect, and
+looks where they would act (a log folder it would create, a file it would open).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from pathlib import Path
+
+from ..config import Settings
+from ..errors import NioLogdError
+from ..wire.tls import server_context
+from .privilege import check_config_file, resolve_identity
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _file_problem(label: str, path: Path) -> str | None:
+    """What stops the daemon from opening or creating the file ``path`` (as the current user)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        return f"{label} {path}: {exc.strerror}"
+    if st is not None:
+        if not stat.S_ISREG(st.st_mode):
+            return f"{label} {path}: {_kind(st.st_mode)}, not a regular file: the daemon refuses it"
+        if not os.access(path, os.W_OK):
+            return f"{label} {path}: not writable by {_whoami()}"
+        return None
+    folder = path.parent
+    while not folder.exists():  # the daemon creates the missing folders: the first existing one must allow it
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{label} {path}: {folder} is not a directory"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        what = "its folder" if folder == path.parent else f"{folder} (where its folder would be created)"
+        return f"{label} {path}: {what} is not writable by {_whoami()}"
+    return None
+
+
+def _whoami() -> str:
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def preflight(settings: Settings, config: Path | None) -> list[str]:
+    """Every problem that would stop the daemon from starting (or make it run badly), one line each."""
+    problems: list[str] = []
+    if config is not None:
+        try:
+            check_config_file(config)
+        except NioLogdError as exc:
+            problems.append(str(exc))
+    try:
+        resolve_identity(settings.daemon.user, settings.daemon.group)
+    except NioLogdError as exc:
+        problems.append(str(exc))
+    for ls in settings.listeners:
+        if ls.tls is not None:
+            try:
+                server_context(ls.tls, settings.resolve, ls.address)
+            except NioLogdError as exc:
+                problems.append(str(exc))
+    files = {
+        "messages log": settings.resolve(settings.log.path),
+        "rejects log": settings.resolve(settings.log.rejects_path),
+    }
+    for label, path in files.items():
+        problem = _file_problem(label, path)
+        if problem:
+            problems.append(problem)
+    pidfile = settings.resolve(settings.daemon.pidfile)
+    problem = _file_problem("pidfile", pidfile)
+    if problem:
+        problems.append(problem)
+    if settings.metrics.address:
+        family = socket.AF_UNIX if settings.metrics.address.startswith("unix:") else socket.AF_INET
+        try:
+            socket.socket(family, socket.SOCK_STREAM).close()
+        except OSError as exc:  # e.g. RestrictAddressFamilies=AF_UNIX: the socket-activated unit
+            problems.append(
+                f"[metrics] address = {settings.metrics.address}: cannot make a socket here ({exc.strerror}); "
+                "the socket-activated unit has no network of its own: serve metrics with nio-logd.service"
+            )
+    return problems

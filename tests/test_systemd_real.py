@@ -334,6 +334,32 @@ def test_socket_activated_variant_serves(env: Env) -> None:
     assert result == {"ActiveState": "inactive", "Result": "success"}, env.why("nio-logd-activated")
 
 
+def test_socket_activated_with_metrics_serves_and_says_why_there_are_none(env: Env) -> None:
+    """[metrics] set for the socket-activated unit, which may not make an Internet socket: the
+    record systemd holds is written all the same, the unit stays active, and the journal and the
+    STATUS line say that metrics are unavailable (before, the daemon failed until the socket unit
+    itself failed, and the record was lost)."""
+    config = env.box.path(CONFIG)
+    original = config.read_text()
+    config.write_text(original + '\n[metrics]\naddress = "tcp://127.0.0.1:9108"\n')
+    try:
+        env.systemctl("start", "nio-logd.socket")
+        send(env.socket_port, ["with-metrics-configured"], user="bob")
+        wait_for(lambda: env.msgs()[-1:] == ["with-metrics-configured"], timeout=20)
+
+        def status() -> dict[str, str] | None:
+            state = env.box.show("nio-logd-activated.service", "ActiveState", "StatusText", "NRestarts")
+            return state if "METRICS UNAVAILABLE" in state["StatusText"] else None
+
+        state = wait_for(status, timeout=20)
+        assert state["ActiveState"] == "active" and state["NRestarts"] == "0", state
+        events = [e for e in env.journal("nio-logd-activated") if e.get("event") == "metrics_unavailable"]
+        assert events and events[-1]["level"] == "error" and "9108" in events[-1]["error"], events
+        env.systemctl("stop", "nio-logd.socket", "nio-logd-activated.service")
+    finally:
+        config.write_text(original)
+
+
 # -- last: tear the box down -------------------------------------------------------------------------
 def test_poweroff_leaves_no_process_mount_or_cgroup(env: Env) -> None:
     """Powering the box off ends its PID 1; no process, mount or cgroup of it remains on the host."""

@@ -131,6 +131,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             print(f"nio-logd check-config: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     effective = settings.model_dump(mode="json", exclude={"base_dir"})
+    path = find_config(args.config)
+    if path is not None:
+        from .config import drop_ins, key_sources
+
+        # Which file set each key (the main file, or the drop-in of conf.d that came last).
+        effective["files"] = [str(path), *map(str, drop_ins(path))]
+        effective["sources"] = key_sources(path)
     effective["paths"] = {
         "messages": str(settings.resolve(settings.log.path)),
         "rejects": str(settings.resolve(settings.log.rejects_path)),

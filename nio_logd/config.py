@@ -473,8 +473,32 @@ def _too_deep(data: dict[str, Any]) -> str | None:
     return None
 
 
-def load_file(path: Path) -> Settings:
-    """Read and validate one TOML file."""
+DROP_IN_DIR = "conf.d"
+MAX_DROP_INS = 256
+
+
+def drop_ins(path: Path) -> list[Path]:
+    """The drop-in files of the config file ``path``: ``conf.d/*.toml`` in its folder, by name."""
+    folder = path.absolute().parent / DROP_IN_DIR
+    try:
+        names = sorted(entry.name for entry in os.scandir(folder) if entry.name.endswith(".toml"))
+    except FileNotFoundError:
+        return []
+    except NotADirectoryError:
+        raise ConfigError(f"{folder}: not a directory (drop-in files go in a folder of that name)") from None
+    except OSError as exc:
+        raise ConfigError(f"{folder}: cannot list the drop-in folder: {exc.strerror}") from None
+    if len(names) > MAX_DROP_INS:
+        raise ConfigError(f"{folder}: {len(names)} drop-in files, more than the {MAX_DROP_INS} allowed")
+    return [folder / name for name in names]
+
+
+def config_files(path: Path) -> list[Path]:
+    """The main config file and its drop-ins, in the order they are merged."""
+    return [path, *drop_ins(path)]
+
+
+def _parse(path: Path) -> dict[str, Any]:
     raw = _read_config_bytes(path)
     try:
         data: dict[str, Any] = tomllib.loads(raw.decode("utf-8"))
@@ -492,12 +516,83 @@ def load_file(path: Path) -> Settings:
     for reserved in ("base_dir", "source"):
         if reserved in data:
             raise ConfigError(f"{path}: {reserved}: unknown key")
+    return data
+
+
+def _merge(into: dict[str, Any], data: dict[str, Any], origin: str, origins: dict[str, str], prefix: str = "") -> None:
+    """A drop-in over what came before: a table merges key by key, an array of tables
+    (``[[listeners]]``, ``[[forward]]``) grows, any other value replaces the one before."""
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        mine = into.get(key)
+        if isinstance(value, dict) and isinstance(mine, dict):
+            _merge(mine, value, origin, origins, f"{name}.")
+            continue
+        if isinstance(value, list) and isinstance(mine, list) and all(isinstance(v, dict) for v in value + mine):
+            start = len(mine)
+            mine.extend(value)
+            for i, item in enumerate(value, start):
+                _note(origins, item, origin, f"{name}.{i}.")
+            continue
+        into[key] = value
+        for old in [k for k in origins if k == name or k.startswith(f"{name}.")]:
+            del origins[old]
+        if isinstance(value, dict):
+            _note(origins, value, origin, f"{name}.")
+        else:
+            origins[name] = origin
+
+
+def _note(origins: dict[str, str], data: Any, origin: str, prefix: str = "") -> None:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            _note(origins, value, origin, f"{prefix}{key}.")
+    elif isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        for i, item in enumerate(data):
+            _note(origins, item, origin, f"{prefix}{i}.")
+    else:
+        origins[prefix.rstrip(".")] = origin
+
+
+def _merged(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The main file and its drop-ins merged, and which file set each key (dotted names)."""
+    data = _parse(path)
+    origins: dict[str, str] = {}
+    _note(origins, data, str(path))
+    for extra in drop_ins(path):
+        _merge(data, _parse(extra), str(extra), origins)
+    return data, origins
+
+
+def key_sources(path: Path) -> dict[str, str]:
+    """``{"log.path": "/etc/nio-logd/conf.d/10-paths.toml", ...}``: the file that set each key."""
+    return _merged(path)[1]
+
+
+def _source_of(loc: tuple[Any, ...], origins: dict[str, str], main: Path) -> str:
+    name = ".".join(str(p) for p in loc)
+    while name:
+        if name in origins:
+            return origins[name]
+        hits = {v for k, v in origins.items() if k.startswith(f"{name}.")}
+        if len(hits) == 1:
+            return hits.pop()
+        name = name.rpartition(".")[0]
+    return str(main)
+
+
+def load_file(path: Path) -> Settings:
+    """Read and validate one TOML file, and the drop-ins of its ``conf.d`` folder merged over it
+    (relative paths in a drop-in resolve against the main file's folder, as in the main file)."""
+    data, origins = _merged(path)
     base_dir = str(path.resolve().parent)
     try:
         # Validated in JSON mode: strict types, yet TOML arrays become tuples and integers floats.
         document = json.dumps({**data, "base_dir": base_dir, "source": str(path)}, default=_no_dates)
         return Settings.model_validate_json(document)
     except ValidationError as exc:
-        raise ConfigError(_format_error(path, exc)) from None
+        sources = {_source_of(err["loc"], origins, path) for err in exc.errors(include_url=False, include_input=False)}
+        named = Path(sources.pop()) if len(sources) == 1 else path
+        raise ConfigError(_format_error(named, exc)) from None
     except (RecursionError, MemoryError):  # _too_deep bounds the nesting; this is the last guard
         raise ConfigError(f"{path}: nested too deeply or too large to validate") from None

@@ -39,7 +39,7 @@ from ..output.files import open_regular
 from .pidfile import PidFile, ReloadStatus, is_alive
 from .privilege import (
     Identity,
-    check_config_file,
+    check_config_files,
     daemon_umask,
     drop_privileges,
     hand_over,
@@ -66,7 +66,7 @@ def load_checked(path: Path | None, base_dir: str | None = None) -> Settings:
     """Load the settings, refusing a config file that others could change (see privilege)."""
     if path is None:
         return Settings(base_dir=base_dir or str(Path.cwd()))
-    check_config_file(path)
+    check_config_files(path)
     return load_file(path)
 
 
@@ -394,7 +394,7 @@ def as_root(explicit_config: str | None, settings: Settings) -> Callable[[Server
     """``nio-logd run`` started as root: the config-file rule, and the drop to ``[daemon] user``."""
     path = config_path(explicit_config)
     if path is not None:
-        check_config_file(path)
+        check_config_files(path)
     identity = resolve_identity(settings.daemon.user, settings.daemon.group)
     if identity is None:
         return privilege_hook(settings, None, [])  # stays root: the same running_as_root warning as start

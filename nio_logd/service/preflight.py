@@ -16,7 +16,7 @@ from pathlib import Path
 from ..config import Settings
 from ..errors import NioLogdError
 from ..wire.tls import server_context
-from .privilege import check_config_file, resolve_identity
+from .privilege import check_config_files, resolve_identity
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -74,7 +74,7 @@ def preflight(settings: Settings, config: Path | None) -> list[str]:
     problems: list[str] = []
     if config is not None:
         try:
-            check_config_file(config)
+            check_config_files(config)
         except NioLogdError as exc:
             problems.append(str(exc))
     try:

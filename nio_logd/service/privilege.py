@@ -18,6 +18,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import config_files
 from ..errors import ConfigError, StartupError
 from ..events import get_logger
 
@@ -134,6 +135,12 @@ def check_config_file(path: Path) -> None:
             f"{path}: refusing a config file whose folder {folder} is owned by {_name_of_uid(dst.st_uid)}: "
             f"it must belong to root or to the user starting the daemon ({_name_of_uid(me)})"
         )
+
+
+def check_config_files(path: Path) -> None:
+    """``check_config_file`` for the config file and each of its drop-ins (and so their folder)."""
+    for each in config_files(path):
+        check_config_file(each)
 
 
 def daemon_umask(file_mode: int) -> int:
@@ -274,6 +281,7 @@ def warn_unwritable(folders: list[Path]) -> None:
 __all__ = [
     "Identity",
     "check_config_file",
+    "check_config_files",
     "daemon_umask",
     "drop_privileges",
     "hand_over",

@@ -318,7 +318,11 @@ def test_a_passed_connection_instead_of_a_listening_socket_is_a_clear_startup_er
         wait_for(lambda: any("not a listening socket" in e.get("text", "") for e in list(daemon.events)), 10)
     finally:
         daemon.proc.send_signal(signal.SIGTERM)
-        daemon.proc.wait(10)
+        try:
+            daemon.proc.wait(10)
+        except subprocess.TimeoutExpired:  # never leave it behind, even when the test failed
+            daemon.proc.kill()
+            daemon.proc.wait(10)
         daemon.close()
 
 

@@ -121,11 +121,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     from .config import find_config
     from .service.daemonize import events_path
-    from .service.preflight import preflight
+    from .service.preflight import interpreter_warning, preflight
 
     settings = _settings(args)
     # What run would refuse or stumble on before it serves: said now, each on its line, exit 78.
     problems = preflight(settings, find_config(args.config))
+    warning = interpreter_warning()
+    if warning:
+        print(f"nio-logd check-config: warning: {warning}", file=sys.stderr)
     if problems:
         for problem in problems:
             print(f"nio-logd check-config: {problem}", file=sys.stderr)

@@ -434,3 +434,21 @@ def test_stuck_writer_makes_health_fail(freezable_disk: Path, daemon_factory: An
     assert d.stop() == 0
     assert msgs(d.messages) == ["after"]
     assert status == 503
+
+
+def test_files_the_daemon_creates_get_file_mode_whatever_the_umask(tmp_path: Path) -> None:
+    """Started under umask 0077 (the shipped units' UMask=), the daemon still creates its logs
+    with [log] file_mode, as logrotate creates the next ones."""
+    config = write_config(tmp_path, log={"file_mode": "0640"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nio_logd", "run", "--config", str(config)],
+        stderr=subprocess.DEVNULL,
+        umask=0o077,
+    )
+    try:
+        wait_for((tmp_path / "logs" / "rejects.log").exists, 20)
+        for name in ("messages.log", "rejects.log"):
+            assert stat.S_IMODE((tmp_path / "logs" / name).stat().st_mode) == 0o640, name
+    finally:
+        proc.terminate()
+        proc.wait(30)

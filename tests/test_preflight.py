@@ -29,7 +29,8 @@ def run_briefly(config: Path) -> subprocess.CompletedProcess[str]:
 
 
 def _lines(result: subprocess.CompletedProcess[str]) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line]
+    """The problems (a warning about where this interpreter lives is not one)."""
+    return [line for line in result.stderr.splitlines() if line and ": warning: " not in line]
 
 
 def test_a_good_config_is_ok(tmp_path: Path) -> None:
@@ -110,3 +111,17 @@ def test_a_log_folder_the_daemon_cannot_create_is_named(tmp_path: Path) -> None:
         assert ran.returncode != 0 and "messages" in ran.stderr.lower(), ran.stderr
     finally:
         subprocess.run(["umount", "-l", str(locked)], check=False, timeout=30)
+
+
+def test_an_interpreter_under_a_home_folder_is_warned_about_for_the_units(tmp_path: Path) -> None:
+    """The shipped units have ProtectHome=yes: check-config warns (exit 0) when this interpreter or
+    the package lives under /root or /home, and names the fix; from elsewhere, no warning."""
+    result = check(write_config(tmp_path))
+    assert result.returncode == 0, result.stderr
+    real = [Path(sys.executable).resolve(), Path(__file__).resolve().parents[1]]
+    hidden = any(p.is_relative_to(home) for p in real for home in (Path("/root"), Path("/home"), Path("/run/user")))
+    if hidden:
+        assert "warning:" in result.stderr and "ProtectHome=yes" in result.stderr, result.stderr
+        assert "/usr/bin/python3 -m venv" in result.stderr
+    else:
+        assert "warning:" not in result.stderr, result.stderr

@@ -214,6 +214,14 @@ def test_runs_in_the_sandbox_as_a_dynamic_user(env: Env) -> None:
     assert exe[1:4] == [f"{VENV}/bin/nio-logd".encode(), b"run", b"--config"]
 
 
+def test_check_config_of_the_installed_package_is_clean(env: Env) -> None:
+    """The venv made with /usr/bin/python3 under /opt: check-config passes with no warning about
+    a home folder (the units' ProtectHome=yes would hide one)."""
+    result = env.box.run(f"{VENV}/bin/nio-logd", "check-config", "--config", CONFIG)
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr, result.stderr
+
+
 def test_records_land_in_var_log_nio_logd(env: Env) -> None:
     """Records sent from the host are in /var/log/nio-logd/messages.log; a refused one in rejects.log."""
     send(env.port, [f"first-{i}" for i in range(5)])
@@ -223,6 +231,10 @@ def test_records_land_in_var_log_nio_logd(env: Env) -> None:
     assert env.msgs() == [f"first-{i}" for i in range(5)]
     assert env.box.path(LOG_DIR).is_dir()
     assert env.box.run("readlink", LOG_DIR).stdout.strip() == "private/nio-logd"  # DynamicUser
+    # The unit's UMask=0077 does not make them 0600: the daemon gives what it creates file_mode.
+    for name in ("messages.log", "rejects.log"):
+        mode = env.box.run("stat", "-c", "%a", f"{LOG_DIR}/{name}").stdout.strip()
+        assert mode == "640", (name, mode)
 
 
 def test_status_text_has_the_live_counters(env: Env) -> None:

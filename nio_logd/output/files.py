@@ -60,6 +60,9 @@ def open_regular(path: Path, flags: int, mode: int = 0o640, *, create: bool = Tr
             # O_EXCL: what we create is ours; if someone plants a file meanwhile we refuse, not follow.
             fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
             created = True
+            # Exactly ``mode``, whatever the umask (a unit's UMask=0077 would make 0640 into 0600,
+            # unlike the files logrotate creates): ours, just made, so ours to set.
+            os.fchmod(fd, mode)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise _refuse(path, errno.ELOOP, "is a symbolic link; refusing to follow it") from None

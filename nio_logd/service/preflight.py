@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import sys
 from pathlib import Path
 
 from ..config import Settings
@@ -67,6 +68,24 @@ def _whoami() -> str:
         return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
     except KeyError:
         return f"uid {uid}"
+
+
+PROTECTED_HOMES = (Path("/root"), Path("/home"), Path("/run/user"))
+
+
+def interpreter_warning() -> str | None:
+    """The shipped units have ProtectHome=yes: an interpreter (or package) under a home folder is
+    invisible to the service, which then fails with 203/EXEC. Said by check-config, not fatal:
+    outside those units it works."""
+    for path in (Path(sys.executable), Path(__file__)):
+        real = path.resolve()
+        for home in PROTECTED_HOMES:
+            if real.is_relative_to(home):
+                return (
+                    f"{real} is under {home}: the shipped systemd units (ProtectHome=yes) cannot run it "
+                    "(203/EXEC); make the venv with /usr/bin/python3 -m venv /opt/nio-logd"
+                )
+    return None
 
 
 def preflight(settings: Settings, config: Path | None) -> list[str]:

@@ -11,7 +11,7 @@ import selectors
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -84,10 +84,19 @@ def now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def make_record(user: str, msg: str, when: str | None = None) -> bytes:
-    """One record line (without its newline); ``when`` defaults to ``now()``."""
-    send_time = when or now()
-    return orjson.dumps({"send_user": user, "send_time": send_time, "send_msg": msg})
+def make_record(user: str, msg: str, when: str | None = None, extra: Mapping[str, Any] | None = None) -> bytes:
+    """One record line (without its newline); ``when`` defaults to ``now()``.
+
+    ``extra``: more fields, written after the three (a key among them is left out, never replacing
+    one); a value JSON cannot hold is written as its ``str()``. A listener takes them only with
+    ``[record] extra = "keep"`` (or drops them with ``"ignore"``); the default refuses the record.
+    """
+    record: dict[str, Any] = {"send_user": user, "send_time": when or now(), "send_msg": msg}
+    if not extra:
+        return orjson.dumps(record)
+    for key, value in extra.items():
+        record.setdefault(key, value)
+    return orjson.dumps(record, default=str)
 
 
 class TLSError(ClientError):
@@ -301,8 +310,14 @@ def _send_acked(
     return result
 
 
-def _pump(sock: socket.socket, lines: list[bytes], window: int, timeout: float, result: SendResult) -> None:
-    """Send the unanswered lines on one connection until all are answered (or it fails)."""
+def _pump(
+    sock: socket.socket, lines: list[bytes], window: int, timeout: float, result: SendResult, *, seq_base: int = 0
+) -> None:
+    """Send the unanswered lines on one connection until all are answered (or it fails).
+
+    ``seq_base``: how many records this connection carried before (all answered), so that a
+    long-lived sender (``tools.handler``) can pump one batch after another on one connection.
+    """
     start = result.answered
     sock.setblocking(False)
     sel = selectors.DefaultSelector()
@@ -322,7 +337,7 @@ def _pump(sock: socket.socket, lines: list[bytes], window: int, timeout: float, 
             if not raw:
                 continue
             answer = orjson.loads(raw)
-            index = first_send + answer["seq"] - 1
+            index = first_send + answer["seq"] - seq_base - 1
             if index != answered:
                 raise ClientError(f"answer out of order: seq {answer['seq']}")
             if answer.get("ok"):

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +203,38 @@ def test_a_client_that_never_reads_its_acks_is_closed_after_idle_timeout(tmp_pat
     assert stopping is not None and stopping["connections"] == 0
     # Every record the daemon read is in the file (what stayed unread in the kernel was never acked).
     assert 0 < count_lines(d.messages) == stopping["accepted"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_records_are_written_in_the_order_sent_while_answers_pile_up(
+    tmp_path: Path, daemon_factory: Any, workers: int
+) -> None:
+    """A client that sends fast and does not read its answers for a while: once its unsent answers
+    pass the bound the daemon holds the frames it read, and must not take the ones it reads next
+    before them. Every record is written once, in the order sent."""
+    d = daemon_factory(
+        write_config(tmp_path, listeners=[{"address": "tcp://127.0.0.1:0", "ack": True}], server={"workers": workers})
+    )
+    total = 100_000
+    s = socket.create_connection(d.tcp)
+    payload = b"".join(make_line(0, i) + b"\n" for i in range(total))
+    sender = threading.Thread(target=lambda: s.sendall(payload), daemon=True)
+    sender.start()
+    time.sleep(1.5)  # answers are not read meanwhile: they pile up past the bound
+    s.settimeout(60)
+    answered = 0
+    buf = b""
+    while answered < total:
+        chunk = s.recv(1 << 16)
+        assert chunk, "the daemon closed the connection"
+        buf += chunk
+        *answers, buf = buf.split(b"\n")
+        answered += len(answers)
+    sender.join(60)
+    s.close()
+    ids = logged_ids(d.messages)
+    assert len(ids) == total
+    firsts = [i for i, (a, b) in enumerate(zip(ids, ids[1:], strict=False)) if int(b[3:]) != int(a[3:]) + 1]
+    assert ids == [f"c0-{i}" for i in range(total)], (
+        f"out of order at {firsts[:5]}: {[ids[i : i + 2] for i in firsts[:3]]}"
+    )

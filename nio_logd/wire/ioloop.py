@@ -233,6 +233,11 @@ class Connection(Stream):
         if frames:
             if loop.rate and not loop.stopping:
                 frames = loop.rate_gate(self, frames)
+            elif self.held:
+                # Older frames wait for answer room (read interest is dropped at the next update):
+                # these go behind them, never ahead.
+                self.hold(self.held + frames)
+                frames = []
             if frames:
                 loop.take_frames(self, frames)
         if self.closed:
@@ -606,6 +611,7 @@ class IOLoop:
             self._close_refusing(conn)
         elif taken < len(frames):
             conn.hold(frames[taken:] + conn.held)  # no room for more answers: wait, unread
+            conn.update_events()  # and read no more until there is
 
     def _close_refusing(self, conn: Connection) -> None:
         closed = self.stats.records.closed_refused_records + 1  # this pass's count is added at hand-off

@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -299,6 +300,112 @@ class MetricsSettings(_Frozen):
     read_timeout: Seconds = 5.0  # a client must have sent its whole request within this
 
 
+def _check_engine_url(text: str) -> str:
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in ("nats", "tls"):
+        raise ValueError(f"{text!r}: expected nats://HOST:PORT or tls://HOST:PORT")
+    hostport = rest.split("@")[-1].rstrip("/")
+    host, colon, port = hostport.rpartition(":")
+    if not colon:
+        host, port = hostport, "4222"
+    if not host.strip("[]"):
+        raise ValueError(f"{text!r}: no host")
+    if not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"{text!r}: port must be a number from 1 to 65535")
+    return text
+
+
+def _check_subject(text: str) -> str:
+    tokens = text.split(".")
+    if not text or any(not t or t in ("*", ">") or any(c.isspace() for c in t) for t in tokens):
+        raise ValueError(f"{text!r}: a NATS subject of dot-separated tokens, without spaces or wildcards")
+    return text
+
+
+def _check_stream(text: str) -> str:
+    if not text or any(c in text for c in " \t\r\n.*>/\\") or len(text) > 255:
+        raise ValueError(f"{text!r}: a JetStream stream name, without spaces, '.', '*', '>', '/' or '\\'")
+    return text
+
+
+def _check_forward_name(text: str) -> str:
+    if not text or len(text) > 64 or not all(c.isalnum() or c in "-_" for c in text):
+        raise ValueError(f"{text!r}: letters, digits, '-' and '_' only (at most 64)")
+    return text
+
+
+EngineURL = Annotated[str, AfterValidator(_check_engine_url)]
+
+
+class ForwardTLSSettings(_Frozen):
+    """TLS to the engine: the CA that signs its certificate, our client certificate if it wants one."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> ForwardTLSSettings:
+        if self.key is not None and self.cert is None:
+            raise ValueError("key needs cert (the client certificate it belongs to)")
+        return self
+
+
+class ForwardSettings(_Frozen):
+    """One ``[[forward]]`` table: accepted records forwarded, at least once, to a NATS JetStream stream."""
+
+    kind: Literal["nats"] = "nats"
+    # Unique across the tables: it names the cursor file and the metrics' ``forward`` label.
+    # Default: the stream and the subject ("LOGS-logs.nio" -> "LOGS-logs_nio").
+    name: Annotated[str, AfterValidator(_check_forward_name)] | None = None
+    servers: Annotated[tuple[EngineURL, ...], Field(min_length=1)] = ("nats://127.0.0.1:4222",)
+    subject: Annotated[str, AfterValidator(_check_subject)] = "logs.nio"
+    stream: Annotated[str, AfterValidator(_check_stream)] = "LOGS"
+    # Credentials: user + password, or a token, or a .creds file (JWT + NKey; needs the nkeys package).
+    user: str | None = None
+    password: SecretStr | None = None  # shown as ******** by check-config
+    token: SecretStr | None = None
+    creds: str | None = None
+    tls: ForwardTLSSettings | None = None
+    # Written with each record as "host"; None: this machine's name (socket.gethostname()).
+    host: str | None = None
+    # Messages published and not yet acknowledged, at most; and bytes read from the log at a time.
+    max_in_flight: Annotated[int, Field(ge=1, le=65536)] = 4096
+    batch_bytes: Annotated[int, Field(ge=1 << 12, le=64 << 20)] = 1 << 20
+    ack_timeout: Seconds = 5.0  # a publish not acknowledged within this is sent again (same id)
+    cursor: str | None = None  # None: "<[log] path>.forward-<name>.cursor"
+    cursor_interval: Annotated[float, Field(ge=0, le=60)] = 0.5  # the cursor is replaced at most this often
+    # Where a forwarder without a cursor begins: the start of the current messages log, or its end.
+    start: Literal["beginning", "end"] = "beginning"
+    # /healthz degrades once the records not yet acknowledged are more than lag_bytes bytes, or the
+    # oldest of them has waited more than lag_seconds. 0: that check is off.
+    lag_bytes: Annotated[int, Field(ge=0)] = 256 << 20
+    lag_seconds: Annotated[float, Field(ge=0)] = 300.0
+    # true: a client's {"ok": true} waits until this engine has acknowledged the record.
+    ack_after: bool = False
+
+    @model_validator(mode="after")
+    def _credentials(self) -> ForwardSettings:
+        if (self.user is None) != (self.password is None):
+            raise ValueError("user and password go together")
+        given = [k for k in ("user", "token", "creds") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)}: give one kind of credentials (user/password, token or creds)")
+        if self.tls is not None and any(u.startswith("nats://") for u in self.servers):
+            # nats-py upgrades nats:// to TLS when a context is given; say it in the config instead.
+            raise ValueError("tls: write the servers as tls://HOST:PORT when [forward.tls] is set")
+        if self.host is not None and (not self.host or any(ord(c) < 32 for c in self.host)):
+            raise ValueError("host: a non-empty name without control characters")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The table's name: given, or derived from the stream and the subject."""
+        if self.name is not None:
+            return self.name
+        return "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{self.stream}-{self.subject}")[:64]
+
+
 def _default_listeners() -> tuple[ListenerSettings, ...]:
     return (ListenerSettings(),)
 
@@ -313,6 +420,7 @@ class Settings(_Frozen):
     server: ServerSettings = ServerSettings()
     daemon: DaemonSettings = DaemonSettings()
     metrics: MetricsSettings = MetricsSettings()
+    forward: tuple[ForwardSettings, ...] = ()
     # Not a TOML key: the folder relative paths resolve against, and where the settings came from.
     base_dir: str = "."
     source: str = "built-in defaults"
@@ -354,6 +462,22 @@ class Settings(_Frozen):
                 "accepted and refused records would be mixed; give the rejects their own file"
             )
         return self
+
+    @model_validator(mode="after")
+    def _distinct_forwards(self) -> Settings:
+        seen: set[str] = set()
+        for table in self.forward:
+            if table.label in seen:
+                raise ValueError(f"forward: two tables are named {table.label!r}; give each a distinct name")
+            seen.add(table.label)
+        return self
+
+    def forward_cursor(self, table: ForwardSettings) -> Path:
+        """Where a ``[[forward]]`` table keeps its cursor."""
+        if table.cursor is not None:
+            return self.resolve(table.cursor)
+        log_path = self.resolve(self.log.path)
+        return log_path.parent / f"{log_path.name}.forward-{table.label}.cursor"
 
 
 def _format_error(source: Path, exc: ValidationError) -> str:

@@ -87,6 +87,37 @@ class WriterStats:
 
 
 @dataclass(slots=True)
+class ForwardStats:
+    """What one forwarder (a ``[[forward]]`` table) counts and how far behind it is now."""
+
+    name: str = ""
+    forwarded: int = 0  # records the engine acknowledged (since the daemon started)
+    resent: int = 0  # publishes sent again (no ack in time, or an error answer)
+    lag_bytes: int = 0  # bytes of the log past the acknowledged position
+    lag_records: int = 0
+    oldest_unforwarded_seconds: float = 0.0  # how long the oldest record not yet acknowledged has waited
+    engine_errors: int = 0  # failed connects, error answers, timed-out acks
+    lost_records: int = 0  # records known lost (a rotated file deleted before it was forwarded)
+    lost_files: int = 0
+    connected: bool = False
+    lag_limit_bytes: int = 0
+    lag_limit_seconds: float = 0.0
+    last_error: str = ""
+
+    @property
+    def lagging(self) -> str | None:
+        """Why the lag is past its threshold, or None."""
+        if self.lag_limit_bytes and self.lag_bytes > self.lag_limit_bytes:
+            return f"forward {self.name}: {self.lag_bytes} bytes not yet forwarded (limit {self.lag_limit_bytes})"
+        if self.lag_limit_seconds and self.oldest_unforwarded_seconds > self.lag_limit_seconds:
+            return (
+                f"forward {self.name}: the oldest record not yet forwarded has waited "
+                f"{self.oldest_unforwarded_seconds:.0f} s (limit {self.lag_limit_seconds:g} s)"
+            )
+        return None
+
+
+@dataclass(slots=True)
 class Stats:
     """The daemon's counters and gauges at one moment (``Server.snapshot()``)."""
 
@@ -100,6 +131,7 @@ class Stats:
     threads_alive: bool = True
     stopping: bool = False
     fatal: str | None = None
+    forward: tuple[ForwardStats, ...] = ()
 
     @property
     def paused(self) -> bool:
@@ -152,6 +184,16 @@ class Stats:
             "tls_handshakes": loops.tls_handshakes,
             "tls_handshake_failed": loops.tls_handshake_failed,
             "tls_handshake_incomplete": loops.tls_handshake_incomplete,
+            "forward": {
+                f.name: {
+                    "forwarded": f.forwarded,
+                    "lag_bytes": f.lag_bytes,
+                    "lag_records": f.lag_records,
+                    "connected": f.connected,
+                    "engine_errors": f.engine_errors,
+                }
+                for f in self.forward
+            },
         }
 
     def __getitem__(self, key: str) -> Any:

@@ -257,3 +257,6 @@ def server_factory() -> Iterator[Any]:
     for s in started:
         if any(loop.thread and loop.thread.is_alive() for loop in s.server.loops):
             s.stop()
+
+
+from nats_cluster import nats_cluster  # noqa: E402, F401 - the JetStream cluster of the forwarding tests

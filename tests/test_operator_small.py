@@ -22,7 +22,7 @@ from typing import IO, Any
 import pytest
 from conftest import REPO, free_port, record, wait_for, write_config
 
-from nio_logd.config import ListenerSettings, Settings, TLSSettings, load_file
+from nio_logd.config import ForwardSettings, ForwardTLSSettings, ListenerSettings, Settings, TLSSettings, load_file
 from nio_logd.service.daemonize import events_path
 
 PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
@@ -314,9 +314,11 @@ def test_example_config_names_every_key_and_its_commented_defaults_are_the_defau
     expected: dict[str, set[str]] = {
         "listeners": _keys(ListenerSettings) - {"tls"},
         "listeners.tls": _keys(TLSSettings),
+        "forward": _keys(ForwardSettings) - {"tls"},
+        "forward.tls": _keys(ForwardTLSSettings),
     }
     for name, field in Settings.model_fields.items():
-        if name not in ("listeners", "base_dir", "source"):
+        if name not in ("listeners", "forward", "base_dir", "source"):
             assert field.annotation is not None
             expected[name] = _keys(field.annotation)
     missing = {t: sorted(keys - tables.get(t, set())) for t, keys in expected.items() if keys - tables.get(t, set())}

@@ -19,11 +19,22 @@ The log folders may be writable by the daemon user, who must not be able to poin
 file with one link (``files.open_regular``), and opening never blocks (a FIFO). Opening,
 writing, fsyncing and rotating happen outside the queue lock, so a stuck disk never stops the
 I/O loops from queueing or the control loop from seeing the stall (``stalled_seconds``).
+
+Readers of the messages log downstream (the forwarders) get three narrow hooks, as callables:
+``watchers`` are told the count of records written after each write, and which file was written
+up to where (a wake-up, and a truncation the reader can see without having looked); ``may_drop``
+is asked before the built-in rotation drops the oldest rotated file (a reader not past it yet
+postpones the rotation); and ``ack_gate`` (``[[forward]] ack_after``) holds each written batch,
+its acks unsent, until the gate's count of records acknowledged downstream passes the batch's
+end. Held batches count towards the queue bound, so the loops stop reading while the gate is
+behind; ``batch_done`` is still called on this thread, in order.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -127,6 +138,14 @@ class Writer:
         self.fsync_hist = LatencyHistogram()
         self.on_progress: Callable[[], None] | None = None
         self.on_fatal: Callable[[str, BaseException], None] | None = None
+        # Downstream readers of the messages log (see the module's docstring).
+        self.watchers: list[Callable[[int, tuple[int, int], int], None]] = []
+        self.may_drop: Callable[[tuple[int, int]], bool] | None = None
+        self.ack_gate: Callable[[], int] | None = None
+        self._held: collections.deque[tuple[int, Batch]] = collections.deque()
+        self._held_bytes = 0
+        self._gate_moved = False
+        self._postponed: tuple[int, int] | None = None  # the rotated file whose drop was postponed (logged once)
 
     # -- called from other threads -------------------------------------------------------------
     def open(self) -> None:
@@ -147,7 +166,7 @@ class Writer:
                 self.waiting_since = time.monotonic()
             self._depth += batch.nbytes
             self.queued_records += batch.accepted + batch.refused
-            over = self._depth >= self.high_water
+            over = self._depth + self._held_bytes >= self.high_water
             if over and batch.owner is not None:
                 self._paused.add(batch.owner)
             self._cond.notify()
@@ -204,6 +223,18 @@ class Writer:
             self._reopen = True
             self._cond.notify()
 
+    def gate_moved(self) -> None:
+        """The ack gate's count went up (any thread): release the batches it now covers."""
+        with self._cond:
+            if not self._gate_moved:
+                self._gate_moved = True
+                self._cond.notify()
+
+    @property
+    def held_records(self) -> int:
+        """Records written whose acks wait for the ack gate."""
+        return sum(b.accepted for _end, b in list(self._held))
+
     def stop(self, timeout: float | None = None) -> bool:
         """Write everything queued, close the files; False if it did not finish in ``timeout``."""
         with self._cond:
@@ -224,15 +255,23 @@ class Writer:
         try:
             while True:
                 with self._cond:
-                    while not self._queue and not self._stopping and not self._reopen:
+                    while not self._queue and not self._stopping and not self._reopen and not self._gate_moved:
                         self._cond.wait()
                     reopen, self._reopen = self._reopen, False
+                    gate, self._gate_moved = self._gate_moved, False
                     empty, stopping = not self._queue, self._stopping
+                if gate:
+                    self._release()
                 if reopen:
                     self._do_reopen()  # outside the lock: an open may block, submit() must not
                     continue
                 if empty:
                     if stopping:
+                        if self._held and not self._force:
+                            with self._cond:  # the gate's engine may still acknowledge them: wait for it
+                                if not self._gate_moved:
+                                    self._cond.wait(0.05)
+                            continue
                         break
                     continue
                 if self.fsync and self.fsync_max_wait > 0:
@@ -250,6 +289,13 @@ class Writer:
                 self.on_fatal("writer", exc)
             raise
         finally:
+            if self._held:
+                log.warning(
+                    "acks_not_sent",
+                    records=self.held_records,
+                    reason="stopped before the forward engine acknowledged them (ack_after); they are in the log "
+                    "and are forwarded after the restart",
+                )
             self.messages.close()
             self.rejects.close()
 
@@ -283,24 +329,37 @@ class Writer:
         self.last_progress = time.monotonic()
         nbytes = 0
         records = 0
+        gated = self.ack_gate is not None
+        end = self.written_records - sum(b.accepted for b in batches)
+        held = 0
         for batch in batches:
             nbytes += batch.nbytes
             records += batch.accepted + batch.refused
-            if batch.owner is not None:
+            end += batch.accepted
+            if gated and batch.owner is not None and batch.accepted:
+                self._held.append((end, batch))
+                held += batch.nbytes
+            elif batch.owner is not None:
                 batch.owner.batch_done(batch)
         with self._cond:
             self._depth -= nbytes
+            self._held_bytes += held
             self.queued_records -= records
-            resume = self._paused if self._depth <= self.high_water // 2 else set()
-            if resume:
-                self._paused = set()
-        for owner in resume:
-            owner.resume_reading()
+        if self.watchers:
+            st = os.fstat(self.messages.fd)  # which file, and how far: a later truncation shows
+            for watcher in self.watchers:
+                watcher(self.written_records, (st.st_dev, st.st_ino), self.messages.size)
+        if gated:
+            self._release()
+        else:
+            self._resume_readers()
         if self.on_progress is not None:
             self.on_progress()
         if self.rotate_bytes:
             for f in (self.messages, self.rejects):
                 if f.size < self.rotate_bytes:
+                    continue
+                if f is self.messages and not self._may_rotate(f):
                     continue
                 if f is self.messages:
                     self._retry(f, lambda f=f: f.rotate(self.rotate_keep))  # type: ignore[misc]
@@ -317,6 +376,54 @@ class Writer:
                         )
                         continue
                 log.info("rotated", path=str(f.path), keep=self.rotate_keep)
+
+    def _resume_readers(self) -> None:
+        with self._cond:
+            resume = self._paused if self._depth + self._held_bytes <= self.high_water // 2 else set()
+            if resume:
+                self._paused = set()
+        for owner in resume:
+            owner.resume_reading()
+
+    def _release(self) -> None:
+        """Hand back the held batches the ack gate now covers, in order (ack_after)."""
+        gate = self.ack_gate
+        if gate is None or not self._held:
+            return
+        passed = gate()
+        freed = 0
+        while self._held and self._held[0][0] <= passed:
+            _end, batch = self._held.popleft()
+            freed += batch.nbytes
+            assert batch.owner is not None
+            batch.owner.batch_done(batch)
+        if freed:
+            with self._cond:
+                self._held_bytes -= freed
+            self.last_progress = time.monotonic()
+        self._resume_readers()
+
+    def _may_rotate(self, f: LogFile) -> bool:
+        """Whether rotating now may drop the oldest rotated file (``may_drop``: a reader is past it)."""
+        if self.may_drop is None:
+            return True
+        try:
+            st = os.lstat(f"{f.path}.{self.rotate_keep}")
+        except OSError:
+            return True  # nothing is dropped
+        victim = (st.st_dev, st.st_ino)
+        if self.may_drop(victim):
+            return True
+        if self._postponed != victim:
+            self._postponed = victim
+            log.warning(
+                "rotation_postponed",
+                path=str(f.path),
+                dropped=f"{f.path}.{self.rotate_keep}",
+                reason="a forwarder has not forwarded that file yet",
+                action="writing on to the current file; rotation is tried again after each write",
+            )
+        return False
 
     def _timed(self, action: Callable[[], T]) -> T:
         """Run one file operation, visible to ``stalled_seconds`` while it runs."""

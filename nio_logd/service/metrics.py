@@ -24,7 +24,9 @@ once a minute (per address for ``not_allowed``).
   (a stuck or failing disk: ENOSPC, EIO, a frozen filesystem), or writes have been failing
   that long, or
 - an I/O loop has been paused by backpressure without a break for that long, or
-- a writer or I/O thread has died, or the daemon is stopping.
+- a writer or I/O thread has died, or the daemon is stopping, or
+- a ``[[forward]]`` table's lag is past its threshold: more than ``lag_bytes`` bytes of the log
+  not acknowledged by its engine, or the oldest of them waiting more than ``lag_seconds``.
 A disk that is slow but keeps up with short pauses stays healthy: that is backpressure doing its
 job, visible in ``nio_logd_backpressure_paused_seconds_total``.
 """
@@ -52,7 +54,7 @@ from ..config import MetricsSettings, Settings, parse_address
 from ..errors import StartupError
 from ..events import get_logger
 from ..output.writer import Writer
-from ..stats import Stats
+from ..stats import ForwardStats, Stats
 from ..wire.access import AllowList, OncePer
 
 if TYPE_CHECKING:
@@ -104,7 +106,8 @@ def health(server: Observed) -> tuple[bool, dict[str, Any]]:
         problems.append(s.fatal)
     if not s.threads_alive:
         problems.append("a writer or I/O thread has died")
-    body = {
+    problems.extend(reason for f in s.forward if (reason := f.lagging) is not None)
+    body: dict[str, Any] = {
         "status": "unhealthy" if problems else "ok",
         "problems": problems,
         "paused": s.paused,
@@ -112,6 +115,21 @@ def health(server: Observed) -> tuple[bool, dict[str, Any]]:
         "connections": s.connections,
         "writer_stalled_seconds": round(s.writer.writer_stalled_seconds, 3),
     }
+    if s.forward:
+        body["forward"] = {
+            f.name: {
+                "connected": f.connected,
+                "forwarded": f.forwarded,
+                "lag_bytes": f.lag_bytes,
+                "lag_records": f.lag_records,
+                "oldest_unforwarded_seconds": round(f.oldest_unforwarded_seconds, 3),
+                "engine_errors": f.engine_errors,
+                "lost_records": f.lost_records,
+                "lost_files": f.lost_files,
+                "last_error": f.last_error,
+            }
+            for f in s.forward
+        }
     return not problems, body
 
 
@@ -232,8 +250,44 @@ class ServerCollector(Collector):
             ("tls_handshake_incomplete", "TLS handshakes abandoned by the client or timed out."),
         ):
             yield CounterMetricFamily(f"nio_logd_{key}", text, value=getattr(s.loops, key))
+        yield from _forward_metrics(s.forward)
         healthy, _ = health(self.server)
         yield GaugeMetricFamily("nio_logd_healthy", "1 when /healthz answers 200.", value=1.0 if healthy else 0.0)
+
+
+_FORWARD_COUNTERS = (
+    ("forwarded", "nio_logd_forward_records", "Records the engine acknowledged (since the daemon started)."),
+    ("resent", "nio_logd_forward_resent", "Messages sent again (no acknowledgement in time, or an error answer)."),
+    ("engine_errors", "nio_logd_forward_engine_errors", "Failed connects, error answers and timed-out acks."),
+    ("lost_records", "nio_logd_forward_lost_records", "Records not forwarded (too large for the engine)."),
+    ("lost_files", "nio_logd_forward_lost_files", "Log files gone before they were forwarded to their end."),
+)
+_FORWARD_GAUGES = (
+    ("lag_bytes", "nio_logd_forward_lag_bytes", "Bytes of the messages log not acknowledged by the engine yet."),
+    ("lag_records", "nio_logd_forward_lag_records", "Records of the messages log not acknowledged by the engine yet."),
+    (
+        "oldest_unforwarded_seconds",
+        "nio_logd_forward_oldest_unforwarded_seconds",
+        "Age of the oldest record not acknowledged by the engine yet (0: none).",
+    ),
+    ("connected", "nio_logd_forward_connected", "1 while connected to the engine."),
+)
+
+
+def _forward_metrics(forwards: tuple[ForwardStats, ...]) -> Iterator[Metric]:
+    """One series per ``[[forward]]`` table (label ``forward``: its name); none without tables."""
+    if not forwards:
+        return
+    for key, name, text in _FORWARD_COUNTERS:
+        counter = CounterMetricFamily(name, text, labels=["forward"])
+        for f in forwards:
+            counter.add_metric([f.name], float(getattr(f, key)))
+        yield counter
+    for key, name, text in _FORWARD_GAUGES:
+        gauge = GaugeMetricFamily(name, text, labels=["forward"])
+        for f in forwards:
+            gauge.add_metric([f.name], float(getattr(f, key)))
+        yield gauge
 
 
 def _by_reason(name: str, text: str, counts: dict[str, int], known: Iterable[str]) -> CounterMetricFamily:

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..config import Settings, TLSSettings
 from ..errors import StartupError
 from ..events import get_logger
+from ..forward import Forwarder
 from ..output.writer import Writer
 from ..records.record import RecordValidator
 from ..records.render import Renderer
@@ -84,6 +85,7 @@ class Server:
             )
         )
         self.writer.on_fatal = self.fail
+        self.forwarders: list[Forwarder] = []  # one per [[forward]] table, in the process that owns the files
         self.metrics: MetricsServer | None = None
         self.metrics_error: str | None = None  # [metrics] could not be served (socket activation)
         self.stopping = False
@@ -121,6 +123,8 @@ class Server:
             self.writer.open()
         except OSError as exc:
             raise StartupError(_open_failure(exc, [self.writer.messages.path, self.writer.rejects.path])) from None
+        if not self.in_worker:
+            self._make_forwarders()
         self.listeners = bind(self.settings, reuse_port=self.workers > 1)
         if self.workers > 1:
             try:
@@ -171,6 +175,28 @@ class Server:
         for listener in listeners:
             self.loops[0].add_listener(listener)
 
+    def _make_forwarders(self) -> None:
+        """One forwarder per ``[[forward]]`` table, its cursor read while the files are quiet."""
+        settings = self.settings
+        log_path = self.writer.messages.path
+        for table in settings.forward:
+            forwarder = Forwarder(
+                table,
+                log_path,
+                settings.forward_cursor(table),
+                settings.resolve,
+                on_acked=self.writer.gate_moved if table.ack_after else None,
+            )
+            forwarder.prepare()
+            self.forwarders.append(forwarder)
+            self.writer.watchers.append(forwarder.wake)
+        if self.forwarders:
+            forwarders = list(self.forwarders)
+            self.writer.may_drop = lambda ident: all(f.may_drop(ident) for f in forwarders)
+        gated = [f for f in self.forwarders if f.settings.ack_after]
+        if gated:
+            self.writer.ack_gate = lambda: min(f.acked_writer_records for f in gated)
+
     def start_workers(self, identity: Identity | None) -> None:
         """The hub: start the worker processes now (the privilege drop calls this just before the
         hub drops: each worker becomes ``identity`` itself, once it has read its bootstrap)."""
@@ -179,6 +205,8 @@ class Server:
 
     def start(self) -> None:
         self.writer.start()
+        for forwarder in self.forwarders:
+            forwarder.start()
         for loop in self.loops:
             loop.start()
         if self.pool is not None:
@@ -242,6 +270,9 @@ class Server:
             listener.close()
         left = max(0.5, deadline - time.monotonic())
         written = self.writer.stop(left if force is None or not force.is_set() else 0.5)
+        for forwarder in self.forwarders:
+            # What is written goes out within the time left (at least a moment); the cursor keeps the rest.
+            forwarder.stop(0.5 if force is not None and force.is_set() else max(1.0, deadline - time.monotonic()))
         if self.metrics is not None:
             self.metrics.close()
         return clean and written and self.fatal is None
@@ -357,6 +388,7 @@ class Server:
             threads_alive=threads_alive,
             stopping=self.stopping,
             fatal=self.fatal,
+            forward=tuple(forwarder.snapshot() for forwarder in self.forwarders),
         )
 
     def apply(self, settings: Settings) -> None:

@@ -969,6 +969,8 @@ def tail_command(
     FILE ``-`` reads ``stdin`` (None: it is closed).
     """
     keep = build_filter(args)
+    if args.from_url is not None:
+        return _tail_stream(args, out, keep, say)
     path = _log_path(args)
     if args.follow and path.name.endswith(COMPRESSED):
         raise UsageError(f"-f: {safe_text(str(path))} is compressed and does not grow; drop -f to read it")
@@ -1061,6 +1063,45 @@ def tail_command(
     return 0
 
 
+def _tail_stream(args: argparse.Namespace, out: IO[bytes], keep: Filter, say: Callable[[str], None]) -> int:
+    """``--from nats://HOST:PORT/STREAM``: the same filters and output, for the stream all hosts forward to."""
+    from .tail_nats import StreamURL, read_stream
+
+    if args.file is not None or args.rejects:
+        raise UsageError("give --from or FILE/--rejects, not both")
+    url = StreamURL.parse(args.from_url)
+    pretty = args.pretty or (not args.json and out.isatty())
+    render: Callable[[Line], bytes]
+    if pretty:
+        render = PrettyRenderer(_use_colors(args.color, out))
+    else:
+        render = render_json_terminal if out.isatty() else render_json
+    printer = Printer(out, keep, render)
+    n = args.lines if args.lines is not None else (-1 if keep.by_time else DEFAULT_LINES)
+    filtered = keep.users is not None or keep.grep is not None or keep.by_time
+    # Without filters the last N are the stream's last N; with them, the stream is read from the
+    # start (or from --since) and the last N that pass are kept.
+    last = n if n >= 0 and not filtered else None
+    held: deque[Line] = deque(maxlen=n if n >= 0 else None)
+
+    def on_batch(data: list[bytes], past: bool) -> None:
+        lines = [parse_line(raw.rstrip(b"\n")) for raw in data]
+        if past and n >= 0:
+            held.extend(line for line in lines if keep(line))
+            return
+        printer(lines)
+        printer.flush()
+
+    def on_caught_up() -> None:
+        if n >= 0:
+            printer(list(held))
+            held.clear()
+        printer.flush()
+
+    read_stream(url, last=last, since=keep.since, follow=args.follow, on_batch=on_batch, on_caught_up=on_caught_up)
+    return 0
+
+
 def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
     """Add ``nio-logd tail`` to the command line's subparsers (the CLI sets its handler)."""
     p: argparse.ArgumentParser = sub.add_parser(
@@ -1118,4 +1159,11 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> arg
         help="colours in human-readable output (auto: on a terminal, unless $NO_COLOR is set)",
     )
     p.add_argument("--rejects", action="store_true", help="read the config's rejects log instead")
+    p.add_argument(
+        "--from",
+        dest="from_url",
+        metavar="nats://HOST:PORT/STREAM",
+        help="read the NATS JetStream stream that the daemons forward to (all hosts' records, each with its "
+        "host) instead of a file; same filters and output; -f follows it",
+    )
     return p

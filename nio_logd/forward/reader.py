@@ -1,0 +1,454 @@
+"""Whole lines of the messages log from a position on, across rotation of every kind.
+
+design: the reader holds the file it reads open (by descriptor, so a rename or even a deletion
+does not take it away) and returns ``Segment``s: whole lines of one file with their offsets,
+at most ``window`` bytes at a time (longer only for a single line longer than that). The files
+of the log are its path and the rotated ones next to it ("messages.log.1", "messages.log-2026..."),
+oldest first: numbered names by number downwards, then other names by age, the path last.
+
+- rename + create (logrotate, then SIGHUP or SIGUSR1) and the built-in rotation: once the file
+  read is no longer at the path and its successor has bytes, the daemon (one writer thread) has
+  written its last line to the old file, which is read to its end before the reader moves on;
+- copytruncate: the file gets shorter than our position (or the bytes before the position
+  change). The copy is found next to it by the bytes we read last (``RECENT``); the lines the
+  copy holds past our position are read from it, then the files after it (newer copies, if the
+  reader was behind by several rotations, and the file itself) from their start, skipping the
+  lines the daemon wrote again there (``copytruncate.py``) if we had read them already.
+
+Sans network, sans threads: the forwarder calls ``read()`` when the writer says it wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import COMPRESSED
+from .cursor import CHECK_BYTES, digest
+
+RECENT = 1 << 20  # bytes read last that are kept: to find a copytruncate copy and skip lines written again
+_NUMBERED = re.compile(r"\.(\d{1,6})")
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Whole lines of one file, found at ``start``."""
+
+    dev: int
+    ino: int
+    start: int
+    data: bytes
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """Where ``open_at`` put the reader, and what it could not find (for the events)."""
+
+    dev: int
+    ino: int
+    offset: int
+    problem: str = ""  # non-empty: records may have been lost or will be sent again
+    lost_files: int = 0
+
+
+class _Source:
+    __slots__ = ("dev", "fd", "ino", "known", "pos", "recent", "seen")
+
+    def __init__(self, fd: int, pos: int) -> None:
+        st = os.fstat(fd)
+        self.fd = fd
+        self.dev, self.ino = st.st_dev, st.st_ino
+        self.pos = pos
+        self.recent = bytearray()  # the bytes just before pos (at most RECENT)
+        self.seen = st.st_size  # the largest size seen: smaller later means truncated, even before pos
+        self.known: set[tuple[int, int]] = set()  # the log's files when we began reading this one
+
+    def __repr__(self) -> str:
+        return f"<_Source {self.dev}:{self.ino} at {self.pos}>"
+
+    @property
+    def ident(self) -> tuple[int, int]:
+        return (self.dev, self.ino)
+
+    def keep(self, data: bytes) -> None:
+        self.recent += data
+        if len(self.recent) > RECENT:
+            del self.recent[: len(self.recent) - RECENT]
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    parts = []
+    while n > 0:
+        chunk = os.pread(fd, min(n, 1 << 22), offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        n -= len(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
+
+
+def _open(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path}: not a regular file")
+    return fd
+
+
+class LogReader:
+    """Reads the log at ``path`` (and its rotated files) in whole lines, from a position on."""
+
+    def __init__(self, path: Path, window: int = 1 << 20) -> None:
+        self.path = path
+        self.window = window
+        self.cur: _Source | None = None
+        self.skip: bytes = b""  # expected at the start of a truncated file: lines read already
+        self.notes: list[str] = []  # what happened (truncation, a copy used), for the events
+
+    def __repr__(self) -> str:
+        return f"<LogReader {self.path} {self.cur!r}>"
+
+    # -- the files of the log ------------------------------------------------------------------
+    def files(self) -> list[tuple[Path, os.stat_result]]:
+        """The log's files, oldest first (see the module's docstring)."""
+        base = self.path.name
+        found: list[tuple[tuple[int, float, str], Path, os.stat_result]] = []
+        try:
+            entries = list(os.scandir(self.path.parent))
+        except OSError:
+            return []
+        for entry in entries:
+            name = entry.name
+            if name == base:
+                rank: tuple[int, float, str] = (2, 0.0, name)
+            elif name.startswith(base) and name[len(base) : len(base) + 1] in (".", "-", "_"):
+                rest = name[len(base) :]
+                if name.endswith((*COMPRESSED, ".cursor", ".tmp")) or ".forward-" in rest:
+                    continue
+                match = _NUMBERED.fullmatch(rest)
+                try:
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                except OSError:
+                    continue
+                rank = (0, -int(match.group(1)), name) if match else (1, mtime, name)
+            else:
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found.append((rank, Path(entry.path), st))
+        found.sort(key=lambda item: item[0])
+        return [(path, st) for _rank, path, st in found]
+
+    def _source(self, fd: int, pos: int) -> _Source:
+        src = _Source(fd, pos)
+        src.known = {(st.st_dev, st.st_ino) for _path, st in self.files()}
+        return src
+
+    def note_written(self, ident: tuple[int, int], size: int) -> None:
+        """The daemon has written file ``ident`` up to ``size``: a truncation below it is seen even
+        if we never looked at the file in between."""
+        cur = self.cur
+        if cur is not None and cur.ident == ident and size > cur.seen:
+            cur.seen = size
+
+    def _find(self, ident: tuple[int, int]) -> Path | None:
+        for path, st in self.files():
+            if (st.st_dev, st.st_ino) == ident:
+                return path
+        return None
+
+    # -- positioning ---------------------------------------------------------------------------
+    def open_at(
+        self, ident: tuple[int, int] | None, offset: int = 0, check: str = "", *, at_end: bool = False
+    ) -> Opened:
+        """Start at ``offset`` of the file ``ident`` (None: the path, at its start or ``at_end``)."""
+        self.close()
+        if ident is None:
+            try:
+                fd = _open(self.path)
+            except FileNotFoundError:
+                return Opened(0, 0, 0)  # read() opens it once the daemon has created it
+            size = os.fstat(fd).st_size
+            self.cur = self._source(fd, size if at_end else 0)
+            if at_end and size:
+                self.cur.keep(_pread(fd, min(size, CHECK_BYTES), size - min(size, CHECK_BYTES)))
+            return Opened(self.cur.dev, self.cur.ino, self.cur.pos)
+        path = self._find(ident)
+        if path is None:
+            files = self.files()
+            if not files:
+                return Opened(0, 0, 0, f"the file of the cursor ({ident[0]}:{ident[1]}) is gone", 1)
+            first = files[0][0]
+            self.cur = self._source(_open(first), 0)
+            return Opened(
+                self.cur.dev,
+                self.cur.ino,
+                0,
+                f"the file of the cursor ({ident[0]}:{ident[1]}) is gone: its records not yet forwarded are lost; "
+                f"going on from the start of {first}",
+                1,
+            )
+        fd = _open(path)
+        src = self._source(fd, offset)
+        size = os.fstat(fd).st_size
+        before = _pread(fd, min(offset, CHECK_BYTES), offset - min(offset, CHECK_BYTES)) if offset <= size else b""
+        if offset <= size and (offset == 0 or digest(before) == check):
+            src.keep(before)
+            self.cur = src
+            return Opened(src.dev, src.ino, offset)
+        # Truncated (copytruncate) since the cursor was written: the rest may be in the copy.
+        self.cur = src
+        copy = self._copy_by_check(src, offset, check)
+        src.pos = 0
+        if copy is not None:
+            os.close(src.fd)
+            self.cur = copy
+            return Opened(copy.dev, copy.ino, copy.pos)
+        return Opened(
+            src.dev,
+            src.ino,
+            0,
+            f"{path} was truncated and no copy holding the cursor's position was found: the records between "
+            "the position and the truncation may be lost; going on from its start",
+        )
+
+    def _copy_by_check(self, src: _Source, offset: int, check: str) -> _Source | None:
+        for path, st in reversed(self.files()):
+            if (st.st_dev, st.st_ino) == src.ident or st.st_size < offset:
+                continue
+            try:
+                fd = _open(path)
+            except OSError:
+                continue
+            before = _pread(fd, min(offset, CHECK_BYTES), offset - min(offset, CHECK_BYTES))
+            if offset == 0 or digest(before) == check:
+                copy = self._source(fd, offset)
+                copy.keep(before)
+                return copy
+            os.close(fd)
+        return None
+
+    @property
+    def position(self) -> tuple[int, int, int]:
+        """(dev, ino, offset) of the next byte to read; zeros before the log exists."""
+        cur = self.cur
+        return (cur.dev, cur.ino, cur.pos) if cur is not None else (0, 0, 0)
+
+    def close(self) -> None:
+        if self.cur is not None:
+            os.close(self.cur.fd)
+        self.cur = None
+        self.skip = b""
+
+    # -- reading -------------------------------------------------------------------------------
+    def read(self) -> Segment | None:
+        """The next whole lines (at most ``window`` bytes, unless one line is longer), or None for now."""
+        for _ in range(4):  # a few moves (a rotation, a truncation) per call, never a loop for ever
+            cur = self.cur
+            if cur is None:
+                try:
+                    self.cur = self._source(_open(self.path), 0)
+                except OSError:
+                    return None
+                continue
+            size = os.fstat(cur.fd).st_size
+            shrunk = size < cur.seen
+            cur.seen = max(cur.seen, size)
+            if self.skip:
+                if not self._skip_written_again(cur, size):
+                    return None
+                continue
+            if shrunk or size < cur.pos or (cur.pos and not self._same_before(cur)):
+                self._truncated(cur, size)
+                continue
+            if size > cur.pos:
+                segment = self._lines(cur, size)
+                if segment is not None:
+                    return segment
+            if not self._moved_on(cur):
+                return None
+        return None
+
+    def _lines(self, cur: _Source, size: int) -> Segment | None:
+        want = min(size - cur.pos, self.window)
+        data = _pread(cur.fd, want, cur.pos)
+        cut = data.rfind(b"\n") + 1
+        while not cut and cur.pos + len(data) < size:  # one line longer than the window
+            more = _pread(cur.fd, min(size - cur.pos - len(data), self.window), cur.pos + len(data))
+            if not more:
+                break
+            newline = more.find(b"\n")
+            data += more
+            if newline >= 0:
+                cut = len(data) - len(more) + newline + 1
+        if not cut:
+            return None  # a line still being written (or a crash's partial line, cut at the next open)
+        data = data[:cut]
+        segment = Segment(cur.dev, cur.ino, cur.pos, data)
+        cur.pos += cut
+        cur.keep(data)
+        return segment
+
+    def _same_before(self, cur: _Source) -> bool:
+        n = min(len(cur.recent), CHECK_BYTES)
+        if not n:
+            return True
+        return _pread(cur.fd, n, cur.pos - n) == bytes(cur.recent[-n:])
+
+    def _moved_on(self, cur: _Source) -> bool:
+        """At the end of ``cur``: move to the next file if the daemon writes elsewhere now."""
+        try:
+            named = os.lstat(self.path)
+            if (named.st_dev, named.st_ino) == cur.ident:
+                return False  # still the file written to
+        except FileNotFoundError:
+            pass
+        files = self.files()
+        idents = [(st.st_dev, st.st_ino) for _path, st in files]
+        after = files[idents.index(cur.ident) + 1 :] if cur.ident in idents else files
+        if not any(st.st_size for _path, st in after):
+            return False  # the daemon may still write its last lines here (no reopen yet)
+        if os.fstat(cur.fd).st_size > cur.pos:
+            return True  # those last lines: read them first (the caller loops)
+        try:
+            fd = _open(after[0][0])
+        except OSError:
+            return False
+        os.close(cur.fd)
+        self.cur = self._source(fd, 0)
+        return True
+
+    def _truncated(self, cur: _Source, now: int) -> None:
+        """``cur`` was truncated (copytruncate): read on from its copy, or its start."""
+        old = cur.pos
+        cur.seen = now
+        recent = bytes(cur.recent)
+        begin = old - len(recent)  # the file offset of recent[0]
+        best: tuple[int, Path, int] | None = None
+        for path, st in self.files():
+            if (st.st_dev, st.st_ino) == cur.ident:
+                continue
+            size = st.st_size
+            if not recent:
+                # Nothing read from this file yet: no bytes to match a copy by. Its copy is the
+                # oldest file that appeared since we began reading it (newer ones are later copies).
+                if size and (st.st_dev, st.st_ino) not in cur.known and best is None:
+                    best = (st.st_mtime_ns, path, size)
+                continue
+            probe_end = min(size, old)
+            probe = min(CHECK_BYTES, probe_end - begin)
+            if probe <= 0 or size == 0:
+                continue
+            try:
+                fd = _open(path)
+            except OSError:
+                continue
+            try:
+                same = _pread(fd, probe, probe_end - probe) == recent[probe_end - probe - begin : probe_end - begin]
+            finally:
+                os.close(fd)
+            if same and (best is None or st.st_mtime_ns > best[0]):
+                best = (st.st_mtime_ns, path, size)
+        cur.recent = bytearray()
+        cur.pos = 0
+        cur.known = {(st.st_dev, st.st_ino) for _path, st in self.files()}
+        if best is None:
+            self.notes.append(f"{self.path} was truncated; no copy found next to it: reading it from its start")
+            return
+        _mtime, path, size = best
+        if size > old or (not recent and size):
+            try:
+                copy = self._source(_open(path), old)
+            except OSError:
+                return
+            copy.keep(recent)
+            os.close(cur.fd)
+            self.cur = copy
+            self.notes.append(f"{self.path} was truncated: reading its last lines from the copy {path}")
+            return
+        # We read past the copy's end: the daemon writes those lines again at the start of the file
+        # after the copy (from the copy's last whole line on). They are sent already: skip them.
+        cut = size
+        if recent[size - 1 - begin : size - begin] != b"\n":
+            cut = begin + recent.rfind(b"\n", 0, size - begin) + 1
+        self.skip = recent[cut - begin :]
+        files = self.files()
+        idents = [(st.st_dev, st.st_ino) for _path, st in files]
+        copy_ident = next((st.st_dev, st.st_ino) for p, st in files if p == path)
+        after = files[idents.index(copy_ident) + 1 :]
+        if after and (after[0][1].st_dev, after[0][1].st_ino) != cur.ident:
+            try:
+                fd = _open(after[0][0])
+            except OSError:
+                return
+            os.close(cur.fd)
+            self.cur = self._source(fd, 0)  # a newer copy: we were behind by more than one rotation
+        self.notes.append(f"{self.path} was truncated after the copy {path}: skipping the lines written again")
+
+    def _skip_written_again(self, cur: _Source, size: int) -> bool:
+        """The start of the truncated file holds ``skip`` (lines read already): step over it."""
+        n = min(size, len(self.skip))
+        head = _pread(cur.fd, n, 0)
+        if head != self.skip[:n]:
+            self.skip = b""  # not written again (no copy found by the daemon): read it all
+            return True
+        if n < len(self.skip):
+            return False  # not all there yet
+        cur.pos = n
+        cur.keep(self.skip)
+        self.skip = b""
+        return True
+
+    # -- how far behind ------------------------------------------------------------------------
+    def unread(self) -> int:
+        """Bytes in the log not read yet (this file's rest and the files after it)."""
+        cur = self.cur
+        if cur is None:
+            try:
+                return os.stat(self.path).st_size
+            except OSError:
+                return 0
+        total = max(0, os.fstat(cur.fd).st_size - cur.pos)
+        files = self.files()
+        idents = [(st.st_dev, st.st_ino) for _path, st in files]
+        after = files[idents.index(cur.ident) + 1 :] if cur.ident in idents else files
+        return total + sum(st.st_size for _path, st in after) - len(self.skip)
+
+    def count_unread(self) -> int:
+        """Lines not read yet (a scan: call it while the files are quiet, before the writer starts)."""
+        cur = self.cur
+        if cur is None:
+            return 0
+        lines = self._count(cur.fd, cur.pos)
+        files = self.files()
+        idents = [(st.st_dev, st.st_ino) for _path, st in files]
+        after = files[idents.index(cur.ident) + 1 :] if cur.ident in idents else files
+        for path, _st in after:
+            try:
+                fd = _open(path)
+            except OSError:
+                continue
+            try:
+                lines += self._count(fd, 0)
+            finally:
+                os.close(fd)
+        return lines
+
+    @staticmethod
+    def _count(fd: int, offset: int) -> int:
+        lines = 0
+        while chunk := os.pread(fd, 1 << 20, offset):
+            lines += chunk.count(b"\n")
+            offset += len(chunk)
+        return lines

@@ -114,12 +114,13 @@ def test_a_log_folder_the_daemon_cannot_create_is_named(tmp_path: Path) -> None:
 
 
 def test_an_interpreter_under_a_home_folder_is_warned_about_for_the_units(tmp_path: Path) -> None:
-    """The shipped units have ProtectHome=yes: check-config warns (exit 0) when this interpreter or
-    the package lives under /root or /home, and names the fix; from elsewhere, no warning."""
+    """The shipped units have ProtectHome=yes: check-config warns (exit 0) when it runs from a venv
+    whose interpreter or package lives under /root or /home, and names the fix; else no warning."""
     result = check(write_config(tmp_path))
     assert result.returncode == 0, result.stderr
     real = [Path(sys.executable).resolve(), Path(__file__).resolve().parents[1]]
-    hidden = any(p.is_relative_to(home) for p in real for home in (Path("/root"), Path("/home"), Path("/run/user")))
+    homes = (Path("/root"), Path("/home"), Path("/run/user"))
+    hidden = sys.prefix != sys.base_prefix and any(p.is_relative_to(home) for p in real for home in homes)
     if hidden:
         assert "warning:" in result.stderr and "ProtectHome=yes" in result.stderr, result.stderr
         assert "/usr/bin/python3 -m venv" in result.stderr

@@ -74,9 +74,12 @@ PROTECTED_HOMES = (Path("/root"), Path("/home"), Path("/run/user"))
 
 
 def interpreter_warning() -> str | None:
-    """The shipped units have ProtectHome=yes: an interpreter (or package) under a home folder is
+    """The shipped units have ProtectHome=yes: a virtual environment (what the units run, at
+    /opt/nio-logd) made from an interpreter under a home folder (pyenv's, under /root) is
     invisible to the service, which then fails with 203/EXEC. Said by check-config, not fatal:
-    outside those units it works."""
+    outside those units it works; and not said outside a virtual environment (a developer's)."""
+    if sys.prefix == sys.base_prefix:
+        return None
     for path in (Path(sys.executable), Path(__file__)):
         real = path.resolve()
         for home in PROTECTED_HOMES:

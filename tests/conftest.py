@@ -42,6 +42,25 @@ def _toml_value(value: Any) -> str:
     raise TypeError(value)
 
 
+# ``[server] workers`` for the configs a test writes without one: None leaves the daemon's default
+# ("auto", one worker per CPU). Tests marked ``both_shapes`` run twice, with 1 and with 2.
+_SHAPE: dict[str, int | None] = {"workers": None}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("both_shapes"):
+        metafunc.parametrize("_shape", [1, 2], ids=["workers1", "workers2"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def _shape(request: pytest.FixtureRequest) -> Iterator[None]:
+    _SHAPE["workers"] = getattr(request, "param", None)
+    try:
+        yield
+    finally:
+        _SHAPE["workers"] = None
+
+
 def write_config(
     directory: Path,
     listeners: list[dict[str, Any]] | None = None,
@@ -64,6 +83,8 @@ def write_config(
     sections["log"].setdefault("path", "logs/messages.log")
     sections["log"].setdefault("rejects_path", "logs/rejects.log")
     sections.setdefault("daemon", {}).setdefault("events", "json")
+    if _SHAPE["workers"] is not None:
+        sections.setdefault("server", {}).setdefault("workers", _SHAPE["workers"])
     for name, values in sections.items():
         out.append(f"[{name}]")
         out.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())

@@ -108,6 +108,7 @@ def full_disk(request: Any, tmp_path: Path) -> Iterator[FullDisk]:
 
 
 @pytest.mark.slow
+@pytest.mark.both_shapes
 def test_full_disk_stops_acks_bounds_memory_and_resumes(full_disk: FullDisk, daemon_factory: Any) -> None:
     """Acked streams into a log on a filesystem that fills up mid-stream; then room is made again."""
     cfg = write_config(

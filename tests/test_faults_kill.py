@@ -19,6 +19,7 @@ RECORDS = 50_000
 
 @pytest.mark.slow
 @pytest.mark.parametrize("durability", ["write", "fsync"])
+@pytest.mark.both_shapes
 def test_kill_9_mid_stream_then_restart_loses_no_acknowledged_record(
     tmp_path: Path, daemon_factory: Any, durability: str
 ) -> None:

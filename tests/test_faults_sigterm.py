@@ -29,6 +29,7 @@ def _streams_closed() -> Iterator[None]:
 
 
 @pytest.mark.slow
+@pytest.mark.both_shapes
 def test_sigterm_mid_stream_writes_every_complete_record_sent(tmp_path: Path, daemon_factory: Any) -> None:
     """4 un-acked streams at full speed; SIGTERM; every record whose sendall() returned is in the log
     exactly once, the daemon exits 0 and says it stopped clean."""
@@ -61,6 +62,7 @@ def test_sigterm_mid_stream_writes_every_complete_record_sent(tmp_path: Path, da
     assert read_lines(d.rejects) == []
 
 
+@pytest.mark.both_shapes
 def test_sigterm_writes_and_acks_records_of_open_acked_connections(tmp_path: Path, daemon_factory: Any) -> None:
     """Clients that sent records with ack and keep the connection open get every answer before the exit,
     even those whose connection was still in the listen backlog (not yet accepted) at the signal: the
@@ -98,6 +100,7 @@ def test_sigterm_writes_and_acks_records_of_open_acked_connections(tmp_path: Pat
     assert sum(dropped) == 4
 
 
+@pytest.mark.both_shapes
 def test_second_signal_forces_the_exit_while_the_drain_waits(tmp_path: Path, daemon_factory: Any) -> None:
     """A drain that cannot finish (a client keeps streaming until shutdown_timeout) ends at once on a
     second SIGTERM, with a non-zero exit (not everything could be written as promised)."""

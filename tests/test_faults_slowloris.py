@@ -26,6 +26,7 @@ def _streams_closed() -> Iterator[None]:
 
 
 @pytest.mark.slow
+@pytest.mark.both_shapes
 def test_slowloris_does_not_stall_a_stream_and_idle_connections_are_closed(tmp_path: Path, daemon_factory: Any) -> None:
     d = daemon_factory(
         write_config(

@@ -63,6 +63,7 @@ def freezable_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.both_shapes
 def test_frozen_filesystem_blocks_clients_bounds_memory_and_loses_nothing(
     freezable_disk: Path, daemon_factory: Any
 ) -> None:
@@ -95,7 +96,9 @@ def test_frozen_filesystem_blocks_clients_bounds_memory_and_loses_nothing(
         assert sum(blocked_at[1]) < CLIENTS * RECORDS, "the streams finished before the stall"
         samples = scrape(mx)
         assert metric(samples, "nio_logd_backpressure_paused") >= 1
-        assert metric(samples, "nio_logd_queue_bytes") >= 1 << 20
+        # The queue is over its bound (one process), or over one worker's credit, its share of it:
+        # a worker stops reading once its own credit is used up, whatever the others hold.
+        assert metric(samples, "nio_logd_queue_bytes") >= (1 << 20) // d.settings.server.worker_count
         assert healthz(mx)[0] == 503
         assert d.proc.poll() is None
         peak = sampler.stop()

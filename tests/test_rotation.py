@@ -231,6 +231,7 @@ def test_snippet_is_valid_for_logrotate(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.both_shapes
 def test_logrotate_create_and_hup_under_load(daemon_factory: Any, tmp_path: Path) -> None:
     """logrotate (create + postrotate kill -HUP, compress, delaycompress) 5 times under load: each record once."""
     daemon = start_daemon(daemon_factory, tmp_path)
@@ -252,6 +253,7 @@ def test_logrotate_create_and_hup_under_load(daemon_factory: Any, tmp_path: Path
 
 
 @pytest.mark.slow
+@pytest.mark.both_shapes
 def test_logrotate_copytruncate_under_load(daemon_factory: Any, tmp_path: Path) -> None:
     """logrotate copytruncate (no signal at all) 5 times under load: each record once, no partial line."""
     daemon = start_daemon(daemon_factory, tmp_path)
@@ -270,6 +272,7 @@ def test_logrotate_copytruncate_under_load(daemon_factory: Any, tmp_path: Path) 
 
 
 @pytest.mark.slow
+@pytest.mark.both_shapes
 def test_builtin_size_rotation_under_load(daemon_factory: Any, tmp_path: Path) -> None:
     """[log] rotate_bytes rotation in the writer under load: each record once, in rotate_keep files at most."""
     daemon = start_daemon(daemon_factory, tmp_path, rotate_bytes=500_000, rotate_keep=200)

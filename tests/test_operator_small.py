@@ -352,3 +352,12 @@ def test_a_log_path_under_proc_names_the_file(tmp_path: Path, log_path: str) -> 
     assert out.returncode == 69
     assert len(out.stderr.strip().splitlines()) == 1
     assert f"cannot open log file {log_path}:" in out.stderr, out.stderr
+
+
+def test_the_readme_test_command_is_what_ci_runs() -> None:
+    """.ci/run runs exactly the README's "whole test suite" command (a package added to one and
+    not the other once made them differ)."""
+    root = Path(__file__).resolve().parents[1]
+    ci = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
+    readme = [line for line in (root / "README.md").read_text().splitlines() if line.startswith("apt-get update")]
+    assert readme == [ci]

@@ -69,6 +69,12 @@ def forwarded(daemon: Any) -> float:
     return sum(samples.get("nio_logd_forward_records_total", {}).values())
 
 
+def rotation_events(daemon: Any) -> list[dict[str, Any]]:
+    """The daemon's events about rotation, forwarding and errors (for a failure's message)."""
+    keep = ("rotat", "forward_", "error", "truncat", "loss")
+    return [e for e in daemon.events if any(k in str(e.get("event", "")) for k in keep) or e.get("level") == "error"]
+
+
 def forward_gauge(daemon: Any, name: str) -> float:
     samples = scrape(metrics_address(daemon))
     return sum(samples.get(name, {}).values())
@@ -249,7 +255,10 @@ def test_rotation_during_forwarding_misses_nothing(
             _shift(d.messages)
             shutil.copyfile(d.messages, f"{d.messages}.1")
             os.truncate(d.messages, 0)
-    wait_for(lambda: forwarded(d) >= total, 60, 0.2)
+    try:
+        wait_for(lambda: forwarded(d) >= total, 60, 0.2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: forwarded {forwarded(d)} of {total}; {rotation_events(d)}") from None
     if kind == "built-in":
         assert sum(1 for e in d.events if e.get("event") == "rotated") >= 3
     elif kind == "copytruncate":

@@ -144,6 +144,42 @@ def test_reader_behind_the_builtin_rotation_reads_every_file_in_order(tmp_path: 
     reader.close()
 
 
+@pytest.mark.parametrize("rotations", [1, 2, 3])
+def test_reader_keeps_every_file_when_the_builtin_rotation_runs_between_its_listing_and_its_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rotations: int
+) -> None:
+    """The writer thread rotates (once or several times) right after the reader listed the files
+    to find the one after its own: the reader must not open whatever now has that name."""
+    path = tmp_path / "messages.log"
+    f = LogFile(path, 0o640)
+    f.open()
+    reader = LogReader(path)
+    reader.open_at(None)
+    f.write(line(0))
+    assert drain(reader) == line(0)
+    f.rotate(5)  # the reader's file is messages.log.1 now; the next one gets a line
+    f.write(line(1))
+    expected = line(1)
+    listing = LogReader.files
+    pending = [rotations]
+
+    def files_then_rotate(self: LogReader) -> list[tuple[Path, os.stat_result]]:
+        found = listing(self)
+        if pending[0]:  # the rotations land between the listing and the open, once
+            n, pending[0] = pending[0], 0
+            for i in range(n):
+                f.rotate(5)
+                f.write(line(2 + i))
+        return found
+
+    monkeypatch.setattr(LogReader, "files", files_then_rotate)
+    expected += b"".join(line(2 + i) for i in range(rotations))
+    assert drain(reader) == expected
+    assert reader.unread() == 0
+    f.close()
+    reader.close()
+
+
 @FAST
 @given(
     before=st.integers(1, 30),

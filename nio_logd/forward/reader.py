@@ -31,6 +31,7 @@ from .cursor import CHECK_BYTES, digest
 
 RECENT = 1 << 20  # bytes read last that are kept: to find a copytruncate copy and skip lines written again
 _NUMBERED = re.compile(r"\.(\d{1,6})")
+_ATTEMPTS = 8  # listings to find the next file while a rotation renames the files
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,27 @@ def _pread(fd: int, n: int, offset: int) -> bytes:
         n -= len(chunk)
         offset += len(chunk)
     return b"".join(parts)
+
+
+def _idents(files: list[tuple[Path, os.stat_result]]) -> list[tuple[int, int]]:
+    return [(st.st_dev, st.st_ino) for _path, st in files]
+
+
+def _named(files: list[tuple[Path, os.stat_result]]) -> list[tuple[str, int, int]]:
+    return [(path.name, st.st_dev, st.st_ino) for path, st in files]
+
+
+def _open_ident(path: Path, ident: tuple[int, int]) -> int | None:
+    """Open ``path`` if it still is the file ``ident`` (a rotation may have renamed it since)."""
+    try:
+        fd = _open(path)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != ident:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _open(path: Path) -> int:
@@ -168,6 +190,18 @@ class LogReader:
                 return path
         return None
 
+    def _open_found(self, ident: tuple[int, int]) -> int | None:
+        """Open the file ``ident`` by its name now (a rotation renames it between the listing and
+        the open: look again); None if it is gone."""
+        for _ in range(_ATTEMPTS):
+            path = self._find(ident)
+            if path is None:
+                return None
+            fd = _open_ident(path, ident)
+            if fd is not None:
+                return fd
+        return None
+
     # -- positioning ---------------------------------------------------------------------------
     def open_at(
         self, ident: tuple[int, int] | None, offset: int = 0, check: str = "", *, at_end: bool = False
@@ -184,8 +218,8 @@ class LogReader:
             if at_end and size:
                 self.cur.keep(_pread(fd, min(size, CHECK_BYTES), size - min(size, CHECK_BYTES)))
             return Opened(self.cur.dev, self.cur.ino, self.cur.pos)
-        path = self._find(ident)
-        if path is None:
+        found = self._open_found(ident)  # after a restart from the cursor the writer may be rotating
+        if found is None:
             files = self.files()
             if not files:
                 return Opened(0, 0, 0, f"the file of the cursor ({ident[0]}:{ident[1]}) is gone", 1)
@@ -199,7 +233,8 @@ class LogReader:
                 f"going on from the start of {first}",
                 1,
             )
-        fd = _open(path)
+        fd = found
+        path = self._find(ident) or self.path  # its name, for the note below
         src = self._source(fd, offset)
         size = os.fstat(fd).st_size
         before = _pread(fd, min(offset, CHECK_BYTES), offset - min(offset, CHECK_BYTES)) if offset <= size else b""
@@ -314,20 +349,30 @@ class LogReader:
                 return False  # still the file written to
         except FileNotFoundError:
             pass
-        files = self.files()
-        idents = [(st.st_dev, st.st_ino) for _path, st in files]
-        after = files[idents.index(cur.ident) + 1 :] if cur.ident in idents else files
-        if not any(st.st_size for _path, st in after):
-            return False  # the daemon may still write its last lines here (no reopen yet)
-        if os.fstat(cur.fd).st_size > cur.pos:
-            return True  # those last lines: read them first (the caller loops)
-        try:
-            fd = _open(after[0][0])
-        except OSError:
-            return False
-        os.close(cur.fd)
-        self.cur = self._source(fd, 0)
-        return True
+        # The built-in rotation runs in the writer's thread, and may rename the files (once or
+        # several times) while we list them or between the listing and the open: the name listed
+        # for the next file may be another file's by then (opening it would skip a whole file).
+        # So the file opened must be the one listed, and a listing taken after the open must
+        # agree with the one before it (a rotation during a listing tears it); else look again.
+        for _ in range(_ATTEMPTS):
+            files = self.files()
+            idents = _idents(files)
+            after = files[idents.index(cur.ident) + 1 :] if cur.ident in idents else files
+            if not any(st.st_size for _path, st in after):
+                return False  # the daemon may still write its last lines here (no reopen yet)
+            if os.fstat(cur.fd).st_size > cur.pos:
+                return True  # those last lines: read them first (the caller loops)
+            path, st = after[0]
+            fd = _open_ident(path, (st.st_dev, st.st_ino))
+            if fd is None:
+                continue
+            if _named(self.files()) != _named(files):
+                os.close(fd)
+                continue
+            os.close(cur.fd)
+            self.cur = self._source(fd, 0)
+            return True
+        return False  # rotating all the time: the next read() (the writer wakes us) looks again
 
     def _truncated(self, cur: _Source, now: int) -> None:
         """``cur`` was truncated (copytruncate): read on from its copy, or its start."""

@@ -28,7 +28,8 @@ _KINDS = (
 )
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for a message ("a FIFO", "a directory" ...)."""
     for test, name in _KINDS:
         if test(mode):
             return name
@@ -74,7 +75,7 @@ def open_regular(path: Path, flags: int, mode: int = 0o640, *, create: bool = Tr
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise _refuse(path, errno.EINVAL, f"is {_kind(st.st_mode)}, not a regular file; refused")
+            raise _refuse(path, errno.EINVAL, f"is {file_kind(st.st_mode)}, not a regular file; refused")
         if st.st_nlink != 1:
             raise _refuse(
                 path, errno.EMLINK, f"has {st.st_nlink} hard links; refused: it may be another user's file linked here"

@@ -129,8 +129,6 @@ class RemoteWriter:
         self._depth = 0
         self._paused: set[Completion] = set()
         self.closed = False  # the hub has gone
-        self.written_records = 0
-        self.written_rejects = 0
         self.on_fatal: Callable[[str, BaseException], None] | None = None
 
     def __repr__(self) -> str:
@@ -180,7 +178,9 @@ class RemoteWriter:
         """``DONE``: every batch up to ``upto`` is written; give each back to its loop."""
         done: list[Batch] = []
         with self._cond:
-            for seq in [s for s in self._pending if s <= upto]:
+            for seq in list(self._pending):  # in the order sent: stop at the first not written
+                if seq > upto:
+                    break
                 batch = self._pending.pop(seq)
                 self._depth -= batch.nbytes
                 done.append(batch)
@@ -189,8 +189,6 @@ class RemoteWriter:
                 self._paused = set()
             self._cond.notify_all()
         for batch in done:
-            self.written_records += batch.accepted
-            self.written_rejects += batch.refused
             if batch.owner is not None:
                 batch.owner.batch_done(batch)
         for owner in resume:

@@ -16,21 +16,9 @@ from pathlib import Path
 
 from ..config import Settings
 from ..errors import NioLogdError
+from ..output.files import file_kind
 from ..wire.tls import server_context
-from .privilege import check_config_files, resolve_identity
-
-_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISLNK, "a symbolic link"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-)
-
-
-def _kind(mode: int) -> str:
-    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+from .privilege import check_config_files, name_of_uid, resolve_identity
 
 
 def _file_problem(label: str, path: Path) -> str | None:
@@ -43,7 +31,7 @@ def _file_problem(label: str, path: Path) -> str | None:
         return f"{label} {path}: {exc.strerror}"
     if st is not None:
         if not stat.S_ISREG(st.st_mode):
-            return f"{label} {path}: {_kind(st.st_mode)}, not a regular file: the daemon refuses it"
+            return f"{label} {path}: {file_kind(st.st_mode)}, not a regular file: the daemon refuses it"
         if not os.access(path, os.W_OK):
             return f"{label} {path}: not writable by {_whoami()}"
         return None
@@ -61,13 +49,7 @@ def _file_problem(label: str, path: Path) -> str | None:
 
 
 def _whoami() -> str:
-    import pwd
-
-    uid = os.geteuid()
-    try:
-        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except KeyError:
-        return f"uid {uid}"
+    return name_of_uid(os.geteuid())
 
 
 PROTECTED_HOMES = (Path("/root"), Path("/home"), Path("/run/user"))

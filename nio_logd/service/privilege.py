@@ -82,7 +82,7 @@ def resolve_identity(user: str | None, group: str | None) -> Identity | None:
     return Identity(user_name, uid, group_name, gid)
 
 
-def _name_of_uid(uid: int) -> str:
+def name_of_uid(uid: int) -> str:
     try:
         return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
     except KeyError:
@@ -116,8 +116,8 @@ def check_config_file(path: Path) -> None:
         )
     if st.st_uid not in trusted:
         raise ConfigError(
-            f"{path}: refusing a config file owned by {_name_of_uid(st.st_uid)}: it must belong to "
-            f"root or to the user starting the daemon ({_name_of_uid(me)})"
+            f"{path}: refusing a config file owned by {name_of_uid(st.st_uid)}: it must belong to "
+            f"root or to the user starting the daemon ({name_of_uid(me)})"
         )
     folder = path.absolute().parent
     try:
@@ -132,8 +132,8 @@ def check_config_file(path: Path) -> None:
         )
     if dst.st_uid not in trusted:
         raise ConfigError(
-            f"{path}: refusing a config file whose folder {folder} is owned by {_name_of_uid(dst.st_uid)}: "
-            f"it must belong to root or to the user starting the daemon ({_name_of_uid(me)})"
+            f"{path}: refusing a config file whose folder {folder} is owned by {name_of_uid(dst.st_uid)}: "
+            f"it must belong to root or to the user starting the daemon ({name_of_uid(me)})"
         )
 
 
@@ -182,7 +182,7 @@ def warn_not_handed_over(identity: Identity, files: list[tuple[Path, int]]) -> N
             log.warning(
                 "log_file_not_handed_over",
                 path=str(path),
-                owner=_name_of_uid(st.st_uid),
+                owner=name_of_uid(st.st_uid),
                 user=str(identity),
                 reason="the file existed before this start; only files the daemon creates are handed over",
                 consequence=f"writing goes on through the open file; reopening it as {identity} may fail "
@@ -237,7 +237,7 @@ def drop_privileges(identity: Identity) -> None:
     if os.geteuid() != 0:
         raise StartupError(
             f"[daemon] user/group = {identity}: only root can switch to another user "
-            f"(running as {_name_of_uid(os.geteuid())}); start as root or remove the setting"
+            f"(running as {name_of_uid(os.geteuid())}); start as root or remove the setting"
         )
     try:
         if identity.user is not None:

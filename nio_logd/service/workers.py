@@ -388,9 +388,6 @@ class WorkerPool:
         for link in list(self.links):
             link.post(ipc.SETTINGS, payload)
 
-    def configure_events(self, events: tuple[str, str]) -> None:
-        self.events = events
-
     # -- shutdown ----------------------------------------------------------------------------------
     def stop(self, deadline: float, force: threading.Event | None = None) -> bool:
         """Tell every worker to drain and exit; a second signal (``force``) or the deadline ends

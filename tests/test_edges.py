@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nio_logd.config import RecordSettings
-from nio_logd.records.record import RecordValidator, Refusal
+from nio_logd.records.record import RecordValidator, Refusal, delimiting_quotes
 from nio_logd.wire.framing import Frame, LineFramer, TooLarge
 
 # --- CRLF at the size bound ---------------------------------------------------------------------
@@ -254,6 +254,58 @@ def test_records_without_duplicates_pass_the_duplicate_check(extras: dict[str, o
         out = validator.validate(line)
         if isinstance(out, Refusal):  # only a number the renderer cannot write may be refused here
             assert all("cannot be written" in e["error"] for e in out.errors), out
+
+
+def _strings_in(value: object) -> int:
+    if isinstance(value, str):
+        return 1
+    if isinstance(value, list):
+        return sum(map(_strings_in, value))
+    if isinstance(value, dict):
+        return len(value) + sum(map(_strings_in, value.values()))
+    return 0
+
+
+# Texts rich in what the count must see through: quotes, backslashes and escapes of each.
+_TRICKY_TEXT = st.text(alphabet=st.sampled_from(['"', "\\", "a", "\n", "\t", "/", "\u00e9", "\x7f", " "]), max_size=12)
+_TRICKY_VALUES = st.recursive(
+    st.none() | st.integers() | _TRICKY_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TRICKY_TEXT, inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=500)
+@given(value=_TRICKY_VALUES, ascii_only=st.booleans(), compact=st.booleans())
+def test_delimiting_quotes_counts_two_per_string_of_any_json(value: object, ascii_only: bool, compact: bool) -> None:
+    """The count that spares the exact duplicate check: two per string (key or value), escaped
+    quotes and backslashes not counted, whatever serializer wrote the text."""
+    texts = [json.dumps(value, ensure_ascii=ascii_only, separators=(",", ":") if compact else None).encode()]
+    try:
+        texts.append(orjson.dumps(value))
+    except TypeError:
+        pass  # orjson refuses integers beyond 64 bits
+    for text in texts:
+        assert delimiting_quotes(text) == 2 * _strings_in(value), text
+
+
+@settings(max_examples=300)
+@given(
+    key=st.sampled_from(["send_user", "send_time", "send_msg"]),
+    msg=_TRICKY_TEXT,
+    where=st.integers(min_value=0, max_value=3),
+)
+def test_duplicate_key_next_to_escaped_quotes_is_refused(key: str, msg: str, where: int) -> None:
+    """Escaped quotes and backslashes in the text do not hide a duplicate key from the check."""
+    pairs = [("send_user", "alice"), ("send_time", "2026-11-29 12:00:00"), ("send_msg", msg)]
+    pairs.insert(where, (key, dict(pairs)[key]))
+    line = ("{" + ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in pairs) + "}").encode()
+    for validator in (FORBID, IGNORE):
+        out = validator.validate(line)
+        assert isinstance(out, Refusal), line
+        assert out.errors == [{"field": key, "error": "duplicate key"}]
+        (batched,) = validator.validate_many([line])
+        assert isinstance(batched, Refusal) and batched.errors == out.errors
 
 
 # --- bidi controls in send_user -----------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""An I/O loop: one thread, one selector (epoll), many non-blocking connections.
+"""An I/O loop: one thread, one poller (epoll), many non-blocking connections.
 
-design: each loop owns its selector and its connections; handlers are stored as ``key.data`` and
-called as ``handler(mask)``. Other threads (the writer, the acceptor loop, the main thread) talk
+design: each loop owns its poller (``poller.Poller``, epoll) and its connections; a handler per
+descriptor, called as ``handler(mask)``. Other threads (the writer, the acceptor loop, the main thread) talk
 to a loop only through ``call_soon_threadsafe``: a deque plus a wake-up socketpair. In one pass
 the loop reads every ready socket, frames and validates what arrived, renders it into a single
 ``Batch`` and hands that to the writer: one hand-off per pass, not per record. A connection's
@@ -33,7 +33,6 @@ import errno
 import fcntl
 import functools
 import heapq
-import selectors
 import socket
 import struct
 import termios
@@ -51,14 +50,13 @@ from ..records.render import Renderer
 from ..stats import LoopStats
 from .access import OncePer
 from .framing import LineFramer
+from .poller import READ, WRITE, Poller
 
 if TYPE_CHECKING:
     from .listeners import Listener
 
 log = get_logger()
 
-READ = selectors.EVENT_READ
-WRITE = selectors.EVENT_WRITE
 RECV_BYTES = 64 * 1024
 ACCEPTS_PER_EVENT = 256
 # Answer bytes a connection may owe (made, not yet sent) before it is neither read nor its records
@@ -193,13 +191,13 @@ class Connection(Stream):
         wanted = self.wanted_events()
         if wanted == self.events:
             return
-        sel = self.loop.selector
+        sel = self.loop.poller
         if self.events and wanted:
-            sel.modify(self.sock, wanted, self.on_event)
+            sel.modify(self.fd, wanted, self.on_event)
         elif wanted:
-            sel.register(self.sock, wanted, self.on_event)
+            sel.register(self.fd, wanted, self.on_event)
         else:
-            sel.unregister(self.sock)
+            sel.unregister(self.fd)
         self.events = wanted
 
     def on_event(self, mask: int) -> None:
@@ -321,7 +319,7 @@ class Connection(Stream):
         if self.suppressed:
             loop.pipeline.summarize(self)
         if self.events:
-            loop.selector.unregister(self.sock)
+            loop.poller.unregister(self.fd)
             self.events = 0
         try:
             self.sock.close()
@@ -331,16 +329,16 @@ class Connection(Stream):
 
 
 class IOLoop:
-    """A selector loop in its own thread."""
+    """A poller loop in its own thread."""
 
     def __init__(self, server: LoopHost, index: int) -> None:
         self.server = server
         self.index = index
-        self.selector = selectors.DefaultSelector()
+        self.poller = Poller()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.selector.register(self._wake_r, READ, self._on_wake)
+        self.poller.register(self._wake_r.fileno(), READ, self._on_wake)
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self.connections: set[Connection] = set()
         self.listeners: list[Listener] = []
@@ -420,7 +418,7 @@ class IOLoop:
         self.thread.start()
 
     def run(self) -> None:
-        select = self.selector.select
+        select = self.poller.poll
         last_sweep = time.monotonic()
         sweep_every = min(1.0, self.idle_timeout / 4)
         timers = self._timers
@@ -438,11 +436,11 @@ class IOLoop:
                     timeout = wait if timeout is None else min(timeout, wait)
                 events = select(timeout)
                 self.now = time.monotonic()
-                for key, mask in events:
+                for handler, mask in events:
                     try:
-                        key.data(mask)
+                        handler(mask)
                     except Exception:  # noqa: BLE001 - one connection's bug must not end the loop
-                        self._handler_failed(key.data)
+                        self._handler_failed(handler)
                 if timers:
                     self._run_timers()
                 self._flush_batch()
@@ -463,7 +461,7 @@ class IOLoop:
         finally:
             for conn in list(self.connections):
                 conn.close()
-            self.selector.close()
+            self.poller.close()
             self._wake_r.close()
             self._wake_w.close()
 
@@ -510,7 +508,7 @@ class IOLoop:
     # -- accepting --------------------------------------------------------------------------------
     def add_listener(self, listener: Listener) -> None:
         self.listeners.append(listener)
-        self.selector.register(listener.sock, READ, lambda _mask: self._accept(listener))
+        self.poller.register(listener.sock.fileno(), READ, lambda _mask: self._accept(listener))
 
     def _accept(self, listener: Listener, *, draining: bool = False) -> None:
         server = self.server
@@ -540,7 +538,7 @@ class IOLoop:
                 self.stats.accept_errors += 1
                 log.warning("accept_failed", listener=listener.name, error=exc.strerror, action="skipped")
                 continue
-            family = sock.family
+            family = listener.family
             peer = _peer_name(sock, family)
             host = peer.rpartition(":")[0] if family != socket.AF_UNIX else "unix"
             refusal = server.admit(listener, host)
@@ -566,11 +564,11 @@ class IOLoop:
 
     def _pause_accepting(self, listener: Listener, seconds: float) -> None:
         """Out of file descriptors: stop accepting for a while instead of spinning on EMFILE."""
-        self.selector.unregister(listener.sock)
+        self.poller.unregister(listener.sock.fileno())
 
         def accept_again() -> None:
             if not self.stopping:
-                self.selector.register(listener.sock, READ, lambda _mask: self._accept(listener))
+                self.poller.register(listener.sock.fileno(), READ, lambda _mask: self._accept(listener))
 
         self.call_later(seconds, accept_again)
 
@@ -591,7 +589,7 @@ class IOLoop:
                 pass
             self.server.connection_closed(host)
             return
-        if sock.family == socket.AF_UNIX:
+        if listener.family == socket.AF_UNIX:
             conn.credentials = _peer_credentials(sock)  # written with each record: "peer_pid", ...
         conn.last_active = self.now = time.monotonic()
         self.connections.add(conn)
@@ -828,7 +826,7 @@ class IOLoop:
             if listener.sock.fileno() < 0:
                 continue  # closed already (a forced stop): nothing to accept, nothing to unregister
             try:
-                self.selector.unregister(listener.sock)
+                self.poller.unregister(listener.sock.fileno())
             except (KeyError, ValueError):
                 pass  # accepting was paused (EMFILE)
             try:

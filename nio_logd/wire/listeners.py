@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import Address, ListenerSettings, Settings
@@ -31,6 +31,12 @@ class Listener:
     name: str  # the address as configured, written with each record
     unix_path: str | None = None  # a socket file we created and remove on exit
     inherited: bool = False  # passed by systemd (LISTEN_FDS)
+    # The socket's family as a plain int, read once: ``socket.family`` builds an enum per call,
+    # and accepting asks for it per connection.
+    family: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.family = int(self.sock.family)
 
     def close(self) -> None:
         self.sock.close()

@@ -22,7 +22,8 @@ from ..config import TLSSettings
 from ..errors import StartupError
 from ..events import get_logger
 from ..tlssocket import EncryptedKeyError, TLSSocket, no_password, ssl_reason
-from .ioloop import READ, WRITE, Connection, DeadSocketError, _bytes_waiting
+from .ioloop import Connection, DeadSocketError, _bytes_waiting
+from .poller import READ, WRITE
 
 if TYPE_CHECKING:
     import socket

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import grp
 import ipaddress
 import json
@@ -25,12 +26,22 @@ from pydantic import (
     model_validator,
 )
 
+from . import tomlpos
 from .errors import ConfigError
 
 DEFAULT_SYSTEM_CONFIG = Path("/etc/nio-logd/nio-logd.toml")
 ENV_CONFIG = "NIO_LOGD_CONFIG"
 # Suffixes of compressed rotated logs (logrotate's compress and others): never a copy to write to.
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".lzo", ".lzma", ".Z", ".zip")
+
+
+class KeyedValueError(ValueError):
+    """A validator's error about particular keys of its table (as the message names them): ``keys``,
+    relative to that table, the first one set in the config is where the error points."""
+
+    def __init__(self, message: str, *keys: tuple[str | int, ...]) -> None:
+        super().__init__(message)
+        self.keys = keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +132,9 @@ class TLSSettings(_Frozen):
     @model_validator(mode="after")
     def _ca_for_client_certs(self) -> TLSSettings:
         if self.require_client_cert and not self.ca:
-            raise ValueError("require_client_cert needs ca (the CA that signs the client certificates)")
+            raise KeyedValueError(
+                "require_client_cert needs ca (the CA that signs the client certificates)", ("require_client_cert",)
+            )
         return self
 
 
@@ -196,13 +209,15 @@ class ListenerSettings(_Frozen):
     def _tcp_only_options(self) -> ListenerSettings:
         if self.address.startswith("unix://"):
             if self.tls is not None:
-                raise ValueError("tls: TLS is for tcp:// listeners, not unix:// ones")
+                raise KeyedValueError("tls: TLS is for tcp:// listeners, not unix:// ones", ("tls",))
             if self.allow:
-                raise ValueError("allow: allowed networks are for tcp:// listeners, not unix:// ones")
+                raise KeyedValueError("allow: allowed networks are for tcp:// listeners, not unix:// ones", ("allow",))
         else:
             for key in ("mode", "owner", "group"):
                 if getattr(self, key) is not None:
-                    raise ValueError(f"{key}: the socket file's {key} is for unix:// listeners, not tcp:// ones")
+                    raise KeyedValueError(
+                        f"{key}: the socket file's {key} is for unix:// listeners, not tcp:// ones", (key,)
+                    )
         return self
 
 
@@ -347,7 +362,7 @@ class ForwardTLSSettings(_Frozen):
     @model_validator(mode="after")
     def _pair(self) -> ForwardTLSSettings:
         if self.key is not None and self.cert is None:
-            raise ValueError("key needs cert (the client certificate it belongs to)")
+            raise KeyedValueError("key needs cert (the client certificate it belongs to)", ("key",))
         return self
 
 
@@ -387,15 +402,18 @@ class ForwardSettings(_Frozen):
     @model_validator(mode="after")
     def _credentials(self) -> ForwardSettings:
         if (self.user is None) != (self.password is None):
-            raise ValueError("user and password go together")
+            raise KeyedValueError("user and password go together", ("user",), ("password",))
         given = [k for k in ("user", "token", "creds") if getattr(self, k) is not None]
         if len(given) > 1:
-            raise ValueError(f"{' and '.join(given)}: give one kind of credentials (user/password, token or creds)")
+            raise KeyedValueError(
+                f"{' and '.join(given)}: give one kind of credentials (user/password, token or creds)",
+                *((k,) for k in reversed(given)),
+            )
         if self.tls is not None and any(u.startswith("nats://") for u in self.servers):
             # nats-py upgrades nats:// to TLS when a context is given; say it in the config instead.
-            raise ValueError("tls: write the servers as tls://HOST:PORT when [forward.tls] is set")
+            raise KeyedValueError("tls: write the servers as tls://HOST:PORT when [forward.tls] is set", ("tls",))
         if self.host is not None and (not self.host or any(ord(c) < 32 for c in self.host)):
-            raise ValueError("host: a non-empty name without control characters")
+            raise KeyedValueError("host: a non-empty name without control characters", ("host",))
         return self
 
     @property
@@ -452,23 +470,31 @@ class Settings(_Frozen):
             else:
                 key = str(addr)
             if key in seen:
-                raise ValueError(
-                    f"listeners.{seen[key]} and listeners.{i} are both {ls.address}: give each its own address"
+                raise KeyedValueError(
+                    f"listeners.{seen[key]} and listeners.{i} are both {ls.address}: give each its own address",
+                    ("listeners", i, "address"),
+                    ("listeners", i),
                 )
             seen[key] = i
         if self.resolve(self.log.path) == self.resolve(self.log.rejects_path):
-            raise ValueError(
+            raise KeyedValueError(
                 f"log.path and log.rejects_path are the same file ({self.log.path}): "
-                "accepted and refused records would be mixed; give the rejects their own file"
+                "accepted and refused records would be mixed; give the rejects their own file",
+                ("log", "rejects_path"),
+                ("log", "path"),
             )
         return self
 
     @model_validator(mode="after")
     def _distinct_forwards(self) -> Settings:
         seen: set[str] = set()
-        for table in self.forward:
+        for i, table in enumerate(self.forward):
             if table.label in seen:
-                raise ValueError(f"forward: two tables are named {table.label!r}; give each a distinct name")
+                raise KeyedValueError(
+                    f"forward: two tables are named {table.label!r}; give each a distinct name",
+                    ("forward", i, "name"),
+                    ("forward", i),
+                )
             seen.add(table.label)
         return self
 
@@ -480,7 +506,81 @@ class Settings(_Frozen):
         return log_path.parent / f"{log_path.name}.forward-{table.label}.cursor"
 
 
-def _format_error(source: Path, exc: ValidationError) -> str:
+Key = tomlpos.Key
+
+
+class _Read:
+    """One config file as read: its text, its own keys, and where its arrays of tables begin in
+    the merged config (``{"listeners": 2}``: its first ``[[listeners]]`` is ``listeners.2`` there)."""
+
+    def __init__(self, path: Path, text: str, data: dict[str, Any]) -> None:
+        self.path = path
+        self.text = text
+        self.data = data
+        self.shifts: dict[str, int] = {}
+        self._entries: dict[Key, tomlpos.Entry] | None = None
+        self._indexed = False
+
+    def line_of(self, key: Key, *, missing: bool = False) -> int | None:
+        """The line of ``key`` (this file's own numbering of its arrays) in this file, or None."""
+        if not self._indexed:
+            self._entries, self._indexed = tomlpos.index(self.text), True
+        return tomlpos.find(self._entries, key, missing=missing)
+
+    def local(self, key: Key) -> Key:
+        """``key`` of the merged config as this file numbers it (negative: not one of its items)."""
+        out: list[str | int] = []
+        for j, part in enumerate(key):
+            shift = self.shifts.get(".".join(str(p) for p in key[:j]), 0) if isinstance(part, int) else 0
+            out.append(part - shift if isinstance(part, int) else part)
+        return tuple(out)
+
+    def depth(self, key: Key) -> int:
+        """How many leading parts of ``key`` (this file's numbering) this file sets."""
+        value: Any = self.data
+        for n, part in enumerate(key):
+            in_table = isinstance(value, dict) and isinstance(part, str) and part in value
+            in_array = isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value)
+            if not (in_table or in_array):
+                return n
+            value = value[part]
+        return len(key)
+
+
+def at(path: Path | str, line: int | None) -> str:
+    """The location that starts a config error: ``FILE:LINE`` (``FILE`` when the line is unknown)."""
+    return f"{path}:{line}" if line is not None else str(path)
+
+
+def _where(reads: list[_Read], key: Key) -> tuple[_Read, Key, int] | None:
+    """The file that set the most of ``key`` (the last one, as it wins the merge), ``key`` as that
+    file numbers it and how much of it is there; None if no file has any of it."""
+    best: tuple[_Read, Key, int] | None = None
+    for read in reversed(reads):
+        local = read.local(key)
+        depth = read.depth(local)
+        if depth and (best is None or depth > best[2]):
+            best = (read, local, depth)
+    return best
+
+
+def _locate(reads: list[_Read], loc: Key, keys: tuple[Key, ...] = (), *, missing: bool = False) -> str:
+    """``FILE:LINE`` for an error at ``loc`` (about its ``keys``, the first one set, if any)."""
+    for key in keys:
+        found = _where(reads, (*loc, *key))
+        if found is not None and found[2] == len(loc) + len(key):
+            read, local, _ = found
+            return at(read.path, read.line_of(local))
+    found = _where(reads, loc)
+    if found is None:
+        return str(reads[0].path)
+    read, local, _ = found
+    return at(read.path, read.line_of(local, missing=missing))
+
+
+def _format_error(reads: list[_Read], exc: ValidationError) -> str:
+    """Each error as ``FILE:LINE: key: problem`` (the file that set the key, the line it is on),
+    joined by "; "."""
     parts = []
     errors = exc.errors(include_url=False, include_input=False)
     failed_items = {err["loc"][:-1] for err in errors if len(err["loc"]) > 1}
@@ -489,15 +589,20 @@ def _format_error(source: Path, exc: ValidationError) -> str:
             continue  # "at least 1 item ... not 0" only because an item above failed: said once
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
+        keys: tuple[Key, ...] = ()
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")  # our own validators' text, as written
+            cause = err.get("ctx", {}).get("error")
+            if isinstance(cause, KeyedValueError):
+                keys = cause.keys
+        where = _locate(reads, tuple(err["loc"]), keys, missing=err["type"] == "missing")
         if not err["loc"] and err["type"] == "value_error":
-            parts.append(msg)  # a check of the whole config: its text names the keys
+            parts.append(f"{where}: {msg}")  # a check of the whole config: its text names the keys
         else:
-            parts.append(f"{loc}: {msg}")
-    return f"{source}: " + "; ".join(parts)
+            parts.append(f"{where}: {loc}: {msg}")
+    return "; ".join(parts)
 
 
 def _no_dates(value: object) -> dict[str, str]:
@@ -581,19 +686,19 @@ def _read_config_bytes(path: Path) -> bytes:
         os.close(fd)
 
 
-def _too_deep(data: dict[str, Any]) -> str | None:
+def _too_deep(data: dict[str, Any]) -> Key | None:
     """The key of the first value nested deeper than _MAX_NESTING, or None (iterative: no recursion)."""
-    stack: list[tuple[object, int, str]] = [(data, 0, "")]
+    stack: list[tuple[object, int, Key]] = [(data, 0, ())]
     while stack:
         value, depth, key = stack.pop()
         if depth > _MAX_NESTING:
-            return key or "(top level)"
+            return key
         if isinstance(value, dict):
-            stack.extend((v, depth + 1, f"{key}.{k}" if key else str(k)) for k, v in value.items())
+            stack.extend((v, depth + 1, (*key, str(k))) for k, v in value.items())
         elif isinstance(value, list):
             # Indices only for tables (listeners.0); "log.path" names a pile of nested arrays better
             # than "log.path.0.0.0...".
-            stack.extend((v, depth + 1, f"{key}.{i}" if isinstance(v, dict) else key) for i, v in enumerate(value))
+            stack.extend((v, depth + 1, (*key, i) if isinstance(v, dict) else key) for i, v in enumerate(value))
     return None
 
 
@@ -622,38 +727,57 @@ def config_files(path: Path) -> list[Path]:
     return [path, *drop_ins(path)]
 
 
-def _parse(path: Path) -> dict[str, Any]:
+def _parse(path: Path) -> _Read:
     raw = _read_config_bytes(path)
     try:
-        data: dict[str, Any] = tomllib.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        data: dict[str, Any] = tomllib.loads(text)
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{at(path, line)}: not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        # "Invalid value (at line 2, column 5)": said as FILE:2: invalid TOML: Invalid value (column 5)
+        syntax = tomlpos.syntax_error(str(exc))
+        if syntax is None:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        raise ConfigError(f"{at(path, syntax[0])}: invalid TOML: {syntax[1]}") from None
     except RecursionError:  # tomllib recurses once per level of nested arrays and inline tables
         raise ConfigError(f"{path}: invalid TOML: arrays or inline tables nested too deeply") from None
     except MemoryError:
         raise ConfigError(f"{path}: invalid TOML: too large to parse") from None
+    read = _Read(path, text, data)
     deep = _too_deep(data)
     if deep is not None:
-        raise ConfigError(f"{path}: {deep}: nested too deeply (more than {_MAX_NESTING} levels)")
+        name = ".".join(str(p) for p in deep) or "(top level)"
+        where = at(path, read.line_of(deep))
+        raise ConfigError(f"{where}: {name}: nested too deeply (more than {_MAX_NESTING} levels)")
     for reserved in ("base_dir", "source"):
         if reserved in data:
-            raise ConfigError(f"{path}: {reserved}: unknown key")
-    return data
+            raise ConfigError(f"{at(path, read.line_of((reserved,)))}: {reserved}: unknown key")
+    return read
 
 
-def _merge(into: dict[str, Any], data: dict[str, Any], origin: str, origins: dict[str, str], prefix: str = "") -> None:
+def _merge(
+    into: dict[str, Any],
+    data: dict[str, Any],
+    origin: str,
+    origins: dict[str, str],
+    *,
+    shifts: dict[str, int],
+    prefix: str = "",
+) -> None:
     """A drop-in over what came before: a table merges key by key, an array of tables
-    (``[[listeners]]``, ``[[forward]]``) grows, any other value replaces the one before."""
+    (``[[listeners]]``, ``[[forward]]``) grows, any other value replaces the one before.
+    ``shifts``: for each array of tables that grew, the index of the drop-in's first item."""
     for key, value in data.items():
         name = f"{prefix}{key}"
         mine = into.get(key)
         if isinstance(value, dict) and isinstance(mine, dict):
-            _merge(mine, value, origin, origins, f"{name}.")
+            _merge(mine, value, origin, origins, shifts=shifts, prefix=f"{name}.")
             continue
         if isinstance(value, list) and isinstance(mine, list) and all(isinstance(v, dict) for v in value + mine):
             start = len(mine)
+            shifts[name] = start
             mine.extend(value)
             for i, item in enumerate(value, start):
                 _note(origins, item, origin, f"{name}.{i}.")
@@ -678,14 +802,19 @@ def _note(origins: dict[str, str], data: Any, origin: str, prefix: str = "") -> 
         origins[prefix.rstrip(".")] = origin
 
 
-def _merged(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """The main file and its drop-ins merged, and which file set each key (dotted names)."""
-    data = _parse(path)
+def _merged(path: Path) -> tuple[dict[str, Any], dict[str, str], list[_Read]]:
+    """The main file and its drop-ins merged, which file set each key (dotted names), and each
+    file as read (for the lines of its keys)."""
+    main = _parse(path)
+    reads = [main]
+    data = copy.deepcopy(main.data)  # the merge changes it in place; each file's own keys are kept
     origins: dict[str, str] = {}
     _note(origins, data, str(path))
     for extra in drop_ins(path):
-        _merge(data, _parse(extra), str(extra), origins)
-    return data, origins
+        read = _parse(extra)
+        reads.append(read)
+        _merge(data, copy.deepcopy(read.data), str(extra), origins, shifts=read.shifts)
+    return data, origins, reads
 
 
 def key_sources(path: Path) -> dict[str, str]:
@@ -693,30 +822,27 @@ def key_sources(path: Path) -> dict[str, str]:
     return _merged(path)[1]
 
 
-def _source_of(loc: tuple[Any, ...], origins: dict[str, str], main: Path) -> str:
-    name = ".".join(str(p) for p in loc)
-    while name:
-        if name in origins:
-            return origins[name]
-        hits = {v for k, v in origins.items() if k.startswith(f"{name}.")}
-        if len(hits) == 1:
-            return hits.pop()
-        name = name.rpartition(".")[0]
-    return str(main)
+def key_location(path: Path, key: Key) -> str | None:
+    """``FILE:LINE`` of a key of the merged config ``path`` (``("daemon", "user")``): the file that
+    set it and its line there; None when no file sets it (or its line is not known)."""
+    found = _where(_merged(path)[2], key)
+    if found is None or found[2] != len(key):
+        return None
+    read, local, _ = found
+    line = read.line_of(local)
+    return None if line is None else at(read.path, line)
 
 
 def load_file(path: Path) -> Settings:
     """Read and validate one TOML file, and the drop-ins of its ``conf.d`` folder merged over it
     (relative paths in a drop-in resolve against the main file's folder, as in the main file)."""
-    data, origins = _merged(path)
+    data, _, reads = _merged(path)
     base_dir = str(path.resolve().parent)
     try:
         # Validated in JSON mode: strict types, yet TOML arrays become tuples and integers floats.
         document = json.dumps({**data, "base_dir": base_dir, "source": str(path)}, default=_no_dates)
         return Settings.model_validate_json(document)
     except ValidationError as exc:
-        sources = {_source_of(err["loc"], origins, path) for err in exc.errors(include_url=False, include_input=False)}
-        named = Path(sources.pop()) if len(sources) == 1 else path
-        raise ConfigError(_format_error(named, exc)) from None
+        raise ConfigError(_format_error(reads, exc)) from None
     except (RecursionError, MemoryError):  # _too_deep bounds the nesting; this is the last guard
         raise ConfigError(f"{path}: nested too deeply or too large to validate") from None

@@ -57,10 +57,10 @@ def test_an_error_in_a_drop_in_names_that_file(tmp_path: Path) -> None:
     bad = _drop(tmp_path, "50-bad.toml", '[log]\ndurability = "sometimes"\n')
     for result in (nio("check-config", "--config", str(main)), nio("run", "--config", str(main))):
         assert result.returncode == 78
-        assert f"{bad}: log.durability:" in result.stderr, result.stderr
+        assert f"{bad}:2: log.durability:" in result.stderr, result.stderr
     bad.write_text("[log\n")
     result = nio("check-config", "--config", str(main))
-    assert result.returncode == 78 and f"{bad}: invalid TOML" in result.stderr, result.stderr
+    assert result.returncode == 78 and f"{bad}:1: invalid TOML" in result.stderr, result.stderr
 
 
 def test_a_drop_in_folder_that_is_a_file_is_an_error(tmp_path: Path) -> None:

@@ -9,12 +9,13 @@ looks where they would act (a log folder it would create, a file it would open).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import stat
 import sys
 from pathlib import Path
 
-from ..config import Settings
+from ..config import Key, Settings, key_location
 from ..errors import NioLogdError
 from ..output.files import file_kind
 from ..wire.tls import server_context
@@ -73,43 +74,68 @@ def interpreter_warning() -> str | None:
     return None
 
 
+_TLS_FILE = re.compile(r"TLS (cert|key|ca) file ")
+
+
+def _at_key(config: Path | None, key: Key, problem: str) -> str:
+    """``problem`` after ``FILE:LINE: ``, the place of the key it is about, when a config file sets it."""
+    if config is None:
+        return problem
+    try:
+        where = key_location(config, key)
+    except NioLogdError:  # the files changed since they were loaded: said without a place
+        return problem
+    return problem if where is None else f"{where}: {problem}"
+
+
 def preflight(settings: Settings, config: Path | None) -> list[str]:
-    """Every problem that would stop the daemon from starting (or make it run badly), one line each."""
+    """Every problem that would stop the daemon from starting (or make it run badly), one line each;
+    one about a key starts with its place in the config, ``FILE:LINE: ``."""
     problems: list[str] = []
     if config is not None:
         try:
             check_config_files(config)
         except NioLogdError as exc:
             problems.append(str(exc))
-    try:
-        resolve_identity(settings.daemon.user, settings.daemon.group)
-    except NioLogdError as exc:
-        problems.append(str(exc))
-    for ls in settings.listeners:
+    identity: list[tuple[str, str | None, str | None]] = [
+        ("user", settings.daemon.user, None),
+        ("group", None, settings.daemon.group),
+    ]
+    for name, user, group in identity:  # each name checked on its own: each error at its own key
+        if user is None and group is None:
+            continue
+        try:
+            resolve_identity(user, group)
+        except NioLogdError as exc:
+            problems.append(_at_key(config, ("daemon", name), str(exc)))
+    for i, ls in enumerate(settings.listeners):
         if ls.tls is not None:
             try:
                 server_context(ls.tls, settings.resolve, ls.address)
             except NioLogdError as exc:
-                problems.append(str(exc))
-    files = {
-        "messages log": settings.resolve(settings.log.path),
-        "rejects log": settings.resolve(settings.log.rejects_path),
-    }
-    for label, path in files.items():
-        problem = _file_problem(label, path)
+                named = _TLS_FILE.match(str(exc))
+                key: Key = ("listeners", i, "tls", named[1]) if named else ("listeners", i, "tls")
+                problems.append(_at_key(config, key, str(exc)))
+    files: list[tuple[str, Key, str]] = [
+        ("messages log", ("log", "path"), settings.log.path),
+        ("rejects log", ("log", "rejects_path"), settings.log.rejects_path),
+        ("pidfile", ("daemon", "pidfile"), settings.daemon.pidfile),
+    ]
+    for label, at_key, path in files:
+        problem = _file_problem(label, settings.resolve(path))
         if problem:
-            problems.append(problem)
-    pidfile = settings.resolve(settings.daemon.pidfile)
-    problem = _file_problem("pidfile", pidfile)
-    if problem:
-        problems.append(problem)
+            problems.append(_at_key(config, at_key, problem))
     if settings.metrics.address:
         family = socket.AF_UNIX if settings.metrics.address.startswith("unix:") else socket.AF_INET
         try:
             socket.socket(family, socket.SOCK_STREAM).close()
         except OSError as exc:  # e.g. RestrictAddressFamilies=AF_UNIX: the socket-activated unit
             problems.append(
-                f"[metrics] address = {settings.metrics.address}: cannot make a socket here ({exc.strerror}); "
-                "the socket-activated unit has no network of its own: serve metrics with nio-logd.service"
+                _at_key(
+                    config,
+                    ("metrics", "address"),
+                    f"[metrics] address = {settings.metrics.address}: cannot make a socket here ({exc.strerror}); "
+                    "the socket-activated unit has no network of its own: serve metrics with nio-logd.service",
+                )
             )
     return problems

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from . import __version__
 from .config import Settings, load_settings
@@ -15,7 +15,26 @@ from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ClientError,
 Handler = Callable[[argparse.Namespace], int]
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps a one-paragraph description as usual; keeps a text of several lines (the examples of an
+    epilog) line by line as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" not in text:
+            return super()._fill_text(text, width, indent)
+        return "".join(indent + line if line.strip() else line for line in text.splitlines(keepends=True))
+
+
+def examples(*lines: str) -> str:
+    """An ``examples:`` epilog for ``--help`` (and the man page, tools/gen_manpage.py): one command a line."""
+    return "examples:\n" + "".join(f"  {line}\n" for line in lines)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         # One line, no usage dump: "nio-logd send: error: ..."
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
@@ -91,26 +110,64 @@ def cmd_reopen(args: argparse.Namespace) -> int:
 
 
 def _register_daemon(sub: Subparsers) -> None:
-    p = sub.add_parser("start", help="start the classic daemon (detaches; returns once it listens)")
+    p = sub.add_parser(
+        "start",
+        help="start the classic daemon (detaches; returns once it listens)",
+        epilog=examples(
+            "nio-logd start                                          # the built-in defaults, in this folder",
+            "nio-logd start --config /etc/nio-logd/nio-logd.toml",
+            "nio-logd start --config /etc/nio-logd/nio-logd.toml --timeout 60",
+        ),
+    )
     _common(p)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait until it listens (default 30)")
     p.set_defaults(func=cmd_start)
-    p = sub.add_parser("stop", help="stop the classic daemon (SIGTERM) and wait until it has exited")
+    p = sub.add_parser(
+        "stop",
+        help="stop the classic daemon (SIGTERM) and wait until it has exited",
+        epilog=examples(
+            "nio-logd stop                                           # the daemon started here with the defaults",
+            "nio-logd stop --config /etc/nio-logd/nio-logd.toml --timeout 60",
+        ),
+    )
     _common(p)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for it to exit (default 30)")
     p.set_defaults(func=cmd_stop)
-    p = sub.add_parser("status", help="exit 0 and print the pid if the daemon runs, 3 if not")
+    p = sub.add_parser(
+        "status",
+        help="exit 0 and print the pid if the daemon runs, 3 if not",
+        epilog=examples(
+            "nio-logd status",
+            "nio-logd status --config /etc/nio-logd/nio-logd.toml   # also the systemd service's pid",
+            "nio-logd status --config /etc/nio-logd/nio-logd.toml > /dev/null || nio-logd start --config "
+            "/etc/nio-logd/nio-logd.toml",
+        ),
+    )
     _common(p)
     p.set_defaults(func=cmd_status)
     p = sub.add_parser(
-        "reload", help="SIGHUP: re-read the config (and reopen the log files); exit non-zero if it failed"
+        "reload",
+        help="SIGHUP: re-read the config (and reopen the log files); exit non-zero if it failed",
+        epilog=examples(
+            "nio-logd reload",
+            "nio-logd reload --config /etc/nio-logd/nio-logd.toml   # what systemctl reload nio-logd runs",
+            "nio-logd check-config --config /etc/nio-logd/nio-logd.toml && nio-logd reload --config "
+            "/etc/nio-logd/nio-logd.toml",
+        ),
     )
     _common(p)
     p.add_argument(
         "--timeout", type=float, default=10.0, help="seconds to wait for the daemon's reload result (default 10)"
     )
     p.set_defaults(func=cmd_reload)
-    p = sub.add_parser("reopen", help="SIGUSR1: reopen the log files only (logrotate); the config is not read")
+    p = sub.add_parser(
+        "reopen",
+        help="SIGUSR1: reopen the log files only (logrotate); the config is not read",
+        epilog=examples(
+            "mv logs/messages.log logs/messages.log.1 && nio-logd reopen   # rotate by hand",
+            "nio-logd reopen --config /etc/nio-logd/nio-logd.toml           # in a logrotate postrotate script",
+        ),
+    )
     _common(p)
     p.set_defaults(func=cmd_reopen)
 
@@ -216,19 +273,50 @@ Subparsers: TypeAlias = "argparse._SubParsersAction[_Parser]"
 
 
 def _register_run(sub: Subparsers) -> None:
-    p = sub.add_parser("run", help="serve in the foreground (what systemd runs)")
+    p = sub.add_parser(
+        "run",
+        help="serve in the foreground (what systemd runs)",
+        epilog=examples(
+            "nio-logd run                                       # tcp://127.0.0.1:8888, logs/ in this folder",
+            "nio-logd run --config /etc/nio-logd/nio-logd.toml",
+            "NIO_LOGD_CONFIG=/etc/nio-logd/nio-logd.toml nio-logd run",
+            "python3 -m nio_logd run                            # the same, without the console script",
+        ),
+    )
     _common(p)
     p.set_defaults(func=cmd_run)
 
 
 def _register_check_config(sub: Subparsers) -> None:
-    p = sub.add_parser("check-config", help="validate the config and print the effective settings")
+    p = sub.add_parser(
+        "check-config",
+        help="validate the config and print the effective settings",
+        epilog=examples(
+            "nio-logd check-config                                   # the built-in defaults",
+            "nio-logd check-config --config /etc/nio-logd/nio-logd.toml",
+            "nio-logd check-config --config config/nio-logd.toml | jq .sources",
+        ),
+    )
     _common(p)
     p.set_defaults(func=cmd_check_config)
 
 
 def _register_send(sub: Subparsers) -> None:
-    p = sub.add_parser("send", help="send records (from flags, or NDJSON on stdin)")
+    p = sub.add_parser(
+        "send",
+        help="send records (from flags, or NDJSON on stdin)",
+        epilog=examples(
+            'nio-logd send --user alice --msg "hello"',
+            'nio-logd send --user alice --msg "hello" --time "2026-11-29 12:00:00"',
+            'printf \'%s\\n\' \'{"send_user":"bob","send_time":"2026-11-29T12:00:00Z","send_msg":"one"}\' '
+            "| nio-logd send",
+            "nio-logd send --address tcp://10.0.0.1:8888 --address tcp://10.0.0.2:8888 --ack "
+            '--user alice --msg "hi"   # --ack: listeners with ack = true',
+            'nio-logd send --address unix:///run/nio-logd/nio-logd.sock --user alice --msg "hi"',
+            "nio-logd send --address tcp://logs.example.net:6514 --tls --ca /etc/ssl/nio-logd-ca.pem "
+            '--user alice --msg "hello" --ack',
+        ),
+    )
     _common(p)
     p.add_argument(
         "--address",
@@ -301,9 +389,19 @@ COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="nio-logd", description="A logging daemon for JSON records.")
+    parser = _Parser(
+        prog="nio-logd",
+        description="A logging daemon for JSON records.",
+        epilog=examples(
+            "nio-logd run                                    # serve in the foreground (Ctrl-C stops it)",
+            'nio-logd send --user alice --msg "hello"        # from another terminal',
+            "nio-logd tail -f                                # follow the messages log",
+            "nio-logd check-config --config /etc/nio-logd/nio-logd.toml",
+            "nio-logd COMMAND --help                         # each command's options and examples",
+        ),
+    )
     parser.add_argument("--version", action="version", version=f"nio-logd {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for register in COMMANDS:
         register(sub)

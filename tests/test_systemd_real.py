@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -66,18 +68,26 @@ def _skip_reason() -> str | None:
 
 # -- the box -----------------------------------------------------------------------------------------
 def install(box: Box, port: int, socket_port: int) -> None:
-    """The package in a venv under /opt (visible despite ProtectHome=yes), the units, the config."""
-    box.run(
-        "sh",
-        "-c",
-        "mkdir /tmp/nio-logd-src && cp -r /src/pyproject.toml /src/README.md /src/nio_logd "
-        "/tmp/nio-logd-src/ && rm -rf /tmp/nio-logd-src/nio_logd/__pycache__",
-    )
-    # --system-site-packages: Debian's pip, setuptools and wheel build and install the package.
+    """The package in a venv under /opt (visible despite ProtectHome=yes), the units, the config.
+
+    As an operator installs a released wheel: built here (the tests' environment, with `build`), then
+    installed in the box's venv offline, without building anything there."""
+    with tempfile.TemporaryDirectory(prefix="nio-logd-wheel-") as out:
+        built = subprocess.run(
+            [sys.executable, "-m", "build", "--wheel", "--outdir", out, str(REPO)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+        (wheel,) = Path(out).glob("nio_logd-*.whl")
+        box.run("mkdir", "/tmp/nio-logd-dist")
+        shutil.copy(wheel, box.path(f"/tmp/nio-logd-dist/{wheel.name}"))  # the box's own /tmp (a tmpfs)
+    # --system-site-packages: Debian's pip installs the wheel.
     box.run("/usr/bin/python3", "-m", "venv", "--system-site-packages", "--without-pip", VENV)
     site = box.run(f"{VENV}/bin/python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))").stdout
     # The dependencies, offline: copied from the tests' own environment (same CPython version).
-    box.run(sys.executable, "/src/tests/systemd_box/copy_deps.py", "/tmp/nio-logd-src/pyproject.toml", site.strip())
+    box.run(sys.executable, "/src/tests/systemd_box/copy_deps.py", "/src/pyproject.toml", site.strip())
     box.run(
         f"{VENV}/bin/python",
         "-m",
@@ -86,8 +96,7 @@ def install(box: Box, port: int, socket_port: int) -> None:
         "-q",
         "--no-index",
         "--no-deps",
-        "--no-build-isolation",
-        "/tmp/nio-logd-src",
+        f"/tmp/nio-logd-dist/{wheel.name}",
     )
     box.run(
         "install",

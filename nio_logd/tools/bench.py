@@ -937,7 +937,14 @@ def bench_command(args: argparse.Namespace) -> tuple[int, str]:
 def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
     """Add ``bench`` to the ``nio-logd`` subcommands (the CLI sets its handler)."""
     p: argparse.ArgumentParser = sub.add_parser(
-        "bench", help="load-generate against a running daemon: records/s, MB/s, ack latency"
+        "bench",
+        help="load-generate against a running daemon: records/s, MB/s, ack latency",
+        epilog="examples:\n"
+        "  nio-logd bench --address tcp://127.0.0.1:8888 --records 1000000 --connections 8 "
+        "--wait-file logs/messages.log\n"
+        "  nio-logd bench --address tcp://127.0.0.1:8889 --ack --records 200000     # ack latency p50/p99/p99.9\n"
+        "  nio-logd bench --mode one-per-connection --records 20000 --connections 4  # the seed client's pattern\n"
+        "  nio-logd bench --records 100000 --json | jq .sent.records_per_s          # the config's first listener\n",
     )
     common(p)  # --config: its first listener is the default --address
     p.add_argument("--address", help="tcp://HOST:PORT or unix:///PATH (default: the config's first listener)")

@@ -1110,6 +1110,17 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> arg
         description="Print the last lines of the messages log (or FILE), optionally following it across "
         "rotation like tail -F. Pretty and coloured on a terminal, raw JSON lines otherwise. A line that "
         'is not a JSON object is shown marked [malformed] (with --json: as {"malformed": true, ...}).',
+        epilog="examples:\n"
+        "  nio-logd tail                        # last 10 records of the config's messages log\n"
+        "  nio-logd tail -n 100 --user alice    # alice's last 100 records\n"
+        "  nio-logd tail -f                     # follow, across rotation and truncation (like tail -F)\n"
+        "  nio-logd tail --since 10m --grep 'disk (full|error)' -i\n"
+        "  nio-logd tail --since '2026-11-29 08:00:00' --until 2026-11-29T09:00:00Z\n"
+        "  nio-logd tail --rejects -f           # refused records, with their reasons\n"
+        "  nio-logd tail /var/log/nio-logd/messages.log.1 --json | jq .send_msg\n"
+        "  nio-logd tail -n all --user alice /var/log/nio-logd/messages.log.2.gz   # rotated and compressed\n"
+        "  some-producer | nio-logd tail -f --pretty -                            # stdin, as it comes\n"
+        "  nio-logd tail --from nats://127.0.0.1:4222/LOGS -f  # the stream the daemons forward to\n",
     )
     common(p)
     p.add_argument(

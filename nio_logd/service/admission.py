@@ -4,7 +4,8 @@
 design: a memfd that the hub creates and passes to every worker (by fd), mapped by each, with one
 region per worker: its open connections, and an open-addressed table (linear probing) of its open
 connections per client address, keyed by 64-bit BLAKE2 hashes of the address (0: never used, 1:
-a deleted entry, swept by rehashing once they fill an eighth of the table). A worker writes only
+a deleted entry; an address's entry stays where it is at a count of 0, and such entries and
+deleted ones are swept by rehashing once they fill an eighth of the table). A worker writes only
 its own region; a decision (read every region, then count in its own) runs under a POSIX record
 lock on the memfd (``lockf``: between processes) and a thread lock (between the loops of one
 process), two system calls per connection admitted. When a worker dies the hub clears its region:
@@ -14,6 +15,7 @@ the connections it held are gone, and so are their counts.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import mmap
 import os
@@ -25,6 +27,7 @@ _SLOT = struct.Struct("=Qq")  # key, count
 _HEAD = struct.Struct("=qq")  # the region's open connections, its deleted entries
 
 
+@functools.lru_cache(maxsize=1 << 12)  # a worker sees the same few client addresses again and again
 def _key(host: str) -> int:
     digest = hashlib.blake2b(host.encode("utf-8", "surrogateescape"), digest_size=8).digest()
     key = int.from_bytes(digest, "little")
@@ -46,6 +49,9 @@ class SharedCounts:
         self.region = _HEAD.size + slots * _SLOT.size
         self.map = mmap.mmap(fd, self.region * workers)
         self._lock = threading.Lock()
+        # (worker, key) -> the offset of its slot: a process writes only its own region, so the
+        # slots it filled stay where it put them until it rehashes or the region is cleared.
+        self._offsets: dict[tuple[int, int], int] = {}
 
     def __repr__(self) -> str:
         return f"<SharedCounts workers={self.workers} slots={self.slots}>"
@@ -115,25 +121,37 @@ class SharedCounts:
         if not per_client:
             return
         key = _key(host)
-        offset, free = self._find(base, key)
+        offsets = self._offsets
+        offset = offsets.get((worker, key), -1)
         if offset < 0:
-            if delta <= 0 or free < 0:
-                return  # nothing to take off; or full (cannot be: twice the worker's connections)
-            offset = free
-            if _SLOT.unpack_from(self.map, offset)[0] == _DELETED:
-                deleted -= 1
-            _SLOT.pack_into(self.map, offset, key, 0)
-        count = _SLOT.unpack_from(self.map, offset)[1] + delta
-        if count > 0:
-            _SLOT.pack_into(self.map, offset, key, count)
-        else:
-            _SLOT.pack_into(self.map, offset, _DELETED, 0)
+            offset, free = self._find(base, key)
+            if offset < 0:
+                if delta <= 0 or free < 0:
+                    return  # nothing to take off; or full (cannot be: twice the worker's connections)
+                offset = free
+                if _SLOT.unpack_from(self.map, offset)[0] == _DELETED:
+                    deleted -= 1
+                _SLOT.pack_into(self.map, offset, key, 0)
+                deleted += 1  # a count of 0 is garbage for the sweep, until the count below rises
+        before = int(_SLOT.unpack_from(self.map, offset)[1])
+        count = max(0, before + delta)
+        # A client's entry stays in its slot at 0 (the next connection from it finds it again
+        # without a search; one-record connections take a count from 0 to 1 and back each time)
+        # and counts as deleted: the sweep drops it.
+        if before <= 0 < count:
+            deleted -= 1
+        elif count <= 0 < before:
             deleted += 1
+        _SLOT.pack_into(self.map, offset, key, count)
+        offsets[worker, key] = offset
         _HEAD.pack_into(self.map, base, open_now, deleted)
         if deleted * 8 > self.slots:
             self._rehash(base)
 
     def _rehash(self, base: int) -> None:
+        worker = base // self.region
+        for cached in [k for k in self._offsets if k[0] == worker]:
+            del self._offsets[cached]
         table = base + _HEAD.size
         end = base + self.region
         live = []
@@ -155,4 +173,6 @@ class SharedCounts:
         base = worker * self.region
         held = int(_HEAD.unpack_from(self.map, base)[0])
         self.map[base : base + self.region] = bytes(self.region)
+        for cached in [k for k in self._offsets if k[0] == worker]:
+            del self._offsets[cached]
         return held

@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 VENV = "/opt/nio-logd"
 LOG_DIR = "/var/log/nio-logd"
 CONFIG = "/etc/nio-logd/nio-logd.toml"
+LOGROTATE = "/etc/logrotate.d/nio-logd"
 
 
 def _install_reason() -> str | None:
@@ -98,6 +99,10 @@ def install(box: Box, port: int, socket_port: int) -> None:
         "--no-deps",
         f"/tmp/nio-logd-dist/{wheel.name}",
     )
+    # The static user the units run as (User=nio-logd, Group=adm), as the README installs it.
+    box.run("install", "-m", "0644", "/src/systemd/nio-logd.sysusers", "/usr/lib/sysusers.d/nio-logd.conf")
+    box.run("systemd-sysusers")
+    box.run("install", "-m", "0644", "/src/config/logrotate.d/nio-logd", LOGROTATE)
     box.run(
         "install",
         "-m",
@@ -192,6 +197,15 @@ def counters(status_text: str) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", status_text)}
 
 
+def owner_and_mode(box: Box, path: str) -> str:
+    """``stat`` inside the box (its /etc/passwd names the users): e.g. "regular file 640 nio-logd:adm"."""
+    return box.run("stat", "-c", "%F %a %U:%G", path).stdout.strip().replace("regular empty file", "regular file")
+
+
+def adm_gid(box: Box) -> str:
+    return box.run("getent", "group", "adm").stdout.strip().split(":")[2]
+
+
 # -- nio-logd.service --------------------------------------------------------------------------------
 def test_start_returns_once_ready_and_listening(env: Env) -> None:
     """`systemctl start nio-logd` returns after READY=1: the daemon accepts a connection at once."""
@@ -210,17 +224,32 @@ def test_start_returns_once_ready_and_listening(env: Env) -> None:
     }, env.why("nio-logd")
 
 
-def test_runs_in_the_sandbox_as_a_dynamic_user(env: Env) -> None:
-    """The unit's sandbox really applies: no privileges, seccomp on, not root, no new privileges."""
-    main = int(env.box.show("nio-logd", "MainPID")["MainPID"])
-    status = Path(f"/proc/{env.box.host_pid(main)}/status").read_text()
+def test_runs_in_the_sandbox_as_the_static_user_nio_logd_in_group_adm(env: Env) -> None:
+    """The unit's sandbox really applies: no privileges, seccomp on, no new privileges; the daemon runs
+    as the static user nio-logd (from the sysusers file) with group adm, and sees no other log but
+    its own folder (adm could read the machine's other logs)."""
+    main = env.box.show("nio-logd", "MainPID")["MainPID"]
+    status = Path(f"/proc/{env.box.host_pid(int(main))}/status").read_text()
     fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
     assert fields["NoNewPrivs"].strip() == "1"
     assert fields["Seccomp"].strip() == "2"
     assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0
-    assert fields["Uid"].split()[0] != "0"
-    exe = Path(f"/proc/{env.box.host_pid(main)}/cmdline").read_bytes().split(b"\0")
+    exe = Path(f"/proc/{env.box.host_pid(int(main))}/cmdline").read_bytes().split(b"\0")
     assert exe[1:4] == [f"{VENV}/bin/nio-logd".encode(), b"run", b"--config"]
+    # Inside the box, whose /etc/passwd and /etc/group name the ids: real, effective, saved, fs ids.
+    inside = env.box.run("cat", f"/proc/{main}/status").stdout
+    ids = dict(line.split(":\t", 1) for line in inside.splitlines() if ":\t" in line)
+    uids, gids = set(ids["Uid"].split()), set(ids["Gid"].split())
+    assert len(uids) == 1 and len(gids) == 1, (ids["Uid"], ids["Gid"])
+    user = env.box.run("getent", "passwd", uids.pop()).stdout.strip().split(":")
+    group = env.box.run("getent", "group", gids.pop()).stdout.strip().split(":")
+    assert (user[0], group[0]) == ("nio-logd", "adm"), (user, group)
+    assert ids["Groups"].split() in ([], [group[2]]), ids["Groups"]
+    assert int(user[2]) < 1000 and user[5] == LOG_DIR and user[6].endswith("nologin"), user  # a system user
+    # The daemon's own view of /var/log: an empty tmpfs but for its folder.
+    seen = env.box.run("ls", "-A", f"/proc/{main}/root/var/log").stdout.split()
+    assert seen == ["nio-logd"], seen
+    assert env.box.run("ls", "-A", "/var/log").stdout.split() != ["nio-logd"]  # the box's own has more
 
 
 def test_check_config_of_the_installed_package_is_clean(env: Env) -> None:
@@ -238,12 +267,27 @@ def test_records_land_in_var_log_nio_logd(env: Env) -> None:
         s.sendall(b'{"send_user": "", "send_time": "2026-11-29 12:00:00", "send_msg": "refused"}\n')
     wait_for(lambda: len(env.msgs()) == 5 and len(env.log("rejects.log")) == 1, timeout=15)
     assert env.msgs() == [f"first-{i}" for i in range(5)]
-    assert env.box.path(LOG_DIR).is_dir()
-    assert env.box.run("readlink", LOG_DIR).stdout.strip() == "private/nio-logd"  # DynamicUser
-    # The unit's UMask=0077 does not make them 0600: the daemon gives what it creates file_mode.
+    # A real folder (DynamicUser= made it a link into /var/log/private, 0700 root), which adm may
+    # list; files nio-logd:adm 0640, as [log] file_mode and logrotate's `create 0640 nio-logd adm`.
+    assert env.box.run("test", "-L", LOG_DIR, check=False).returncode == 1
+    assert env.box.run("test", "-e", "/var/log/private/nio-logd", check=False).returncode == 1
+    assert owner_and_mode(env.box, LOG_DIR) == "directory 750 nio-logd:adm"
     for name in ("messages.log", "rejects.log"):
-        mode = env.box.run("stat", "-c", "%a", f"{LOG_DIR}/{name}").stdout.strip()
-        assert mode == "640", (name, mode)
+        assert owner_and_mode(env.box, f"{LOG_DIR}/{name}") == "regular file 640 nio-logd:adm", name
+
+
+def test_the_adm_group_reads_the_log_and_others_cannot(env: Env) -> None:
+    """An unprivileged user in group adm reads messages.log (as Debian's /var/log/syslog); the same
+    user without adm gets "Permission denied"."""
+    path = f"{LOG_DIR}/messages.log"
+    as_adm = env.box.run(
+        "setpriv", "--reuid=65534", f"--regid={adm_gid(env.box)}", "--clear-groups", "cat", path, check=False
+    )
+    assert as_adm.returncode == 0, as_adm.stderr
+    assert [json.loads(line)["send_msg"] for line in as_adm.stdout.splitlines()] == [f"first-{i}" for i in range(5)]
+    as_other = env.box.run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", path, check=False)
+    assert as_other.returncode != 0 and "Permission denied" in as_other.stderr, as_other
+    assert as_other.stdout == ""
 
 
 def test_status_text_has_the_live_counters(env: Env) -> None:
@@ -271,6 +315,26 @@ def test_reload_reopens_the_log_files(env: Env) -> None:
     assert env.box.show("nio-logd", "ActiveState")["ActiveState"] == "active"
 
 
+def test_logrotate_with_the_shipped_snippet_keeps_owner_and_mode(env: Env) -> None:
+    """`logrotate -f` with config/logrotate.d/nio-logd (installed in /etc/logrotate.d): the new
+    messages.log it creates is nio-logd:adm 0640, like the daemon's own (`create 0640` keeps the
+    rotated file's owner and group), and its postrotate (SIGUSR1 through systemctl) has the daemon
+    write the next record into that very file."""
+    reopened = sum(e.get("event") == "reopened" for e in env.journal("nio-logd"))
+    rotated = env.box.run("logrotate", "-f", "-s", "/tmp/logrotate.state", LOGROTATE, check=False)
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    assert env.msgs("messages.log.1") == ["after-reload"]
+    live = f"{LOG_DIR}/messages.log"
+    assert owner_and_mode(env.box, live) == "regular file 640 nio-logd:adm"
+    created = env.box.path(live).stat().st_ino
+    wait_for(lambda: sum(e.get("event") == "reopened" for e in env.journal("nio-logd")) > reopened, timeout=10)
+    send(env.port, ["after-logrotate"])
+    wait_for(lambda: env.msgs() == ["after-logrotate"], timeout=10)
+    assert env.box.path(live).stat().st_ino == created  # logrotate's file, not one the daemon made
+    assert owner_and_mode(env.box, live) == "regular file 640 nio-logd:adm"
+    assert env.msgs("messages.log.1") == ["after-reload"]
+
+
 def test_kill_9_is_followed_by_a_restart(env: Env) -> None:
     """Restart=on-failure: after kill -9 of the main process systemd starts a new one, which serves."""
     before = env.box.show("nio-logd", "MainPID", "NRestarts")
@@ -284,7 +348,7 @@ def test_kill_9_is_followed_by_a_restart(env: Env) -> None:
     after = wait_for(restarted, timeout=20)
     assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
     send(env.port, ["after-restart"])
-    wait_for(lambda: env.msgs() == ["after-reload", "after-restart"], timeout=10)
+    wait_for(lambda: env.msgs() == ["after-logrotate", "after-restart"], timeout=10)
 
 
 def test_stop_ends_with_success(env: Env) -> None:
@@ -350,6 +414,11 @@ def test_socket_activated_variant_serves(env: Env) -> None:
     assert [e["address"] for e in listening] == [f"tcp://127.0.0.1:{env.socket_port}"]
     send(env.socket_port, ["activated-3"], user="bob")
     wait_for(lambda: env.msgs()[-1] == "activated-3", timeout=10)
+    # The same user and group as nio-logd.service: the same files, still nio-logd:adm 0640.
+    main = state["MainPID"]
+    inside = env.box.run("ps", "-o", "user=,group=", "-p", main).stdout.split()
+    assert inside == ["nio-logd", "adm"], inside
+    assert owner_and_mode(env.box, f"{LOG_DIR}/messages.log") == "regular file 640 nio-logd:adm"
     env.systemctl("stop", "nio-logd.socket", "nio-logd-activated.service")
     result = env.box.show("nio-logd-activated.service", "ActiveState", "Result")
     assert result == {"ActiveState": "inactive", "Result": "success"}, env.why("nio-logd-activated")

@@ -34,7 +34,9 @@ UNITS = REPO / "systemd"
 SERVICE = UNITS / "nio-logd.service"
 SOCKET = UNITS / "nio-logd.socket"
 ACTIVATED = UNITS / "nio-logd-activated.service"
+SYSUSERS = UNITS / "nio-logd.sysusers"
 SYSTEMD_CONFIG = REPO / "config" / "nio-logd.systemd.toml"
+LOGROTATE_SNIPPET = REPO / "config" / "logrotate.d" / "nio-logd"
 SOCKET_ACTIVATE = "/usr/bin/systemd-socket-activate"
 MAX_EXPOSURE = 1.5
 
@@ -379,8 +381,9 @@ def one(unit: dict[str, list[str]], key: str) -> str:
 
 @pytest.mark.parametrize("path", [SERVICE, ACTIVATED], ids=lambda p: p.name)
 def test_service_unit_settings(path: Path) -> None:
-    """The service is Type=notify, reloads with SIGHUP, restarts on failure, has a watchdog, runs as a
-    dynamic user with only its logs and runtime directories writable, and runs `nio-logd run`."""
+    """The service is Type=notify, reloads with SIGHUP, restarts on failure, has a watchdog, runs as the
+    static user nio-logd with group adm and only its logs and runtime directories writable, and runs
+    `nio-logd run`."""
     unit = parse_unit(path)
     assert one(unit, "Service.Type") == "notify"
     assert one(unit, "Service.NotifyAccess") == "main"
@@ -392,17 +395,60 @@ def test_service_unit_settings(path: Path) -> None:
     assert reload[0] == exec_start[0] and reload[1] == "reload" and "--config" in reload
     assert one(unit, "Service.Restart") == "on-failure"
     assert re.fullmatch(r"\d+s", one(unit, "Service.WatchdogSec"))
-    assert one(unit, "Service.DynamicUser") == "yes"
+    # A static user (systemd/nio-logd.sysusers), group adm: DynamicUser= would hide the logs in
+    # /var/log/private (0700 root) and give them the dynamic group.
+    assert "Service.DynamicUser" not in unit
     assert one(unit, "Service.User") == "nio-logd"
+    assert one(unit, "Service.Group") == "adm"
+    assert "Service.SupplementaryGroups" not in unit
     assert one(unit, "Service.LogsDirectory") == "nio-logd"
+    assert one(unit, "Service.LogsDirectoryMode") == "0750"  # adm may list it
     assert one(unit, "Service.RuntimeDirectory") == "nio-logd"
-    assert one(unit, "Service.ProtectSystem") == "strict"
+    assert one(unit, "Service.RuntimeDirectoryMode") == "0700"
+    # At most 0640, as [log] file_mode's default and the logrotate snippet's create mode.
+    assert one(unit, "Service.UMask") == "0027"
+    # What DynamicUser=yes implied, spelt out (ProtectHome=yes is stricter than its read-only).
+    for key, value in {
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "RemoveIPC": "yes",
+        "NoNewPrivileges": "yes",
+        "RestrictSUIDSGID": "yes",
+        "PrivateUsers": "yes",
+    }.items():
+        assert one(unit, f"Service.{key}") == value, key
+    # adm reads the machine's other logs: the daemon sees only its own folder of /var/log.
+    assert one(unit, "Service.TemporaryFileSystem") == "/var/log:ro"
+    assert one(unit, "Service.BindPaths") == "/var/log/nio-logd"
     assert "Service.ReadWritePaths" not in unit
     # The IP allow list names real networks; "any" or a whole address space would only game the score.
     for key in ("Service.IPAddressAllow", "Service.IPAddressDeny"):
         for value in unit.get(key, []):
             assert not {"0.0.0.0/0", "::/0"} & set(value.split())
     assert unit.get("Service.IPAddressAllow", ["localhost"]) == ["localhost"]
+
+
+def test_both_services_run_as_the_same_user_and_sandbox() -> None:
+    """nio-logd.service and nio-logd-activated.service own the same files: same user, group, folders
+    and modes; the sysusers file creates that user, as a system user whose home is the log folder."""
+    keys = ("User", "Group", "LogsDirectory", "LogsDirectoryMode", "UMask", "TemporaryFileSystem", "BindPaths")
+    service, activated = parse_unit(SERVICE), parse_unit(ACTIVATED)
+    assert {k: service.get(f"Service.{k}") for k in keys} == {k: activated.get(f"Service.{k}") for k in keys}
+    lines = [line.split() for line in SYSUSERS.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert len(lines) == 1, lines
+    kind, name, uid = lines[0][:3]
+    assert (kind, name, uid) == ("u", one(service, "Service.User"), "-")  # "-": a free system uid
+    assert lines[0][-1] == "/var/log/" + one(service, "Service.LogsDirectory")
+
+
+def test_logrotate_snippet_creates_files_as_the_daemon_does() -> None:
+    """logrotate's new files are 0640 (the daemon's [log] file_mode, the units' UMask=0027 allows it),
+    with no owner named: logrotate keeps the rotated file's, nio-logd:adm under the units."""
+    creates = re.findall(r"^\s*create\b(.*)$", LOGROTATE_SNIPPET.read_text(), re.M)
+    assert [c.split() for c in creates] == [["0640"]]
+    assert load_file(SYSTEMD_CONFIG).file_mode == 0o640
+    assert int(creates[0].split()[0], 8) & int(one(parse_unit(SERVICE), "Service.UMask"), 8) == 0
 
 
 def test_socket_unit_activates_the_network_less_service() -> None:

@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Annotated, Any, Final, Literal, cast
 
 from pydantic import ConfigDict, GetPydanticSchema, TypeAdapter, ValidationError
+from pydantic_core import ErrorDetails
 from pydantic_core import core_schema as cs
 from typing_extensions import TypedDict
 
@@ -84,20 +85,16 @@ _TIME_SCHEMA = cs.custom_error_schema(
 SendTime = Annotated[datetime, GetPydanticSchema(lambda _t, _h: _TIME_SCHEMA)]
 
 
+# C0 controls, DEL and C1 controls, and the bidi controls (embeddings, overrides, isolates, the
+# ALM/LRM/RLM marks) that make one name display as another. pydantic-core's regex runs in Rust.
+_USER_PATTERN: Final = r"^[^\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]*$"
+
+
 def _user_schema(max_chars: int) -> cs.CoreSchema:
-    return cs.chain_schema(
-        [
-            cs.str_schema(min_length=1, max_length=max_chars),
-            cs.custom_error_schema(
-                # C0 controls, DEL and C1 controls, and the bidi controls (embeddings, overrides,
-                # isolates, the ALM/LRM/RLM marks) that make one name display as another.
-                # pydantic-core's regex runs in Rust.
-                cs.str_schema(pattern=r"^[^\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]*$"),
-                custom_error_type="send_user_control",
-                custom_error_message=USER_RULE,
-            ),
-        ]
-    )
+    # One string schema with the bounds and the pattern (a chain with a custom error around the
+    # pattern measured 6 % more instructions a record); a mismatch is said as USER_RULE by
+    # _refusal, not with pydantic's text that quotes the pattern.
+    return cs.str_schema(min_length=1, max_length=max_chars, pattern=_USER_PATTERN)
 
 
 # Every `"` byte in JSON opens or closes a string or is escaped inside one, and an accepted record
@@ -342,6 +339,15 @@ def _json_error(msg: str) -> str:
     return f"invalid JSON: {m['what']} at line {m['line']} column {m['col']}"
 
 
+def _field_error(err: ErrorDetails) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "string_pattern_mismatch":  # only send_user has a pattern of its own (send_time's
+        return USER_RULE  # is inside its custom error)
+    return err["msg"]
+
+
 def _refusal(raw: bytes, exc: ValidationError) -> Refusal:
     errors = exc.errors(include_url=False, include_input=False, include_context=False)
     first = errors[0]
@@ -358,11 +364,5 @@ def _refusal(raw: bytes, exc: ValidationError) -> Refusal:
         return Refusal("invalid_json", [{"field": "(record)", "error": _json_error(first["msg"])}], raw)
     if not first["loc"]:
         return Refusal("not_an_object", [{"field": "(record)", "error": "not a JSON object"}], raw)
-    fields = [
-        {
-            "field": ".".join(str(p) for p in err["loc"]),
-            "error": "unknown field" if err["type"] == "extra_forbidden" else err["msg"],
-        }
-        for err in errors
-    ]
+    fields = [{"field": ".".join(str(p) for p in err["loc"]), "error": _field_error(err)} for err in errors]
     return Refusal("invalid_fields", fields, raw)

@@ -243,7 +243,7 @@ def _paths(data: Any, prefix: Key = ()) -> dict[Key, Any]:
     return out
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(documents())
 def test_the_locator_finds_every_key_on_its_line_and_the_marker_on_its_own(doc: Document) -> None:
     data = tomllib.loads(doc.text)  # the generator writes valid TOML
@@ -255,7 +255,7 @@ def test_the_locator_finds_every_key_on_its_line_and_the_marker_on_its_own(doc: 
         assert entries[key].line == line, (key, doc.text)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(documents(), st.lists(st.one_of(NAMES, st.just(MARKER), st.integers(0, 3)), min_size=1, max_size=4))
 def test_an_absent_key_has_no_line(doc: Document, key: list[str | int]) -> None:
     """The marker taken out (its text still in strings and comments), and random keys not in the

@@ -74,12 +74,13 @@ def _bytes_waiting(sock: socket.socket) -> int:
     return int.from_bytes(buf, "little", signed=True)
 
 
-def _peer_name(sock: socket.socket, family: int) -> str:
+def _peer_name(address: Any, family: int) -> str:
+    """The peer as written with its records, from the address accept() returned."""
     if family == socket.AF_UNIX:
         return "unix"
     try:
-        host, port = sock.getpeername()[:2]
-    except OSError:
+        host, port = address[:2]
+    except (TypeError, ValueError):
         return "unknown"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -516,7 +517,7 @@ class IOLoop:
         # connected, and may have sent records, before the stop.
         for _ in range(1 << 16 if draining else ACCEPTS_PER_EVENT):
             try:
-                sock, _addr = listener.sock.accept()
+                sock, address = listener.sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
@@ -539,7 +540,7 @@ class IOLoop:
                 log.warning("accept_failed", listener=listener.name, error=exc.strerror, action="skipped")
                 continue
             family = listener.family
-            peer = _peer_name(sock, family)
+            peer = _peer_name(address, family)
             host = peer.rpartition(":")[0] if family != socket.AF_UNIX else "unix"
             refusal = server.admit(listener, host)
             if refusal:
@@ -553,7 +554,8 @@ class IOLoop:
                     pass
                 continue
             sock.setblocking(False)
-            if family != socket.AF_UNIX:
+            if family != socket.AF_UNIX and (listener.settings.ack or listener.settings.tls is not None):
+                # Answers and TLS handshakes go out at once; a listener without acks sends nothing.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             target = self if draining else server.loops[self._next_loop % len(server.loops)]
             self._next_loop += 1

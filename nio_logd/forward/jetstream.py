@@ -17,14 +17,15 @@ import contextlib
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import nats
 import orjson
-from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from ..config import ForwardSettings
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
 
 OnAnswer = Callable[[str, str | None], None]  # token, None if stored or the error's text
 CONNECT_TIMEOUT = 2
@@ -94,6 +95,8 @@ class JetStreamLink:
             options["token"] = s.token.get_secret_value()
         if s.creds is not None:
             options["user_credentials"] = str(self.resolve(s.creds))
+        import nats  # here: a daemon without [[forward]], and every worker, never loads it (40 ms)
+
         nc = await nats.connect(**options)
         try:
             self.inbox = nc.new_inbox()

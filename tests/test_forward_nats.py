@@ -99,6 +99,11 @@ def assert_exactly_once(pairs: list[tuple[str, str]], expected: set[tuple[str, s
     assert not extra, f"{len(extra)} records in the stream that no daemon logged, e.g. {sorted(extra)[:5]}"
 
 
+def log_files(path: Path) -> list[Path]:
+    """The messages log and its rotated files (not the forwarders' cursors)."""
+    return [p for p in path.parent.glob(f"{path.name}*") if not p.name.endswith(".cursor")]
+
+
 def logged_pairs(host: str, *paths: Path) -> set[tuple[str, str]]:
     ids = [i for path in paths for i in logged_ids(path)]
     assert len(ids) == len(set(ids)), "a record is twice in the log"
@@ -281,17 +286,24 @@ def test_builtin_rotation_keeps_a_file_the_forwarder_has_not_finished(
     log = {"rotate_bytes": 100_000, "rotate_keep": 2}
     dead = [f"nats://127.0.0.1:{free_port()}"]
     d = daemon_factory(forward_config(tmp_path, nats_cluster, stream, subject, "host-a", servers=dead, log=log))
-    sender = Streamer(d.tcp, 1, 10_000, pad=20)
-    sender.start()
-    sender.finish()
+    # Rounds of ~120 KB, each written before the next: the daemon rotates between writes, never
+    # inside one, so a single burst written in one batch would rotate only once or twice (a CI run
+    # wrote 10,000 records as one 2.2 MB batch) and keep 2 would not need to drop the cursor's file.
+    rounds = 10
+    for c in range(1, rounds + 1):
+        sender = Streamer(d.tcp, c, 1_000, pad=20)
+        sender.start()
+        sender.finish()
+        wait_for(lambda c=c: sum(map(count_lines, log_files(d.messages))) >= c * 1_000, 20)
     wait_for(lambda: d.event("rotation_postponed"), 20)
     assert d.stop() == 0
     config = forward_config(tmp_path, nats_cluster, stream, subject, "host-a", log=log)
     again = daemon_factory(config)
-    wait_for(lambda: forwarded(again) >= 10_000, 60, 0.2)
+    sent = {("host-a", f"c{c}-{i}") for c in range(1, rounds + 1) for i in range(1_000)}
+    wait_for(lambda: forwarded(again) >= len(sent), 60, 0.2)
     assert again.event("forward_loss") is None
     pairs = stream_pairs(nats_cluster, stream, subject)
-    assert_exactly_once(pairs, {("host-a", f"c1-{i}") for i in range(10_000)})
+    assert_exactly_once(pairs, sent)
 
 
 def _acked_client(address: tuple[str, int], lines: list[bytes]) -> socket.socket:

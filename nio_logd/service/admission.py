@@ -3,13 +3,13 @@
 
 design: a memfd that the hub creates and passes to every worker (by fd), mapped by each, with one
 region per worker: its open connections, and an open-addressed table (linear probing) of its open
-connections per client address, keyed by 64-bit BLAKE2 hashes of the address (0: never used, 1:
-a deleted entry; an address's entry stays where it is at a count of 0, and such entries and
-deleted ones are swept by rehashing once they fill an eighth of the table). A worker writes only
-its own region; a decision (read every region, then count in its own) runs under a POSIX record
-lock on the memfd (``lockf``: between processes) and a thread lock (between the loops of one
-process), two system calls per connection admitted. When a worker dies the hub clears its region:
-the connections it held are gone, and so are their counts.
+connections per client address, keyed by 64-bit BLAKE2 hashes of the address (0: never used).
+An address's entry stays where it is at a count of 0 (nothing is deleted in place); such entries
+are swept by rehashing once they fill an eighth of the table. A worker writes only its own
+region; a decision (read every region, then count in its own) runs under a POSIX record lock on
+the memfd (``lockf``: between processes) and a thread lock (between the loops of one process),
+two system calls per connection admitted. When a worker dies the hub clears its region: the
+connections it held are gone, and so are their counts.
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ import os
 import struct
 import threading
 
-_EMPTY, _DELETED = 0, 1
+_EMPTY = 0
 _SLOT = struct.Struct("=Qq")  # key, count
-_HEAD = struct.Struct("=qq")  # the region's open connections, its deleted entries
+_HEAD = struct.Struct("=qq")  # the region's open connections, its entries at a count of 0
 
 
 @functools.lru_cache(maxsize=1 << 12)  # a worker sees the same few client addresses again and again
 def _key(host: str) -> int:
     digest = hashlib.blake2b(host.encode("utf-8", "surrogateescape"), digest_size=8).digest()
     key = int.from_bytes(digest, "little")
-    return key if key > _DELETED else key + 2
+    return key if key != _EMPTY else 1
 
 
 def table_slots(max_connections: int) -> int:
@@ -85,22 +85,20 @@ class SharedCounts:
         return sum(int(_HEAD.unpack_from(self.map, w * self.region)[0]) for w in range(self.workers))
 
     def _find(self, base: int, key: int) -> tuple[int, int]:
-        """In the region at ``base``: (offset of ``key``'s slot or -1, first reusable slot or -1)."""
+        """In the region at ``base``: (offset of ``key``'s slot or -1, the empty slot that ends
+        its probe or -1)."""
         mask = self.slots - 1
         i = key & mask
-        reusable = -1
         table = base + _HEAD.size
         for _ in range(self.slots):
             offset = table + i * _SLOT.size
             k = _SLOT.unpack_from(self.map, offset)[0]
             if k == key:
-                return offset, reusable
+                return offset, -1
             if k == _EMPTY:
-                return -1, reusable if reusable >= 0 else offset
-            if k == _DELETED and reusable < 0:
-                reusable = offset
+                return -1, offset
             i = (i + 1) & mask
-        return -1, reusable
+        return -1, -1
 
     def client(self, host: str) -> int:
         """The connections open from ``host`` in every worker."""
@@ -115,49 +113,48 @@ class SharedCounts:
     # -- writing one's own region (under the lock) --------------------------------------------------
     def add(self, worker: int, host: str, delta: int, *, per_client: bool) -> None:
         base = worker * self.region
-        open_now, deleted = _HEAD.unpack_from(self.map, base)
+        open_now, idle = _HEAD.unpack_from(self.map, base)
         open_now += delta
-        _HEAD.pack_into(self.map, base, open_now, deleted)
+        _HEAD.pack_into(self.map, base, open_now, idle)
         if not per_client:
             return
         key = _key(host)
-        offsets = self._offsets
-        offset = offsets.get((worker, key), -1)
+        offset = self._offsets.get((worker, key), -1)
         if offset < 0:
             offset, free = self._find(base, key)
             if offset < 0:
                 if delta <= 0 or free < 0:
                     return  # nothing to take off; or full (cannot be: twice the worker's connections)
                 offset = free
-                if _SLOT.unpack_from(self.map, offset)[0] == _DELETED:
-                    deleted -= 1
                 _SLOT.pack_into(self.map, offset, key, 0)
-                deleted += 1  # a count of 0 is garbage for the sweep, until the count below rises
+                idle += 1  # counted back out just below, as its count rises from 0
         before = int(_SLOT.unpack_from(self.map, offset)[1])
         count = max(0, before + delta)
         # A client's entry stays in its slot at 0 (the next connection from it finds it again
         # without a search; one-record connections take a count from 0 to 1 and back each time)
-        # and counts as deleted: the sweep drops it.
+        # until the sweep drops it.
         if before <= 0 < count:
-            deleted -= 1
+            idle -= 1
         elif count <= 0 < before:
-            deleted += 1
+            idle += 1
         _SLOT.pack_into(self.map, offset, key, count)
-        offsets[worker, key] = offset
-        _HEAD.pack_into(self.map, base, open_now, deleted)
-        if deleted * 8 > self.slots:
+        self._offsets[worker, key] = offset
+        _HEAD.pack_into(self.map, base, open_now, idle)
+        if idle * 8 > self.slots:
             self._rehash(base)
 
-    def _rehash(self, base: int) -> None:
-        worker = base // self.region
+    def _forget_offsets(self, worker: int) -> None:
         for cached in [k for k in self._offsets if k[0] == worker]:
             del self._offsets[cached]
+
+    def _rehash(self, base: int) -> None:
+        self._forget_offsets(base // self.region)
         table = base + _HEAD.size
         end = base + self.region
         live = []
         for offset in range(table, end, _SLOT.size):
             key, count = _SLOT.unpack_from(self.map, offset)
-            if key > _DELETED and count > 0:
+            if key != _EMPTY and count > 0:
                 live.append((key, count))
         self.map[table:end] = bytes(end - table)
         mask = self.slots - 1
@@ -173,6 +170,5 @@ class SharedCounts:
         base = worker * self.region
         held = int(_HEAD.unpack_from(self.map, base)[0])
         self.map[base : base + self.region] = bytes(self.region)
-        for cached in [k for k in self._offsets if k[0] == worker]:
-            del self._offsets[cached]
+        self._forget_offsets(worker)
         return held

@@ -103,3 +103,28 @@ def test_oversize_detected_while_a_line_dribbles_in() -> None:
     for byte in b"abcdefghijklmnop\nok\n":
         out += framer.feed(bytes([byte]))
     assert out == [TooLarge(b"abcdefghij"), b"ok"]
+
+
+_PIECES = st.sampled_from([b"{", b"}", b"x", b'"', b" ", b"\t", b"\r", b"\x0b", b"\x0c"])
+
+
+@settings(max_examples=500)
+@given(
+    lines=st.lists(st.lists(_PIECES, min_size=1, max_size=12).map(b"".join), max_size=30),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=3),
+    max_bytes=st.integers(min_value=1, max_value=14),
+)
+def test_lines_of_spaces_carriage_returns_and_sizes_near_the_bound(
+    lines: list[bytes], cuts: list[int], max_bytes: int
+) -> None:
+    # Chunks with no empty line, blank lines of every ASCII space, CRs inside and at the end of
+    # lines, lines at and over the bound: the chunk-at-once path must agree with the line rules.
+    expected: list[Frame] = []
+    for line in lines:
+        cleaned = line[:-1] if line.endswith(b"\r") else line
+        if len(cleaned) > max_bytes:
+            expected.append(TooLarge(cleaned[:max_bytes]))
+        elif cleaned and not cleaned.isspace():
+            expected.append(cleaned)
+    data = b"".join(line + b"\n" for line in lines)
+    assert frame_all(split(data, cuts), max_bytes) == expected

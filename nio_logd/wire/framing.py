@@ -18,6 +18,7 @@ from typing import Final
 from ..records.record import Frame, TooLarge
 
 _NL: Final = b"\n"
+_CR: Final = b"\r"
 
 
 def _clean(line: bytes) -> bytes:
@@ -77,7 +78,18 @@ class LineFramer:
             self._buf = bytearray()
         lines: list[bytes] = data.split(_NL)
         tail = lines.pop()
-        out: list[Frame] = []
+        if (
+            _CR not in data
+            and lines
+            and all(lines)
+            and max(map(len, lines)) <= limit
+            and not any(map(bytes.isspace, lines))
+        ):
+            # The common chunk (no CR, no empty, blank or oversize line): every line is a record,
+            # found by C loops instead of a Python one (callgrind: ~40 % of framing's instructions).
+            out: list[Frame] = lines  # type: ignore[assignment]
+            return self._keep_tail(out, tail, limit)
+        out = []
         for line in lines:
             if line[-1:] == b"\r":
                 line = line[:-1]  # noqa: PLW2901 - the line without its CR is the record
@@ -85,6 +97,10 @@ class LineFramer:
                 out.append(TooLarge(line[:limit]))
             elif line and not line.isspace():
                 out.append(line)
+        return self._keep_tail(out, tail, limit)
+
+    def _keep_tail(self, out: list[Frame], tail: bytes, limit: int) -> list[Frame]:
+        """Hold the unfinished line after the last newline (or mark it too large)."""
         if _overflows(tail, limit):
             out.append(TooLarge(tail[:limit]))
             self._discarding = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import gc
 import ssl
 import threading
 import time
@@ -204,6 +205,10 @@ class Server:
             self.pool.spawn(identity)
 
     def start(self) -> None:
+        # What start-up made (modules, schemas, config) lives as long as the process: out of the
+        # collector's generations, so that the collections the records' objects trigger do not
+        # walk it again (callgrind, the pipeline over the bench's records: 1.5 % fewer instructions).
+        gc.freeze()
         self.writer.start()
         for forwarder in self.forwarders:
             forwarder.start()

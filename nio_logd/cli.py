@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
-from . import __version__
+from . import __version__, programs  # noqa: F401 - programs before structlog
 from .config import Settings, load_settings
 from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ClientError, NioLogdError, UsageError
 

@@ -361,3 +361,15 @@ def test_the_readme_test_command_is_what_ci_runs() -> None:
     ci = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
     readme = [line for line in (root / "README.md").read_text().splitlines() if line.startswith("apt-get update")]
     assert readme == [ci]
+
+
+@pytest.mark.parametrize("program", ["nio_logd.cli", "nio_logd.service.worker"])
+def test_the_daemons_programs_never_load_rich_even_where_it_is_installed(program: str) -> None:
+    # rich is installed here (twine needs it), and structlog would import it: the daemon's
+    # processes must weigh and behave the same as on a machine without it.
+    probe = "import importlib.util, sys; print(importlib.util.find_spec('rich') is not None)"
+    installed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert installed.stdout.strip() == "True"
+    check = f"import sys, {program}, structlog; print(sys.modules.get('rich') is None, 'structlog' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["True", "True"], out.stderr

@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 from typing import cast
 
+from .. import programs  # noqa: F401 - before structlog (events)
 from ..errors import StartupError
 from ..events import configure_events, get_logger
 from ..output.writer import Writer

@@ -58,6 +58,7 @@ class LoopStats:
     handler_errors: int = 0
     accept_errors: int = 0
     accept_dead: int = 0  # reset before accept (a health check's RST)
+    connections_handed_off: int = 0  # accepted here, sent to a worker process that held fewer
     pauses: int = 0
     paused_seconds: float = 0.0  # finished pauses; the current one is added by the reader
     rate_limited: int = 0
@@ -145,6 +146,7 @@ class Stats:
             "connections_total": loops.connections_total,
             "connections_refused": loops.connections_refused,
             "connections_refused_by_reason": dict(loops.connections_refused_by_reason),
+            "connections_handed_off": loops.connections_handed_off,
             "connections_closed_by_reason": {
                 "idle_timeout": loops.idle_closed,
                 "refused_records": records.closed_refused_records,

@@ -89,3 +89,64 @@ def test_another_process_sees_and_changes_the_same_counts() -> None:
     finally:
         counts.map.close()
         os.close(counts.fd)
+
+
+move_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["open", "close", "send", "arrive", "take", "stop", "die"]),
+        st.integers(0, 2),
+        st.integers(0, 2),
+        st.sampled_from(HOSTS[:4]),
+    ),
+    max_size=200,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(move_ops)
+def test_moves_between_workers_equal_a_model(script: list[tuple[str, int, int, str]]) -> None:
+    """Connections handed from one worker to another (``service/handoff.py``): on their way they
+    count as open for the whole daemon and as load for the receiver, then as the receiver's; a
+    worker's death keeps those on their way to it (its successor takes them from its inbox);
+    ``lighter`` names the lightest worker that takes connections and holds two fewer."""
+    counts = SharedCounts.create(3, 16)
+    held = [collections.Counter[str]() for _ in range(3)]
+    coming: list[list[str]] = [[], [], []]
+    taking = [False, False, False]
+    try:
+        for op, worker, other, host in script:
+            with counts:
+                if op == "open":
+                    counts.add(worker, host, 1, per_client=True)
+                    held[worker][host] += 1
+                elif op == "close" and held[worker][host] > 0:
+                    counts.add(worker, host, -1, per_client=True)
+                    held[worker][host] -= 1
+                elif op == "send" and held[worker][host] > 0 and other != worker:
+                    counts.moved_out(worker, other, host)
+                    held[worker][host] -= 1
+                    coming[other].append(host)
+                elif op == "arrive" and coming[worker]:
+                    arrived = coming[worker].pop(0)
+                    counts.moved_in(worker, arrived)
+                    held[worker][arrived] += 1
+                elif op in ("take", "stop"):
+                    counts.set_taking(worker, op == "take")
+                    taking[worker] = op == "take"
+                elif op == "die":
+                    counts.clear(worker)
+                    held[worker] = collections.Counter()
+                    taking[worker] = False
+                loads = [sum(held[w].values()) + len(coming[w]) for w in range(3)]
+                assert counts.open_connections() == sum(loads)
+                for h in HOSTS[:4]:
+                    assert counts.client(h) == sum(m[h] for m in held), h
+                for w in range(3):
+                    best, best_load = None, loads[w] - 1
+                    for x in range(3):
+                        if x != w and taking[x] and loads[x] < best_load:
+                            best, best_load = x, loads[x]
+                    assert counts.lighter(w) == best, (w, loads, taking)
+    finally:
+        counts.map.close()
+        os.close(counts.fd)

@@ -10,6 +10,10 @@ region; a decision (read every region, then count in its own) runs under a POSIX
 the memfd (``lockf``: between processes) and a thread lock (between the loops of one process),
 two system calls per connection admitted. When a worker dies the hub clears its region: the
 connections it held are gone, and so are their counts.
+
+After the regions, one record per worker for the moves between workers (``service/handoff.py``):
+whether it takes connections handed over, and how many are on their way to it (written by the
+worker that sends one, taken off by the receiver, under the lock; counted as open meanwhile).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import threading
 _EMPTY = 0
 _SLOT = struct.Struct("=Qq")  # key, count
 _HEAD = struct.Struct("=qq")  # the region's open connections, its entries at a count of 0
+_MOVES = struct.Struct("=qq")  # takes connections handed over (1/0), connections on their way to it
 
 
 @functools.lru_cache(maxsize=1 << 12)  # a worker sees the same few client addresses again and again
@@ -47,7 +52,8 @@ class SharedCounts:
         self.workers = workers
         self.slots = slots
         self.region = _HEAD.size + slots * _SLOT.size
-        self.map = mmap.mmap(fd, self.region * workers)
+        self.moves = self.region * workers  # where the move records begin
+        self.map = mmap.mmap(fd, self.moves + _MOVES.size * workers)
         self._lock = threading.Lock()
         # (worker, key) -> the offset of its slot: a process writes only its own region, so the
         # slots it filled stay where it put them until it rehashes or the region is cleared.
@@ -61,7 +67,7 @@ class SharedCounts:
         """The hub, before it starts the workers (the fd goes to them through pass_fds)."""
         slots = table_slots(max_connections)
         fd = os.memfd_create("nio-logd-connections", os.MFD_CLOEXEC)
-        os.ftruncate(fd, (_HEAD.size + slots * _SLOT.size) * workers)
+        os.ftruncate(fd, (_HEAD.size + slots * _SLOT.size + _MOVES.size) * workers)
         return cls(fd, workers, slots)
 
     # -- locking ------------------------------------------------------------------------------------
@@ -82,7 +88,28 @@ class SharedCounts:
 
     # -- reading (under the lock) -------------------------------------------------------------------
     def open_connections(self) -> int:
-        return sum(int(_HEAD.unpack_from(self.map, w * self.region)[0]) for w in range(self.workers))
+        held = sum(int(_HEAD.unpack_from(self.map, w * self.region)[0]) for w in range(self.workers))
+        return held + sum(self._moves(w)[1] for w in range(self.workers))
+
+    def _moves(self, worker: int) -> tuple[int, int]:
+        taking, coming = _MOVES.unpack_from(self.map, self.moves + worker * _MOVES.size)
+        return int(taking), int(coming)
+
+    def _load(self, worker: int) -> int:
+        """The connections ``worker`` holds and those on their way to it."""
+        return int(_HEAD.unpack_from(self.map, worker * self.region)[0]) + self._moves(worker)[1]
+
+    def lighter(self, worker: int) -> int | None:
+        """The worker that takes connections handed over and holds at least two fewer than
+        ``worker``, the lightest (each counted with the connections on their way to it); or None.
+        Also read without the lock, as a hint: the decision is taken again under it."""
+        best, best_load = None, self._load(worker) - 1
+        for w in range(self.workers):
+            if w != worker and self._moves(w)[0]:
+                load = self._load(w)
+                if load < best_load:
+                    best, best_load = w, load
+        return best
 
     def _find(self, base: int, key: int) -> tuple[int, int]:
         """In the region at ``base``: (offset of ``key``'s slot or -1, the empty slot that ends
@@ -143,6 +170,27 @@ class SharedCounts:
         if idle * 8 > self.slots:
             self._rehash(base)
 
+    def set_taking(self, worker: int, taking: bool) -> None:
+        """``worker`` (its own record) starts or stops taking connections handed over."""
+        offset = self.moves + worker * _MOVES.size
+        _MOVES.pack_into(self.map, offset, int(taking), _MOVES.unpack_from(self.map, offset)[1])
+
+    def moved_out(self, worker: int, target: int, host: str) -> None:
+        """``worker`` has sent one of its connections (from ``host``) to ``target``."""
+        self.add(worker, host, -1, per_client=True)
+        offset = self.moves + target * _MOVES.size
+        taking, coming = _MOVES.unpack_from(self.map, offset)
+        _MOVES.pack_into(self.map, offset, taking, coming + 1)
+
+    def moved_in(self, worker: int, host: str | None) -> None:
+        """``worker`` has received a connection (from ``host``) handed over to it; None: one it
+        could not take (it is no longer on its way, and not held either)."""
+        offset = self.moves + worker * _MOVES.size
+        taking, coming = _MOVES.unpack_from(self.map, offset)
+        _MOVES.pack_into(self.map, offset, taking, max(0, coming - 1))
+        if host is not None:
+            self.add(worker, host, 1, per_client=True)
+
     def _forget_offsets(self, worker: int) -> None:
         for cached in [k for k in self._offsets if k[0] == worker]:
             del self._offsets[cached]
@@ -166,9 +214,11 @@ class SharedCounts:
         _HEAD.pack_into(self.map, base, _HEAD.unpack_from(self.map, base)[0], 0)
 
     def clear(self, worker: int) -> int:
-        """The hub, once ``worker`` has died: its connections are gone; returns how many it held."""
+        """The hub, once ``worker`` has died: its connections are gone; returns how many it held.
+        The ones on their way to it stay counted: they wait in its inbox for its successor."""
         base = worker * self.region
         held = int(_HEAD.unpack_from(self.map, base)[0])
         self.map[base : base + self.region] = bytes(self.region)
+        self.set_taking(worker, False)
         self._forget_offsets(worker)
         return held

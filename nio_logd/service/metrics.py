@@ -175,6 +175,10 @@ class ServerCollector(Collector):
             ("handler_errors", "Connections closed because handling them raised (a bug, logged)."),
             ("accept_errors", "Failed accept() calls (EMFILE, a network error of the new connection)."),
             ("accept_dead", "Connections already reset when accepted (health checks closing with RST)."),
+            (
+                "connections_handed_off",
+                "Connections accepted by one worker process and served by another that held fewer.",
+            ),
         ):
             yield CounterMetricFamily(f"nio_logd_{key}", text, value=getattr(s.loops, key))
         yield CounterMetricFamily("nio_logd_bytes_received", "Bytes read from clients.", value=s.loops.bytes_in)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import functools
 import gc
+import socket
 import ssl
 import threading
 import time
@@ -29,6 +30,7 @@ from ..wire.ioloop import IOLoop
 from ..wire.listeners import Listener, bind, copies, describe
 from ..wire.tls import ConnectionFactory, connection_factory, server_context
 from .admission import SharedCounts
+from .handoff import Handoff
 from .metrics import MetricsServer
 from .privilege import Identity
 from .workers import WorkerPool
@@ -71,6 +73,7 @@ class Server:
         # A worker's connection counts, shared with the other workers (set by the worker).
         self.shared: SharedCounts | None = None
         self.worker_index = 0
+        self.handoff: Handoff | None = None  # a worker's moves of connections to lighter workers
         self.writer = (
             writer
             if writer is not None
@@ -175,6 +178,35 @@ class Server:
         self.loops = [IOLoop(self, i) for i in range(self.settings.server.io_threads)]
         for listener in listeners:
             self.loops[0].add_listener(listener)
+
+    def enable_handoff(self, handoff: Handoff) -> None:
+        """A worker: hand connections over to lighter workers, and take those sent here (loop 0)."""
+        self.handoff = handoff
+        self.loops[0].add_inbox(handoff.fileno())
+
+    def hand_off(self, sock: socket.socket, listener: Listener, peer: str, host: str) -> bool:
+        """Send a connection just admitted here, nothing read from it, to a lighter worker; True
+        if it went (it is then neither open nor counted here)."""
+        handoff = self.handoff
+        if handoff is None or self.stopping or not handoff.offer(sock, listener, peer, host):
+            return False
+        with self._conn_lock:
+            self.open_connections -= 1
+        return True
+
+    def handed_over(self, *, everything: bool = False) -> list[tuple[socket.socket, Listener, str, str]]:
+        """The connections other workers sent here, now counted as open here; with ``everything``
+        (draining) this worker first stops taking more, then empties its inbox."""
+        handoff = self.handoff
+        if handoff is None:
+            return []
+        if everything:
+            handoff.taking(False)
+        arrived = handoff.receive(everything=everything)
+        if arrived:
+            with self._conn_lock:
+                self.open_connections += len(arrived)
+        return arrived
 
     def _make_forwarders(self) -> None:
         """One forwarder per ``[[forward]]`` table, its cursor read while the files are quiet."""

@@ -26,6 +26,7 @@ from ..wire.listeners import Listener
 from ..wire.tls import connection_factory, server_context
 from . import ipc
 from .admission import SharedCounts
+from .handoff import Handoff
 from .privilege import drop_privileges
 from .server import Server
 from .workers import Bootstrap, ListenerSpec
@@ -120,7 +121,14 @@ def serve_worker(fd: int) -> int:
     server.shared = SharedCounts(*boot.counts)
     server.worker_index = boot.index
     try:
-        server.adopt(_listeners(server, boot.listeners))
+        listeners = _listeners(server, boot.listeners)
+        server.adopt(listeners)
+        if boot.counts[1] > 1:
+            inbox = socket.socket(fileno=boot.inbox)
+            outboxes = [socket.socket(fileno=fd) for fd in boot.outboxes]
+            for end in (inbox, *outboxes):
+                end.setblocking(False)
+            server.enable_handoff(Handoff(boot.index, inbox, outboxes, server.shared, listeners))
         if boot.identity is not None:
             drop_privileges(boot.identity)  # before the first byte from a client is read
     except StartupError as exc:
@@ -154,6 +162,8 @@ def serve_worker(fd: int) -> int:
 
     threading.Thread(target=read, name="nio-logd-worker-channel", daemon=True).start()
     server.start()
+    if server.handoff is not None:
+        server.handoff.taking(True)
     remote.send(ipc.READY)
     stop.wait()
     clean = server.shutdown(force=force)

@@ -39,7 +39,7 @@ from ..events import get_logger
 from ..output.writer import Batch, Writer
 from ..stats import LoopStats, Stats
 from ..wire.listeners import Listener
-from . import ipc
+from . import handoff, ipc
 from .admission import SharedCounts
 from .privilege import Identity
 
@@ -86,6 +86,8 @@ class Bootstrap:
     events: tuple[str, str]  # format ("json"/"console", decided by the hub's stderr) and level
     identity: Identity | None  # whom the worker becomes before it serves (started as root)
     counts: tuple[int, int, int]  # the shared connection counts: memfd, workers, slots per worker
+    inbox: int  # where connections handed over to this worker arrive (handoff.py)
+    outboxes: list[int]  # every worker's inbox, by index, to hand connections over
 
 
 class HubBatch(Batch):
@@ -262,6 +264,8 @@ class WorkerPool:
     ) -> None:
         self.counts = counts
         self.count = len(listener_sets)
+        # Held for the hub's whole life: a restarted worker finds what was sent to its predecessor.
+        self.inboxes = handoff.inboxes(self.count)
         self.settings = worker_settings(settings, self.count)
         self.writer = writer
         self.listener_sets = listener_sets
@@ -286,8 +290,10 @@ class WorkerPool:
             for ls in self.listener_sets[index]
         ]
         counts = (self.counts.fd, self.counts.workers, self.counts.slots)
-        boot = Bootstrap(index, self.settings, specs, self.events, self.identity, counts)
-        return boot, [self.counts.fd, *{s.fd for s in specs}]
+        inbox = self.inboxes[index][0].fileno()
+        outboxes = [send.fileno() for _receive, send in self.inboxes]
+        boot = Bootstrap(index, self.settings, specs, self.events, self.identity, counts, inbox, outboxes)
+        return boot, [self.counts.fd, *{s.fd for s in specs}, inbox, *outboxes]
 
     def spawn(self, identity: Identity | None) -> None:
         """Start every worker. Called by the privilege drop just before the hub drops (with the

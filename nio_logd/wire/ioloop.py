@@ -117,6 +117,10 @@ class LoopHost(Protocol):
 
     def connection_closed(self, host: str) -> None: ...
 
+    def hand_off(self, sock: socket.socket, listener: Listener, peer: str, host: str) -> bool: ...
+
+    def handed_over(self, *, everything: bool = False) -> list[tuple[socket.socket, Listener, str, str]]: ...
+
     def fail(self, component: str, exc: BaseException) -> None: ...
 
 
@@ -359,6 +363,7 @@ class IOLoop:
             answer_limit=OUT_LIMIT,
         )
         self._next_loop = 0
+        self._inbox = -1  # a worker's inbox of connections handed over (add_inbox), on loop 0
         self.stats = LoopStats()
         # Bytes the pass has made (lines, answers: ``pipeline.nbytes``); past pass_limit the batch
         # goes to the writer before the pass ends.
@@ -557,7 +562,25 @@ class IOLoop:
             if family != socket.AF_UNIX and (listener.settings.ack or listener.settings.tls is not None):
                 # Answers and TLS handshakes go out at once; a listener without acks sends nothing.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not draining and family != socket.AF_UNIX and server.hand_off(sock, listener, peer, host):
+                self.stats.connections_handed_off += 1
+                continue  # to a worker process that holds fewer (SO_REUSEPORT's hash is uneven)
             target = self if draining else server.loops[self._next_loop % len(server.loops)]
+            self._next_loop += 1
+            if target is self:
+                self.adopt(sock, listener, peer, host, draining=draining)
+            else:
+                target.call_soon_threadsafe(functools.partial(target.adopt, sock, listener, peer, host))
+
+    def add_inbox(self, fd: int) -> None:
+        """Connections other worker processes hand over to this one arrive on ``fd``."""
+        self._inbox = fd
+        self.poller.register(fd, READ, lambda _mask: self._take_handed_over())
+
+    def _take_handed_over(self, *, draining: bool = False) -> None:
+        loops = self.server.loops
+        for sock, listener, peer, host in self.server.handed_over(everything=draining):
+            target = self if draining else loops[self._next_loop % len(loops)]
             self._next_loop += 1
             if target is self:
                 self.adopt(sock, listener, peer, host, draining=draining)
@@ -835,6 +858,11 @@ class IOLoop:
                 self._accept(listener, draining=True)
             except OSError as exc:
                 log.error("accept_failed", listener=listener.name, error=exc.strerror, action="stopping")
+        if self._inbox >= 0:
+            # No worker sends here once this one has stopped taking (under the counts' lock): what
+            # was sent before is in the inbox, and is served like the backlog.
+            self.poller.unregister(self._inbox)
+            self._take_handed_over(draining=True)
         self.now = time.monotonic()
         self.drain_until = self.now + self.server.settings.server.shutdown_timeout / 2
         self._each(self._drain_one)

@@ -13,7 +13,9 @@ oldest first: numbered names by number downwards, then other names by age, the p
   change). The copy is found next to it by the bytes we read last (``RECENT``); the lines the
   copy holds past our position are read from it, then the files after it (newer copies, if the
   reader was behind by several rotations, and the file itself) from their start, skipping the
-  lines the daemon wrote again there (``copytruncate.py``) if we had read them already.
+  lines the daemon wrote again there (``copytruncate.py``) if we had read them already. The
+  next rotation may rename the files meanwhile: they are listed until two listings agree, and
+  opened by identity.
 
 Sans network, sans threads: the forwarder calls ``read()`` when the writer says it wrote.
 """
@@ -172,9 +174,21 @@ class LogReader:
         found.sort(key=lambda item: item[0])
         return [(path, st) for _rank, path, st in found]
 
-    def _source(self, fd: int, pos: int) -> _Source:
+    def _listing(self) -> list[tuple[Path, os.stat_result]]:
+        """``files()``, listed again until two listings agree. logrotate renames the rotated files
+        (.1 to .2, just before it copies) while we list them: a file renamed between the reading of
+        the folder and its stat is in that listing under neither name."""
+        files = self.files()
+        for _ in range(_ATTEMPTS):
+            again = self.files()
+            if _named(again) == _named(files):
+                return again
+            files = again
+        return files
+
+    def _source(self, fd: int, pos: int, files: list[tuple[Path, os.stat_result]] | None = None) -> _Source:
         src = _Source(fd, pos)
-        src.known = {(st.st_dev, st.st_ino) for _path, st in self.files()}
+        src.known = set(_idents(self.files() if files is None else files))
         return src
 
     def note_written(self, ident: tuple[int, int], size: int) -> None:
@@ -189,6 +203,12 @@ class LogReader:
             if (st.st_dev, st.st_ino) == ident:
                 return path
         return None
+
+    def _open_listed(self, path: Path, ident: tuple[int, int]) -> int | None:
+        """Open the file listed as ``path`` by its identity: the next rotation may have given the
+        name to another file since (then it is found by its new name). None if it is gone."""
+        fd = _open_ident(path, ident)
+        return fd if fd is not None else self._open_found(ident)
 
     def _open_found(self, ident: tuple[int, int]) -> int | None:
         """Open the file ``ident`` by its name now (a rotation renames it between the listing and
@@ -370,7 +390,11 @@ class LogReader:
                 os.close(fd)
                 continue
             os.close(cur.fd)
-            self.cur = self._source(fd, 0)
+            # Known: the listing that chose this file, not a later one. A later one may hold a copy
+            # of this very file (copied, not truncated yet): known, that copy is never read.
+            self.cur = self._source(fd, 0, files)
+            # And the size it had in that listing: cut before our fstat, it is still seen as cut.
+            self.cur.seen = max(self.cur.seen, st.st_size)
             return True
         return False  # rotating all the time: the next read() (the writer wakes us) looks again
 
@@ -380,43 +404,51 @@ class LogReader:
         cur.seen = now
         recent = bytes(cur.recent)
         begin = old - len(recent)  # the file offset of recent[0]
-        best: tuple[int, Path, int] | None = None
-        for path, st in self.files():
-            if (st.st_dev, st.st_ino) == cur.ident:
+        best: tuple[int, Path, int, tuple[int, int]] | None = None
+        # One listing for all below, and one that no rename tore: the next copytruncate may be
+        # shifting the copy we look for (.1 to .2) right now. A torn listing lacked the copy ("no
+        # copy found"); a second listing, with the copy and the next one in it, became ``known``; so
+        # the next truncation, landing before we read anything, found no copy either. Both lost.
+        files = self._listing()
+        for path, st in files:
+            ident = (st.st_dev, st.st_ino)
+            if ident == cur.ident:
                 continue
             size = st.st_size
             if not recent:
                 # Nothing read from this file yet: no bytes to match a copy by. Its copy is the
                 # oldest file that appeared since we began reading it (newer ones are later copies).
-                if size and (st.st_dev, st.st_ino) not in cur.known and best is None:
-                    best = (st.st_mtime_ns, path, size)
+                if size and ident not in cur.known and best is None:
+                    best = (st.st_mtime_ns, path, size, ident)
                 continue
             probe_end = min(size, old)
             probe = min(CHECK_BYTES, probe_end - begin)
             if probe <= 0 or size == 0:
                 continue
-            try:
-                fd = _open(path)
-            except OSError:
+            fd = self._open_listed(path, ident)
+            if fd is None:
                 continue
             try:
                 same = _pread(fd, probe, probe_end - probe) == recent[probe_end - probe - begin : probe_end - begin]
             finally:
                 os.close(fd)
             if same and (best is None or st.st_mtime_ns > best[0]):
-                best = (st.st_mtime_ns, path, size)
+                best = (st.st_mtime_ns, path, size, ident)
         cur.recent = bytearray()
         cur.pos = 0
-        cur.known = {(st.st_dev, st.st_ino) for _path, st in self.files()}
+        # Known: the files there before we read it again from its start, not a later listing. A
+        # copy made since is a copy of what we read from now on: it must not count as known.
+        cur.known = set(_idents(files))
         if best is None:
             self.notes.append(f"{self.path} was truncated; no copy found next to it: reading it from its start")
             return
-        _mtime, path, size = best
+        _mtime, path, size, copy_ident = best
         if size > old or (not recent and size):
-            try:
-                copy = self._source(_open(path), old)
-            except OSError:
+            found = self._open_listed(path, copy_ident)
+            if found is None:
+                self.notes.append(f"{self.path} was truncated; its copy {path} is gone: reading it from its start")
                 return
+            copy = self._source(found, old)
             copy.keep(recent)
             os.close(cur.fd)
             self.cur = copy
@@ -428,14 +460,11 @@ class LogReader:
         if recent[size - 1 - begin : size - begin] != b"\n":
             cut = begin + recent.rfind(b"\n", 0, size - begin) + 1
         self.skip = recent[cut - begin :]
-        files = self.files()
-        idents = [(st.st_dev, st.st_ino) for _path, st in files]
-        copy_ident = next((st.st_dev, st.st_ino) for p, st in files if p == path)
+        idents = _idents(files)  # the listing the copy was found in: listed again, it may be renamed
         after = files[idents.index(copy_ident) + 1 :]
         if after and (after[0][1].st_dev, after[0][1].st_ino) != cur.ident:
-            try:
-                fd = _open(after[0][0])
-            except OSError:
+            fd = self._open_listed(after[0][0], (after[0][1].st_dev, after[0][1].st_ino))
+            if fd is None:
                 return
             os.close(cur.fd)
             self.cur = self._source(fd, 0)  # a newer copy: we were behind by more than one rotation

@@ -1,0 +1,271 @@
+"""A forwarder behind the writer across logrotate's copytruncate, its reader driven step by step.
+
+The reader is called only as the forwarder calls it (``note_written`` with the largest size the
+writer told since the last call, then ``read``, as ``Forwarder._fill`` does), and only at chosen
+moments: it lags over a whole truncation, and the next copytruncate runs while it reads. That
+rotation runs in another process (logrotate; the NATS test's thread), so it can land between the
+reader's reading of the folder and its ``stat`` of each name (in ``files``), or between a listing
+and an open. It is put there deterministically: at the reader's n-th look at the files (an
+``os.scandir`` once the folder is read, or an ``os.open``) within one ``fill``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nio_logd.forward.reader import LogReader
+from nio_logd.output.logfile import LogFile
+
+KEEP = 5
+
+
+def record(round_: int, index: int, pad: int) -> bytes:
+    """A line like the daemon's: the rounds differ (another client, another port) at every offset."""
+    return b'{"event":"message","send_user":"u%d","send_msg":"c%d-%d%s","peer":"127.0.0.1:%d"}\n' % (
+        round_,
+        round_,
+        index,
+        b"." * pad,
+        40000 + round_,
+    )
+
+
+def shift(log: Path) -> None:
+    """logrotate's first step, as the NATS test does it: .N to .N+1, from the highest down."""
+    for i in range(KEEP, 0, -1):
+        older = Path(f"{log}.{i}")
+        if older.exists():
+            os.replace(older, f"{log}.{i + 1}")
+
+
+def copy_and_truncate(log: Path) -> None:
+    shutil.copyfile(log, f"{log}.1")
+    os.truncate(log, 0)
+
+
+def copytruncate(log: Path) -> None:
+    shift(log)
+    copy_and_truncate(log)
+
+
+class Forwarder:
+    """The forwarder's side of the reader: ``wake`` from the writer, ``_fill``'s calls."""
+
+    def __init__(self, reader: LogReader) -> None:
+        self.reader = reader
+        self.written: tuple[tuple[int, int], int] = ((0, 0), 0)
+        self.got = bytearray()
+        self.notes: list[str] = []
+
+    def wake(self, ident: tuple[int, int], size: int) -> None:
+        if ident != self.written[0] or size > self.written[1]:
+            self.written = (ident, size)
+
+    def fill(self, reads: int = 1 << 30) -> None:
+        """Up to ``reads`` read() calls, fewer if one finds nothing. Then the in-flight window is
+        full: the reader does not look at the log until the next ``fill``."""
+        for _ in range(reads):
+            written, self.written = self.written, ((0, 0), 0)
+            self.reader.note_written(*written)
+            segment = self.reader.read()
+            self.notes += self.reader.notes
+            self.reader.notes.clear()
+            if segment is None:
+                return
+            assert segment.data.endswith(b"\n")
+            self.got += segment.data
+
+
+class Writer:
+    """The daemon's writer: the real ``LogFile`` (it puts back what a copy missed), then ``wake``."""
+
+    def __init__(self, log: Path, forwarder: Forwarder) -> None:
+        self.file = LogFile(log, 0o640)
+        self.file.open()
+        self.forwarder = forwarder
+        self.expected = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.expected += data
+        st_ = os.fstat(self.file.fd)
+        self.forwarder.wake((st_.st_dev, st_.st_ino), self.file.size)
+
+
+@contextmanager
+def rotation_while_reading(steps: dict[int, Callable[[], None]]) -> Iterator[dict[int, Callable[[], None]]]:
+    """Run ``steps[n]`` at the reader's n-th look at the files: once an ``os.scandir`` has read the
+    folder (its names are stat'ed after it), or just before an ``os.open``. The steps not reached
+    are left in the dict."""
+    real_scandir, real_open = os.scandir, os.open
+    looks = [0]
+
+    def look() -> None:
+        looks[0] += 1
+        step = steps.pop(looks[0], None)
+        if step is not None:
+            step()
+
+    def scandir(path: Any) -> Iterator[os.DirEntry[str]]:
+        entries = list(real_scandir(path))
+        look()
+        return iter(entries)
+
+    def open_(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        look()
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    with mock.patch.object(os, "scandir", scandir), mock.patch.object(os, "open", open_):
+        yield steps
+
+
+def in_writes(data: list[bytes], sizes: list[int]) -> Iterator[bytes]:
+    """The lines in writes of the given numbers of lines (the daemon writes batches), the rest in one."""
+    i = 0
+    for n in sizes:
+        if i >= len(data):
+            return
+        yield b"".join(data[i : i + n])
+        i += n
+    if i < len(data):
+        yield b"".join(data[i:])
+
+
+def lagging_over_a_truncation(
+    tmp: Path,
+    rounds: list[list[int]],
+    batch: list[int],
+    window: int,
+    read_first: int,
+    copy_after: int,
+    look: int,
+    gap: int = 0,
+    notice: int = 0,
+) -> tuple[Writer, Forwarder]:
+    """Round 1 (the reader reads after each of its first ``read_first`` writes, then lags);
+    copytruncate; round 2 until ``copy_after`` of its lines are written (the reader reads
+    ``notice`` times: 0, it lags over the whole truncation); then the reader reads while the second
+    copytruncate runs: its shift at the reader's ``look``-th look at the files, its copy and
+    truncation ``gap`` looks later; round 2's rest; round 3, with a third copytruncate three
+    quarters into it, the reader a quarter behind."""
+    log = tmp / "messages.log"
+    reader = LogReader(log, window)
+    reader.open_at(None)
+    forwarder = Forwarder(reader)
+    writer = Writer(log, forwarder)
+    lines = [[record(r + 1, i, pad) for i, pad in enumerate(pads)] for r, pads in enumerate(rounds)]
+    for n, data in enumerate(in_writes(lines[0], batch)):
+        writer.write(data)
+        if n < read_first:
+            forwarder.fill(1)
+    copytruncate(log)
+    for data in in_writes(lines[1][:copy_after], batch):
+        writer.write(data)
+    forwarder.fill(notice)  # the reader may be in the first copy now, or at its end
+    steps = {look: lambda: shift(log), look + gap: lambda: copy_and_truncate(log)}
+    if not gap:
+        steps = {look: lambda: copytruncate(log)}
+    with rotation_while_reading(steps) as left:
+        forwarder.fill()  # acks came: the forwarder reads on, while logrotate runs
+    for _n, step in sorted(left.items()):
+        step()  # the reader looked fewer times: logrotate ends after it
+    for data in in_writes(lines[1][copy_after:], batch):
+        writer.write(data)
+    forwarder.fill()
+    half, more = len(lines[2]) // 2, len(lines[2]) * 3 // 4
+    for data in in_writes(lines[2][:half], batch):
+        writer.write(data)
+    forwarder.fill()
+    for data in in_writes(lines[2][half:more], batch):
+        writer.write(data)  # the reader behind again: it reads the copy's last lines
+    copytruncate(log)
+    for data in in_writes(lines[2][more:], batch):
+        writer.write(data)
+    writer.write(b"")  # the daemon's next write: it puts back what a copy missed
+    forwarder.fill()
+    forwarder.fill()
+    writer.file.close()
+    reader.close()
+    return writer, forwarder
+
+
+def test_reader_lagging_when_a_copytruncate_lands_while_it_lists_the_files_loses_nothing(tmp_path: Path) -> None:
+    """The failing run (3 rounds of 5,000, copytruncate after each; 9,482 forwarded; the notes "no
+    copy found" twice, then "reading its last lines from the copy .1"). The reader is in round 1
+    when the first copytruncate runs and does not look until the second one runs as it reads: its
+    listing is read as messages.log.1 is renamed to .2, so it lacks the first copy ("no copy
+    found"); the files listed next, both copies among them, are taken as known; the truncation
+    lands within the same read(), nothing read yet, so no copy again. The rest of round 1 and all
+    of the second copy were lost."""
+    pads = [20] * 50
+    writer, forwarder = lagging_over_a_truncation(
+        tmp_path, [pads, pads, pads], [10], window=1 << 20, read_first=1, copy_after=40, look=1
+    )
+    assert forwarder.got == writer.expected, forwarder.notes
+    assert not any("no copy found" in note for note in forwarder.notes), forwarder.notes
+
+
+# (rounds: each line's padding; lines a write; window; round 2's lines before the second copy)
+SHAPES = [
+    ([[0] * 4] * 3, [1], 256, 1),
+    ([[5] * 12, [30] * 9, [0] * 7], [2, 3], 300, 5),
+]
+
+
+def test_reader_reads_every_line_once_wherever_in_its_read_the_copytruncate_lands(tmp_path: Path) -> None:
+    """Every look of the reader at the files in that read: the shift there, the copy and the
+    truncation there too or up to 3 looks later; the reader in round 1 or in the first copy."""
+    failed = []
+    cases = itertools.product(SHAPES, range(1, 16), range(4), range(4), (1, 4))
+    for n, ((rounds, batch, window, copy_after), look, gap, notice, read_first) in enumerate(cases):
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        writer, forwarder = lagging_over_a_truncation(
+            folder, rounds, batch, window, read_first, copy_after, look, gap, notice
+        )
+        if forwarder.got != writer.expected:
+            failed.append((SHAPES.index((rounds, batch, window, copy_after)), look, gap, notice, read_first))
+        shutil.rmtree(folder)
+    assert not failed, f"(shape, look, gap, notice, read_first) that lose or repeat lines: {failed}"
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    rounds=st.lists(st.lists(st.integers(0, 40), min_size=4, max_size=60), min_size=3, max_size=3),
+    batch=st.lists(st.integers(1, 25), min_size=1, max_size=8),
+    window=st.integers(256, 1 << 14),
+    read_first=st.integers(1, 4),
+    copy_after=st.integers(1, 60),
+    look=st.integers(1, 15),
+    gap=st.integers(0, 3),
+    notice=st.integers(0, 3),
+)
+def test_reader_lagging_over_copytruncates_reads_every_line_once(
+    rounds: list[list[int]],
+    batch: list[int],
+    window: int,
+    read_first: int,
+    copy_after: int,
+    look: int,
+    gap: int,
+    notice: int,
+) -> None:
+    """Whatever the rounds, the line lengths, the writes, the window, how far behind the reader is
+    and where in its read the second copytruncate lands: every line once, in order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy_after = min(copy_after, len(rounds[1]))
+        writer, forwarder = lagging_over_a_truncation(
+            Path(tmp), rounds, batch, window, read_first, copy_after, look, gap, notice
+        )
+        assert forwarder.got == writer.expected, forwarder.notes

@@ -4,9 +4,10 @@ SO_REUSEPORT gives each TCP connection to a worker by a hash of its addresses, w
 connections well and a few badly: in the bench's runs the 8 connections were split 58/42, 68/32
 and 86/14 between two workers, and the busier one set the pace while the other idled.
 
-design: one datagram socket pair per worker (its inbox), made by the hub and held open by it for
-its whole life, so a restarted worker gets the same inbox with whatever was sent to the one before
-it. Every worker gets its inbox's receiving end and every worker's sending end. A worker that has
+design: one Unix seqpacket socket pair per worker (its inbox; messages kept whole, as datagrams
+would be, while the daemon holds no datagram socket outside systemd), made by the hub and held
+open by it for its whole life, so a restarted worker gets the same inbox with whatever was sent to
+the one before it. Every worker gets its inbox's receiving end and every worker's sending end. A worker that has
 just admitted a TCP connection, from which nothing has been read, while it holds at least two more
 than a worker that takes connections, sends it there: the socket (SCM_RIGHTS) with the listener's
 index, the peer and the client's address. The choice and the send happen under the shared counts'
@@ -34,7 +35,7 @@ def inboxes(workers: int) -> list[tuple[socket.socket, socket.socket]]:
     """The hub: one (receiving end, sending end) pair per worker."""
     pairs = []
     for _ in range(workers):
-        receive, send = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        receive, send = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         receive.setblocking(False)
         send.setblocking(False)
         pairs.append((receive, send))

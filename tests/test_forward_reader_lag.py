@@ -269,3 +269,137 @@ def test_reader_lagging_over_copytruncates_reads_every_line_once(
             Path(tmp), rounds, batch, window, read_first, copy_after, look, gap, notice
         )
         assert forwarder.got == writer.expected, forwarder.notes
+
+
+# -- a reader that has read nothing yet ------------------------------------------------------------
+# At position 0 there are no bytes read to compare, and once the daemon has written the truncated
+# file back to the size the reader was told, its size cannot tell either: only the copy that
+# appeared next to it tells. A rename (logrotate's create, the built-in rotation) must not look
+# like one.
+
+
+def test_reader_that_read_nothing_reads_the_copy_of_a_copytruncate_written_back_to_the_size_told(
+    tmp_path: Path,
+) -> None:
+    """The smallest case: an empty log; a line; copytruncate; a line as long; then the reader."""
+    log = tmp_path / "messages.log"
+    reader = LogReader(log)
+    forwarder = Forwarder(reader)
+    writer = Writer(log, forwarder)
+    reader.open_at(None)
+    writer.write(b"a" * 17 + b"\n")
+    copytruncate(log)
+    writer.write(b"b" * 17 + b"\n")
+    forwarder.fill()
+    assert forwarder.got == writer.expected, forwarder.notes
+    assert any("copy" in note for note in forwarder.notes), forwarder.notes
+    writer.file.close()
+    reader.close()
+
+
+def read_nothing_until_the_end(
+    tmp: Path, ops: tuple[str, ...], rounds: list[list[int]], batch: list[int], window: int, between: bool
+) -> tuple[Writer, Forwarder]:
+    """Round 0, then each rotation of ``ops`` followed by its round (``rounds[n + 1]``); the reader
+    reads nothing until all are done. "copytruncate": logrotate's; with ``between``, the last one
+    has the round's first write land between its copy and its truncation (the daemon puts it back)
+    and the reader looks there first. "create": logrotate's rename, the round's first write into the
+    renamed file before the reopen. "rotate": the daemon's built-in rotation."""
+    log = tmp / "messages.log"
+    reader = LogReader(log, window)
+    forwarder = Forwarder(reader)
+    writer = Writer(log, forwarder)
+    reader.open_at(None)
+    lines = [[record(r + 1, i, pad) for i, pad in enumerate(pads)] for r, pads in enumerate(rounds)]
+    for data in in_writes(lines[0], batch):
+        writer.write(data)
+    for n, op in enumerate(ops):
+        writes = list(in_writes(lines[n + 1], batch))
+        if op == "copytruncate":
+            shift(log)
+            shutil.copyfile(log, f"{log}.1")
+            if between and n == len(ops) - 1:
+                writer.write(writes.pop(0))  # in neither file: the daemon writes it again
+                forwarder.fill()  # the reader's first look: copied, not truncated yet
+            os.truncate(log, 0)
+        elif op == "create":
+            shift(log)
+            os.replace(log, f"{log}.1")
+            writer.write(writes.pop(0))  # the daemon writes on to the renamed file until its reopen
+            writer.file.open()
+        else:
+            writer.file.rotate(KEEP)
+        for data in writes:
+            writer.write(data)
+    writer.write(b"")  # the daemon's next write: it puts back what a copy missed
+    forwarder.fill()
+    forwarder.fill()
+    writer.file.close()
+    reader.close()
+    return writer, forwarder
+
+
+# Each line's padding, by round: the same lengths (the truncated file written back to the size the
+# reader was told), growing, shrinking (the size tells then).
+PADS = [[[0] * 4] * 4, [[0] * 3, [5] * 4, [10] * 5, [20] * 6], [[20] * 6, [10] * 5, [5] * 4, [0] * 3]]
+OPS = [ops for k in (1, 2, 3) for ops in itertools.product(("copytruncate", "create", "rotate"), repeat=k)]
+
+
+def test_reader_that_read_nothing_over_rotations_reads_every_line_once(tmp_path: Path) -> None:
+    """1 to 3 rotations of each kind, in every order, before the reader reads anything: every line
+    once, in order; also when the reader first looks between the last copy and its truncation."""
+    failed = []
+    cases = itertools.product(OPS, range(len(PADS)), (False, True), ([1], [2, 3]))
+    for n, (ops, pads, between, batch) in enumerate(cases):
+        if between and ops[-1] != "copytruncate":
+            continue
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        writer, forwarder = read_nothing_until_the_end(folder, ops, PADS[pads][: len(ops) + 1], batch, 256, between)
+        if forwarder.got != writer.expected:
+            failed.append((ops, pads, between, batch))
+        shutil.rmtree(folder)
+    assert not failed, f"(ops, pads, between, batch) that lose or repeat lines: {failed}"
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    ops=st.lists(st.sampled_from(["copytruncate", "create", "rotate"]), min_size=1, max_size=3).map(tuple),
+    rounds=st.lists(st.lists(st.integers(0, 40), min_size=1, max_size=30), min_size=4, max_size=4),
+    batch=st.lists(st.integers(1, 10), min_size=1, max_size=6),
+    window=st.integers(256, 1 << 14),
+    between=st.booleans(),
+)
+def test_reader_that_read_nothing_over_any_rotations_reads_every_line_once(
+    ops: tuple[str, ...], rounds: list[list[int]], batch: list[int], window: int, between: bool
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        writer, forwarder = read_nothing_until_the_end(
+            Path(tmp), ops, rounds[: len(ops) + 1], batch, window, between and ops[-1] == "copytruncate"
+        )
+        assert forwarder.got == writer.expected, forwarder.notes
+
+
+def test_reader_between_a_copy_and_its_truncation_after_an_earlier_one_reads_each_line_once(tmp_path: Path) -> None:
+    """The reader reads the first copy, then the second one (made, its log not truncated yet): the
+    log still holds those lines; it goes on after them, not from the log's start again."""
+    log = tmp_path / "messages.log"
+    reader = LogReader(log)
+    forwarder = Forwarder(reader)
+    writer = Writer(log, forwarder)
+    reader.open_at(None)
+    for i in range(3):
+        writer.write(record(1, i, 20))
+    forwarder.fill()
+    copytruncate(log)
+    writer.write(record(2, 0, 0))
+    shift(log)
+    shutil.copyfile(log, f"{log}.1")
+    forwarder.fill()
+    writer.write(record(2, 1, 0))  # in neither file: the daemon writes it again
+    os.truncate(log, 0)
+    writer.write(record(3, 0, 0))
+    forwarder.fill()
+    assert forwarder.got == writer.expected, forwarder.notes
+    writer.file.close()
+    reader.close()

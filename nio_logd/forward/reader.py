@@ -15,7 +15,9 @@ oldest first: numbered names by number downwards, then other names by age, the p
   reader was behind by several rotations, and the file itself) from their start, skipping the
   lines the daemon wrote again there (``copytruncate.py``) if we had read them already. The
   next rotation may rename the files meanwhile: they are listed until two listings agree, and
-  opened by identity.
+  opened by identity. Nothing read from the file yet, its size may tell nothing (written back
+  to the size we were told): a copy new before it in the listing tells, and is read from its
+  start. A copy whose file is not truncated yet is the file's start: read on after it there.
 
 Sans network, sans threads: the forwarder calls ``read()`` when the writer says it wrote.
 """
@@ -32,6 +34,7 @@ from ..config import COMPRESSED
 from .cursor import CHECK_BYTES, digest
 
 RECENT = 1 << 20  # bytes read last that are kept: to find a copytruncate copy and skip lines written again
+PROBE = 4096  # bytes compared at a file's start and at an offset: is one file a copy of the other?
 _NUMBERED = re.compile(r"\.(\d{1,6})")
 _ATTEMPTS = 8  # listings to find the next file while a rotation renames the files
 
@@ -96,6 +99,12 @@ def _pread(fd: int, n: int, offset: int) -> bytes:
         n -= len(chunk)
         offset += len(chunk)
     return b"".join(parts)
+
+
+def _same_bytes(fd: int, other: int, end: int) -> bool:
+    """Do the two files hold the same bytes at their start and just before ``end``?"""
+    n = min(end, PROBE)
+    return _pread(fd, n, 0) == _pread(other, n, 0) and _pread(fd, n, end - n) == _pread(other, n, end - n)
 
 
 def _idents(files: list[tuple[Path, os.stat_result]]) -> list[tuple[int, int]]:
@@ -188,7 +197,8 @@ class LogReader:
 
     def _source(self, fd: int, pos: int, files: list[tuple[Path, os.stat_result]] | None = None) -> _Source:
         src = _Source(fd, pos)
-        src.known = set(_idents(self.files() if files is None else files))
+        # A listing no rename tore: a file missing from it would later look like a new copy.
+        src.known = set(_idents(self._listing() if files is None else files))
         return src
 
     def note_written(self, ident: tuple[int, int], size: int) -> None:
@@ -324,7 +334,12 @@ class LogReader:
                 if not self._skip_written_again(cur, size):
                     return None
                 continue
-            if shrunk or size < cur.pos or (cur.pos and not self._same_before(cur)):
+            if (
+                shrunk
+                or size < cur.pos
+                or (cur.pos and not self._same_before(cur))
+                or (cur.pos == 0 and not cur.recent and self._copied_unread(cur, size))
+            ):
                 self._truncated(cur, size)
                 continue
             if size > cur.pos:
@@ -361,6 +376,37 @@ class LogReader:
             return True
         return _pread(cur.fd, n, cur.pos - n) == bytes(cur.recent[-n:])
 
+    def _copied_unread(self, cur: _Source, size: int) -> bool:
+        """Nothing read from ``cur`` yet: was it copied and truncated (copytruncate) meanwhile?
+
+        Its size cannot tell once the daemon has written it back to the size we were told, and
+        there are no bytes read to compare. But the copy is new next to it: a non-empty file listed
+        before it that was not there when we began reading it. A rename (logrotate's create, the
+        built-in rotation) moves ``cur`` itself and lists the new file after it: not a copy."""
+        files = self._listing()
+        idents = _idents(files)
+        if cur.ident not in idents:
+            return False
+        new = [
+            (path, st)
+            for path, st in files[: idents.index(cur.ident)]
+            if st.st_size and (st.st_dev, st.st_ino) not in cur.known
+        ]
+        if not new:
+            return False
+        path, st = new[0]  # the oldest: later ones are copies made after it
+        if size < st.st_size:
+            return True
+        fd = self._open_listed(path, (st.st_dev, st.st_ino))
+        if fd is None:
+            return True  # gone: ``_truncated`` finds it by its new name, or says it is lost
+        try:
+            # Copied, not truncated yet: ``cur`` still holds the copy's bytes. Read it; the
+            # truncation is seen later, by the bytes read.
+            return not _same_bytes(fd, cur.fd, st.st_size)
+        finally:
+            os.close(fd)
+
     def _moved_on(self, cur: _Source) -> bool:
         """At the end of ``cur``: move to the next file if the daemon writes elsewhere now."""
         try:
@@ -389,10 +435,17 @@ class LogReader:
             if _named(self.files()) != _named(files):
                 os.close(fd)
                 continue
+            # At the end of a copy whose log is not truncated yet (we came to the copy from an
+            # earlier truncation): the log still holds what we read. Go on after it, not from 0.
+            pos = 0
+            if path.name == self.path.name and os.fstat(fd).st_size >= cur.pos and _same_bytes(fd, cur.fd, cur.pos):
+                pos = cur.pos
             os.close(cur.fd)
             # Known: the listing that chose this file, not a later one. A later one may hold a copy
             # of this very file (copied, not truncated yet): known, that copy is never read.
-            self.cur = self._source(fd, 0, files)
+            self.cur = self._source(fd, pos, files)
+            if pos:
+                self.cur.keep(bytes(cur.recent))
             # And the size it had in that listing: cut before our fstat, it is still seen as cut.
             self.cur.seen = max(self.cur.seen, st.st_size)
             return True

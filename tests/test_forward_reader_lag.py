@@ -142,6 +142,25 @@ def in_writes(data: list[bytes], sizes: list[int]) -> Iterator[bytes]:
         yield b"".join(data[i:])
 
 
+def started(log: Path, window: int = 1 << 20) -> tuple[LogReader, Forwarder, Writer]:
+    """A reader at the start of the log, its forwarder, and the daemon's writer (the log created)."""
+    reader = LogReader(log, window)
+    forwarder = Forwarder(reader)
+    writer = Writer(log, forwarder)
+    reader.open_at(None)
+    return reader, forwarder, writer
+
+
+def finished(reader: LogReader, forwarder: Forwarder, writer: Writer) -> tuple[Writer, Forwarder]:
+    """The daemon's next write (it puts back what a copy missed), the reader to the end, all closed."""
+    writer.write(b"")
+    forwarder.fill()
+    forwarder.fill()
+    writer.file.close()
+    reader.close()
+    return writer, forwarder
+
+
 def lagging_over_a_truncation(
     tmp: Path,
     rounds: list[list[int]],
@@ -192,12 +211,7 @@ def lagging_over_a_truncation(
     copytruncate(log)
     for data in in_writes(lines[2][more:], batch):
         writer.write(data)
-    writer.write(b"")  # the daemon's next write: it puts back what a copy missed
-    forwarder.fill()
-    forwarder.fill()
-    writer.file.close()
-    reader.close()
-    return writer, forwarder
+    return finished(reader, forwarder, writer)
 
 
 def test_reader_lagging_when_a_copytruncate_lands_while_it_lists_the_files_loses_nothing(tmp_path: Path) -> None:
@@ -283,10 +297,7 @@ def test_reader_that_read_nothing_reads_the_copy_of_a_copytruncate_written_back_
 ) -> None:
     """The smallest case: an empty log; a line; copytruncate; a line as long; then the reader."""
     log = tmp_path / "messages.log"
-    reader = LogReader(log)
-    forwarder = Forwarder(reader)
-    writer = Writer(log, forwarder)
-    reader.open_at(None)
+    reader, forwarder, writer = started(log)
     writer.write(b"a" * 17 + b"\n")
     copytruncate(log)
     writer.write(b"b" * 17 + b"\n")
@@ -306,10 +317,7 @@ def read_nothing_until_the_end(
     and the reader looks there first. "create": logrotate's rename, the round's first write into the
     renamed file before the reopen. "rotate": the daemon's built-in rotation."""
     log = tmp / "messages.log"
-    reader = LogReader(log, window)
-    forwarder = Forwarder(reader)
-    writer = Writer(log, forwarder)
-    reader.open_at(None)
+    reader, forwarder, writer = started(log, window)
     lines = [[record(r + 1, i, pad) for i, pad in enumerate(pads)] for r, pads in enumerate(rounds)]
     for data in in_writes(lines[0], batch):
         writer.write(data)
@@ -331,12 +339,7 @@ def read_nothing_until_the_end(
             writer.file.rotate(KEEP)
         for data in writes:
             writer.write(data)
-    writer.write(b"")  # the daemon's next write: it puts back what a copy missed
-    forwarder.fill()
-    forwarder.fill()
-    writer.file.close()
-    reader.close()
-    return writer, forwarder
+    return finished(reader, forwarder, writer)
 
 
 # Each line's padding, by round: the same lengths (the truncated file written back to the size the
@@ -384,10 +387,7 @@ def test_reader_between_a_copy_and_its_truncation_after_an_earlier_one_reads_eac
     """The reader reads the first copy, then the second one (made, its log not truncated yet): the
     log still holds those lines; it goes on after them, not from the log's start again."""
     log = tmp_path / "messages.log"
-    reader = LogReader(log)
-    forwarder = Forwarder(reader)
-    writer = Writer(log, forwarder)
-    reader.open_at(None)
+    reader, forwarder, writer = started(log)
     for i in range(3):
         writer.write(record(1, i, 20))
     forwarder.fill()

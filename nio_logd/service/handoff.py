@@ -71,11 +71,9 @@ class Handoff:
         self.outboxes = outboxes  # by worker index (this worker's own is never used)
         self.shared = shared
         self.listeners = listeners
-        self.moved_out = 0
-        self.moved_in = 0
 
     def __repr__(self) -> str:
-        return f"<Handoff worker={self.index} out={self.moved_out} in={self.moved_in}>"
+        return f"<Handoff worker={self.index} of {self.shared.workers}>"
 
     def fileno(self) -> int:
         return self.inbox.fileno()
@@ -108,7 +106,6 @@ class Handoff:
                 return False  # its inbox is full (or gone): served here
             shared.moved_out(self.index, target, host)
         sock.close()
-        self.moved_out += 1
         return True
 
     def receive(self, *, everything: bool = False) -> list[tuple[socket.socket, Listener, str, str]]:
@@ -136,6 +133,5 @@ class Handoff:
                 continue
             with self.shared:
                 self.shared.moved_in(self.index, host)
-            self.moved_in += 1
             out.append((sock, listener, peer, host))
         return out

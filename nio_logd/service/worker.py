@@ -123,12 +123,11 @@ def serve_worker(fd: int) -> int:
     try:
         listeners = _listeners(server, boot.listeners)
         server.adopt(listeners)
-        if boot.counts[1] > 1:
-            inbox = socket.socket(fileno=boot.inbox)
-            outboxes = [socket.socket(fileno=fd) for fd in boot.outboxes]
-            for end in (inbox, *outboxes):
-                end.setblocking(False)
-            server.enable_handoff(Handoff(boot.index, inbox, outboxes, server.shared, listeners))
+        inbox = socket.socket(fileno=boot.inbox)
+        outboxes = [socket.socket(fileno=fd) for fd in boot.outboxes]
+        for end in (inbox, *outboxes):
+            end.setblocking(False)
+        server.enable_handoff(Handoff(boot.index, inbox, outboxes, server.shared, listeners))
         if boot.identity is not None:
             drop_privileges(boot.identity)  # before the first byte from a client is read
     except StartupError as exc:

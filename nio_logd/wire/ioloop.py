@@ -565,12 +565,17 @@ class IOLoop:
             if not draining and family != socket.AF_UNIX and server.hand_off(sock, listener, peer, host):
                 self.stats.connections_handed_off += 1
                 continue  # to a worker process that holds fewer (SO_REUSEPORT's hash is uneven)
-            target = self if draining else server.loops[self._next_loop % len(server.loops)]
-            self._next_loop += 1
-            if target is self:
-                self.adopt(sock, listener, peer, host, draining=draining)
-            else:
-                target.call_soon_threadsafe(functools.partial(target.adopt, sock, listener, peer, host))
+            self._dispatch(sock, listener, peer, host, draining=draining)
+
+    def _dispatch(self, sock: socket.socket, listener: Listener, peer: str, host: str, *, draining: bool) -> None:
+        """A new connection to this process's loops in turn (to this one while draining)."""
+        loops = self.server.loops
+        target = self if draining else loops[self._next_loop % len(loops)]
+        self._next_loop += 1
+        if target is self:
+            self.adopt(sock, listener, peer, host, draining=draining)
+        else:
+            target.call_soon_threadsafe(functools.partial(target.adopt, sock, listener, peer, host))
 
     def add_inbox(self, fd: int) -> None:
         """Connections other worker processes hand over to this one arrive on ``fd``."""
@@ -578,14 +583,8 @@ class IOLoop:
         self.poller.register(fd, READ, lambda _mask: self._take_handed_over())
 
     def _take_handed_over(self, *, draining: bool = False) -> None:
-        loops = self.server.loops
         for sock, listener, peer, host in self.server.handed_over(everything=draining):
-            target = self if draining else loops[self._next_loop % len(loops)]
-            self._next_loop += 1
-            if target is self:
-                self.adopt(sock, listener, peer, host, draining=draining)
-            else:
-                target.call_soon_threadsafe(functools.partial(target.adopt, sock, listener, peer, host))
+            self._dispatch(sock, listener, peer, host, draining=draining)
 
     def _pause_accepting(self, listener: Listener, seconds: float) -> None:
         """Out of file descriptors: stop accepting for a while instead of spinning on EMFILE."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from nio_logd.config import RecordSettings
@@ -105,7 +105,7 @@ def test_a_pass_equals_the_one_record_at_a_time_reference(spec: list[tuple[int, 
     ref_streams = {i: Stream(s.peer, s.listener_name, ack=s.ack) for i, s in streams.items()}
     expected = _reference(validator, [(ref_streams[i], fs) for i, _ack, fs in spec])
 
-    pipeline = Pipeline(validator.validate_many, Renderer(1024))
+    pipeline = Pipeline(validator.validate_batch, Renderer(1024))
     out = pipeline.run(intake, now=0.0)
 
     assert out.taken == [len(fs) for _i, _a, fs in spec]
@@ -115,9 +115,11 @@ def test_a_pass_equals_the_one_record_at_a_time_reference(spec: list[tuple[int, 
     assert out.counts.refused_by_reason == expected["refused_by_reason"]
     assert out.reject_lines == out.counts.refused == sum(expected["refused_by_reason"].values())
     got = {
-        id(ref_streams[next(i for i, s in streams.items() if s is stream)]): [json.loads(a) for a in lines]
-        for stream, lines in out.answers.items()
-        if lines
+        id(ref_streams[next(i for i, s in streams.items() if s is stream)]): [
+            json.loads(a) for a in b"".join(items).splitlines()
+        ]
+        for stream, items in out.answers.items()
+        if items
     }
     assert got == expected["answers"]
     assert out.answer_bytes == sum(len(a) for lines in out.answers.values() for a in lines)
@@ -135,7 +137,7 @@ def test_bounds_keep_the_counts_whole(
     frames of ack streams, and nothing is taken past a closing stream or a full answer room."""
     validator = RecordValidator(RecordSettings(), MAX)
     pipeline = Pipeline(
-        validator.validate_many,
+        validator.validate_batch,
         Renderer(1024),
         rejects_per_second=rate,
         refused_close_after=close_after,
@@ -165,7 +167,7 @@ def test_bounds_keep_the_counts_whole(
     suppressed_lines = [json.loads(x) for x in bytes(out.rejects).splitlines()]
     assert sum(x["count"] for x in suppressed_lines if x["event"] == "rejects_suppressed") == counts.rejects_suppressed
     assert counts.closed_refused_records == len(out.closing) == sum(s.closing for s in streams.values())
-    answered = sum(len(v) for v in out.answers.values())
+    answered = sum(len(b"".join(v).splitlines()) for v in out.answers.values())
     assert answered == sum(s.seq for s in streams.values() if s.ack) - sum(
         1 for s in streams.values() if s.ack and s.closing
     )
@@ -184,7 +186,7 @@ def test_batch_lines_are_a_structlog_loggers_bytes_under_a_frozen_clock(
     writes exactly the bytes of a real structlog logger over the same processors, timestamp
     included, when both read the same frozen clock."""
     validator = RecordValidator(RecordSettings(), MAX)
-    pipeline = Pipeline(validator.validate_many, Renderer(1024, clock=lambda: frozen))
+    pipeline = Pipeline(validator.validate_batch, Renderer(1024, clock=lambda: frozen))
     stream = Stream("[::1]:5000", "tcp://[::1]:8888", ack=True, client=client)
     assert pipeline.take(stream, list(fs), now=0.0) == len(fs)
     out = pipeline.outcome()
@@ -220,7 +222,7 @@ def test_unix_peer_credentials_are_spliced_into_structlog_loggers_bytes_for_reco
     """A stream with SO_PEERCRED credentials writes "peer_pid", "peer_uid", "peer_gid" after
     "listener" in each accepted line and each reject line: exactly a structlog logger's bytes."""
     validator = RecordValidator(RecordSettings(), MAX)
-    pipeline = Pipeline(validator.validate_many, Renderer(1024, clock=lambda: frozen))
+    pipeline = Pipeline(validator.validate_batch, Renderer(1024, clock=lambda: frozen))
     stream = Stream("unix", "unix:///run/nio-logd/nio-logd.sock", ack=False, credentials=credentials)
     assert pipeline.take(stream, list(fs), now=0.0) == len(fs)
     out = pipeline.outcome()
@@ -254,3 +256,104 @@ def test_unix_peer_credentials_are_spliced_into_structlog_loggers_bytes_for_reco
         at = keys.index("listener")
         assert keys[at + 1 : at + 4] == ["peer_pid", "peer_uid", "peer_gid"]
         assert json.loads(line)["peer_pid"] == pid
+
+
+# -- the batch path: plain reads validated by map and rendered in one serialisation ---------------
+# Text that stresses the splice and the quote arithmetic: the splice's own pattern, a message
+# ending in "},{", quotes, backslashes (a string ending in one makes `\"` of `\\"`), and "\u0022"
+# written out (a quote that is no quote byte in the input).
+_TRICKY = st.lists(
+    st.sampled_from(['},{"send_user":', "},{", '"', "\\", "\\\\", '\\"', "\u0022", "é", " ", "a", "{", "}"]),
+    max_size=6,
+).map("".join)
+_TIMES = st.sampled_from(["2026-11-29 12:00:00", "2026-11-29T12:00:00Z", "2026-11-29T12:00:00.5+01:00"])
+
+
+def _record_text(user: str, when: str, msg: str, ascii_only: bool, spaced: bool) -> bytes:
+    sep = (", ", ": ") if spaced else (",", ":")
+    return json.dumps(
+        {"send_user": user, "send_time": when, "send_msg": msg}, ensure_ascii=ascii_only, separators=sep
+    ).encode()
+
+
+plain_records = st.builds(
+    _record_text, _TRICKY.filter(lambda u: u.strip() != ""), _TIMES, _TRICKY, st.booleans(), st.booleans()
+)
+# Records that look plain to a careless count: a key written with an escape, a repeated key with a
+# number (one string more, not two), an extra field with quotes in it, a value with "\u0022".
+_DUP = '{"send_user":"a","send_time":"2026-11-29 12:00:00","send_msg":"m",%s}'
+_NUMBER_FIRST = b'{"send_msg":1,"send_user":"a","send_time":"2026-11-29 12:00:00","send_msg":"m"}'  # kept: the last
+crafted_records = st.sampled_from(
+    [
+        (_DUP % '"send\\u005fuser":"b"').encode(),
+        (_DUP % '"send_msg":1').encode(),
+        _NUMBER_FIRST,
+        (_DUP % '"send_msg":"\\\\"').encode(),
+        (_DUP % '"x":"q\\"q"').encode(),
+        (_DUP % '"x":{"y":1,"y":2}').encode(),
+        b'{"send_user":"a","send_time":"2026-11-29 12:00:00","send_msg":"\\u0022\\u0022"}',
+        b'{"send_user":"a\\\\","send_time":"2026-11-29 12:00:00","send_msg":"\\\\"}',
+        b'{"send_user":"a","send_time":"2026-11-29 12:00:00","send_msg":"m"}  ',
+    ]
+)
+batch_reads = st.lists(
+    st.one_of(plain_records, plain_records, crafted_records, good_frames, bad_frames, too_large), max_size=30
+)
+
+
+_BACKSLASHES_AT_THE_END = b'{"send_user":"a\\\\","send_time":"2026-11-29 12:00:00","send_msg":"\\\\"}'
+
+
+@settings(max_examples=300, deadline=None)
+@given(batch_reads, st.sampled_from(["forbid", "ignore"]))
+# Two strings ending in an escaped backslash (each `\\"` holds a `\"` that is no escaped quote)
+# next to a repeated key with a number (two quotes more): a count that took every `\"` for an
+# escaped quote would find 12 a record and let the repeat through.
+@example([_BACKSLASHES_AT_THE_END, _NUMBER_FIRST], "forbid")
+def test_validate_batch_equals_validate_one_by_one_and_plain_means_three_fields(fs: list[Frame], extra: str) -> None:
+    """The batch's results are the one-by-one results (duplicates refused, whatever the other
+    records of the read hold); "plain" only when every record was accepted with exactly the three
+    fields in order, the precondition of the one-call rendering."""
+    validator = RecordValidator(RecordSettings(extra=extra), MAX)  # type: ignore[arg-type]
+
+    def key(result: Any) -> Any:
+        return result if isinstance(result, dict) else (result.reason, result.errors, result.raw)
+
+    results, plain = validator.validate_batch(fs)
+    assert [key(r) for r in results] == [key(validator.validate(f)) for f in fs]
+    everything_accepted = all(isinstance(r, dict) for r in results)
+    assert plain == everything_accepted
+    if plain:
+        assert all(list(r) == ["send_user", "send_time", "send_msg"] for r in results)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.one_of(plain_records, crafted_records), min_size=1, max_size=30),
+    st.booleans(),
+    st.floats(1.7e9, 2.0e9).map(lambda t: round(t, 6)),
+)
+def test_a_plain_read_in_one_serialisation_is_a_structlog_loggers_bytes(
+    fs: list[bytes], ack: bool, frozen: float
+) -> None:
+    """Reads whose texts hold the splice's own pattern, a message ending in "},{", quotes and
+    backslashes: the lines are a real structlog logger's bytes, record by record, and the
+    refused ones (repeated keys) are refused as one by one."""
+    validator = RecordValidator(RecordSettings(), MAX)
+    pipeline = Pipeline(validator.validate_batch, Renderer(1024, clock=lambda: frozen))
+    stream = Stream("127.0.0.1:5000", "tcp://127.0.0.1:8888", ack=ack)
+    assert pipeline.take(stream, list(fs), now=0.0) == len(fs)
+    out = pipeline.outcome()
+    logger, collected = structlog_logger(processors(clock=lambda: frozen))
+    expected_answers = []
+    for seq, frame in enumerate(fs, 1):
+        fields = validator.validate(frame)
+        if isinstance(fields, dict):
+            logger.info("message", **fields, peer=stream.peer, listener=stream.listener_name)
+        expected_answers.append({"seq": seq, "ok": isinstance(fields, dict)})
+    assert bytes(out.messages) == bytes(collected.buf)
+    assert out.accepted == len(bytes(collected.buf).splitlines())
+    if ack:
+        answers = [json.loads(a) for a in b"".join(out.answers[stream]).splitlines()]
+        assert [{"seq": a["seq"], "ok": a["ok"]} for a in answers] == expected_answers
+        assert out.answer_bytes == stream.owed == len(b"".join(out.answers[stream]))

@@ -437,7 +437,7 @@ class Server:
             loop.call_soon_threadsafe(
                 functools.partial(
                     loop.apply,
-                    self.validator.validate_many,
+                    self.validator.validate_batch,
                     idle_timeout=settings.limits.idle_timeout,
                     raw_limit=settings.log.reject_raw_bytes,
                     max_record_bytes=settings.limits.max_record_bytes,

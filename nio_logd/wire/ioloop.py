@@ -356,7 +356,7 @@ class IOLoop:
         self.idle_timeout = settings.limits.idle_timeout
         self.max_record_bytes = settings.limits.max_record_bytes
         self.pipeline = Pipeline(
-            server.validator.validate_many,
+            server.validator.validate_batch,
             server.make_renderer(),
             rejects_per_second=settings.log.rejects_per_second,
             refused_close_after=settings.limits.refused_close_after,
@@ -387,7 +387,7 @@ class IOLoop:
 
     def apply(
         self,
-        validate_many: Callable[[list[Frame]], list[Any]],
+        validate_batch: Callable[[list[Frame]], tuple[list[Any], bool]],
         *,
         idle_timeout: float,
         raw_limit: int,
@@ -398,7 +398,7 @@ class IOLoop:
         Record rules and the reject size apply from the next record on, the line limit to new
         connections, the idle timeout at the next sweep.
         """
-        self.pipeline.apply(validate_many, raw_limit)
+        self.pipeline.apply(validate_batch, raw_limit)
         self.idle_timeout = idle_timeout
         self.max_record_bytes = max_record_bytes
 

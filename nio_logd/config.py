@@ -33,6 +33,10 @@ DEFAULT_SYSTEM_CONFIG = Path("/etc/nio-logd/nio-logd.toml")
 ENV_CONFIG = "NIO_LOGD_CONFIG"
 # Suffixes of compressed rotated logs (logrotate's compress and others): never a copy to write to.
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".lzo", ".lzma", ".Z", ".zip")
+# The last bytes the writer keeps of each file to put back what a copytruncate copy missed (it holds
+# less than 1.5 times this); a forwarder keeps twice this of what it read, so that it finds the copy
+# and steps over what was put back whatever the daemon wrote between the copy and the truncation.
+COPYTRUNCATE_JOURNAL_BYTES = 8 << 20
 
 
 class KeyedValueError(ValueError):

@@ -403,3 +403,29 @@ def test_reader_between_a_copy_and_its_truncation_after_an_earlier_one_reads_eac
     assert forwarder.got == writer.expected, forwarder.notes
     writer.file.close()
     reader.close()
+
+
+def test_reader_far_past_the_copy_when_its_log_is_truncated_reads_each_line_once(tmp_path: Path) -> None:
+    """logrotate copies a big log slowly: the daemon writes on meanwhile (here 3 MiB) and the
+    reader reads all of it, so at the truncation it is 3 MiB past the copy's end. The daemon
+    writes those 3 MiB again at the start of the truncated log (its journal holds 8 MiB); the
+    reader, which sent them already, must find the copy and step over them, not read them again."""
+    log = tmp_path / "messages.log"
+    reader, forwarder, writer = started(log)
+    for i in range(2000):
+        writer.write(record(1, i, 100))
+    forwarder.fill()
+    shutil.copyfile(log, f"{log}.1")  # the copy ends here
+    i = 0
+    while writer.file.size < os.path.getsize(f"{log}.1") + (3 << 20):
+        writer.write(b"".join(record(2, i + k, 100) for k in range(100)))
+        forwarder.fill()  # the reader keeps up
+        i += 100
+    os.truncate(log, 0)
+    writer.write(record(3, 0, 0))  # the daemon finds the copy, writes the 3 MiB again, then this
+    forwarder.fill()
+    forwarder.fill()
+    assert forwarder.got == writer.expected, forwarder.notes
+    assert not [n for n in forwarder.notes if "no copy found" in n], forwarder.notes
+    writer.file.close()
+    reader.close()

@@ -30,10 +30,13 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import COMPRESSED
+from ..config import COMPRESSED, COPYTRUNCATE_JOURNAL_BYTES
 from .cursor import CHECK_BYTES, digest
 
-RECENT = 1 << 20  # bytes read last that are kept: to find a copytruncate copy and skip lines written again
+# Bytes read last that are kept: to find a copytruncate copy and skip the lines written again. The
+# daemon writes again up to what its journal holds (less than 1.5 times COPYTRUNCATE_JOURNAL_BYTES),
+# all of which the reader may have read past the copy's end: so it keeps more than that.
+RECENT = 2 * COPYTRUNCATE_JOURNAL_BYTES
 PROBE = 4096  # bytes compared at a file's start and at an offset: is one file a copy of the other?
 _NUMBERED = re.compile(r"\.(\d{1,6})")
 _ATTEMPTS = 8  # listings to find the next file while a rotation renames the files

@@ -21,9 +21,9 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from ..config import COMPRESSED
+from ..config import COMPRESSED, COPYTRUNCATE_JOURNAL_BYTES
 
-JOURNAL_BYTES = 8 << 20  # how much recent output is kept to repair a copytruncate
+JOURNAL_BYTES = COPYTRUNCATE_JOURNAL_BYTES  # how much recent output is kept to repair a copytruncate
 PROBE_BYTES = 4096  # how much of a candidate copy's end must match the journal
 
 

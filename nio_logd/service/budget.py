@@ -9,6 +9,7 @@ for the interpreter and for one connection were measured on Debian 12, CPython 3
 from __future__ import annotations
 
 from ..config import Settings
+from ..forward.reader import RECENT
 from ..output.copytruncate import JOURNAL_BYTES
 from ..wire.ioloop import RECV_BYTES
 
@@ -42,6 +43,10 @@ def memory_bound(settings: Settings) -> dict[str, int]:
         # The last bytes written to each of the two files, to repair a copytruncate.
         "copytruncate_journal": 2 * JOURNAL_BYTES,
     }
+    if settings.forward:
+        # Each forwarder's reader keeps the last bytes it read (to find a copytruncate copy), and
+        # copies them once when the log is truncated.
+        parts["forward_recent"] = len(settings.forward) * 2 * RECENT
     if workers > 1:
         # A worker keeps each batch it sent until the hub has written it: its credit, summed.
         parts["worker_credit"] = limits.queue_bytes

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -283,11 +284,17 @@ plain_records = st.builds(
 # number (one string more, not two), an extra field with quotes in it, a value with "\u0022".
 _DUP = '{"send_user":"a","send_time":"2026-11-29 12:00:00","send_msg":"m",%s}'
 _NUMBER_FIRST = b'{"send_msg":1,"send_user":"a","send_time":"2026-11-29 12:00:00","send_msg":"m"}'  # kept: the last
+# A repeated key whose left-out value is "" (four quote bytes more in the input), the kept value
+# four quotes written as \u0022 (four quote bytes more in the output): the counts agree.
+_HIDDEN_BY_U0022 = (
+    b'{"send_msg":"","send_user":"a","send_time":"2026-11-29 12:00:00","send_msg":"\\u0022\\u0022\\u0022\\u0022"}'
+)
 crafted_records = st.sampled_from(
     [
         (_DUP % '"send\\u005fuser":"b"').encode(),
         (_DUP % '"send_msg":1').encode(),
         _NUMBER_FIRST,
+        _HIDDEN_BY_U0022,
         (_DUP % '"send_msg":"\\\\"').encode(),
         (_DUP % '"x":"q\\"q"').encode(),
         (_DUP % '"x":{"y":1,"y":2}').encode(),
@@ -310,6 +317,7 @@ _BACKSLASHES_AT_THE_END = b'{"send_user":"a\\\\","send_time":"2026-11-29 12:00:0
 # next to a repeated key with a number (two quotes more): a count that took every `\"` for an
 # escaped quote would find 12 a record and let the repeat through.
 @example([_BACKSLASHES_AT_THE_END, _NUMBER_FIRST], "forbid")
+@example([_HIDDEN_BY_U0022, b'{"send_user":"a","send_time":"2026-11-29 12:00:00","send_msg":"\\""}'], "forbid")
 def test_validate_batch_equals_validate_one_by_one_and_plain_means_three_fields(fs: list[Frame], extra: str) -> None:
     """The batch's results are the one-by-one results (duplicates refused, whatever the other
     records of the read hold); "plain" only when every record was accepted with exactly the three
@@ -319,12 +327,13 @@ def test_validate_batch_equals_validate_one_by_one_and_plain_means_three_fields(
     def key(result: Any) -> Any:
         return result if isinstance(result, dict) else (result.reason, result.errors, result.raw)
 
-    results, plain = validator.validate_batch(fs)
+    results, body = validator.validate_batch(fs)
     assert [key(r) for r in results] == [key(validator.validate(f)) for f in fs]
     everything_accepted = all(isinstance(r, dict) for r in results)
-    assert plain == everything_accepted
-    if plain:
+    assert (body is not None) == (everything_accepted and len(fs) > 0)
+    if body is not None:
         assert all(list(r) == ["send_user", "send_time", "send_msg"] for r in results)
+        assert body == orjson.dumps(results)
 
 
 @settings(max_examples=200, deadline=None)

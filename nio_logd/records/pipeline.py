@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import orjson
 
@@ -125,7 +125,7 @@ class Pipeline:
 
     def __init__(
         self,
-        validate_batch: Callable[[list[Frame]], tuple[list[Fields | Refusal], bool]],
+        validate_batch: Callable[[list[Frame]], tuple[list[Fields | Refusal], bytes | None]],
         renderer: Renderer,
         *,
         rejects_per_second: float = 0.0,
@@ -147,7 +147,7 @@ class Pipeline:
         return f"<Pipeline {self.nbytes} bytes this pass, {len(self._answers)} streams answered>"
 
     def apply(
-        self, validate_batch: Callable[[list[Frame]], tuple[list[Fields | Refusal], bool]], raw_limit: int
+        self, validate_batch: Callable[[list[Frame]], tuple[list[Fields | Refusal], bytes | None]], raw_limit: int
     ) -> None:
         """Reloaded record rules and reject size: from the next record on."""
         self.validate_batch = validate_batch
@@ -208,12 +208,12 @@ class Pipeline:
             for start in range(0, len(frames), ACK_CHUNK):
                 if owed >= limit:
                     break
-                results, plain = self.validate_batch(frames[start : start + ACK_CHUNK])
-                if plain:
+                results, body = self.validate_batch(frames[start : start + ACK_CHUNK])
+                if body is not None:
                     oks = [b'{"seq":%d,"ok":true}\n' % n for n in range(seq + 1, seq + 1 + len(results))]
                     run = b"".join(oks)
                     if owed + len(run) - len(oks[-1]) < limit:  # room for the last one: for all
-                        renderer.splice(cast("list[Fields]", results), head, tail)
+                        renderer.splice(body, head, tail)
                         answers.append(run)
                         owed += len(run)
                         seq += len(results)
@@ -245,9 +245,9 @@ class Pipeline:
             self._answer_bytes += owed - stream.owed
             stream.owed = owed
         else:
-            results, plain = self.validate_batch(frames)
-            if plain:
-                renderer.splice(cast("list[Fields]", results), head, tail)
+            results, body = self.validate_batch(frames)
+            if body is not None:
+                renderer.splice(body, head, tail)
                 taken = accepted = len(results)
                 seq += taken
             else:

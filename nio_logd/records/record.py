@@ -18,6 +18,7 @@ from datetime import datetime
 from itertools import islice
 from typing import Annotated, Any, Final, Literal, cast
 
+import orjson
 from pydantic import ConfigDict, GetPydanticSchema, TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
 from pydantic_core import core_schema as cs
@@ -294,20 +295,27 @@ class RecordValidator:
         """``[validate(f) for f in frames]``, in as few Python calls as the read allows."""
         return self.validate_batch(frames)[0]
 
-    def validate_batch(self, frames: list[Frame]) -> tuple[list[Fields | Refusal], bool]:
-        """``validate_many``'s results, and whether they are *plain*: every frame accepted, each
-        result exactly the three fields in the schema's order (``send_user`` first, string and
-        datetime values only), which lets the renderer serialise the whole read in one call.
+    def validate_batch(self, frames: list[Frame]) -> tuple[list[Fields | Refusal], bytes | None]:
+        """``validate_many``'s results and, for a *plain* read, the records' fields serialised as
+        one JSON array (orjson) for ``Renderer.splice``. Plain: every frame accepted, each result
+        exactly the three fields in the schema's order (``send_user`` first, string and datetime
+        values only), no key repeated.
 
-        The common read costs a few C calls: the records through pydantic-core by ``map``, one
-        count of ``"`` bytes over the read's frames joined (each accepted record has at least 12
-        delimiting quotes, so a total of exactly 12 a record proves no record has a duplicate
-        key), and a ``None`` scan. Anything else (a refused record, invalid JSON, a frame over
-        the size bound, a record that may repeat a key) is decided record by record, with the
-        same results as ``validate``.
+        The common read costs a few C calls: the records through pydantic-core by ``map``, and
+        the proof that no record repeats a key, from counts of ``"`` bytes. Each accepted record
+        has at least 12 delimiting quotes (three keys, three string values) and a repeated key is
+        one string more; so a read whose frames hold exactly 12 quote bytes a record has no
+        repeat. Otherwise the quote bytes of the input are compared with those of the output:
+        orjson writes 12 delimiting quotes a record plus one ``\\"`` for each quote in the values;
+        the input holds its delimiting quotes plus one ``\\"`` for each quote in its strings,
+        kept or not, and ``\\u0022`` is the only other way to write a quote. So without that
+        text in the read, equal counts mean 12 delimiting quotes a record and no string left out.
+        Anything else (a refused record, invalid JSON, a frame over the size bound, a read with
+        ``\\u0022``, a record that may repeat a key) is decided record by record, with the same
+        results as ``validate``.
         """
         if self.settings.extra == "keep":
-            return [self.validate(frame) for frame in frames], False
+            return [self.validate(frame) for frame in frames], None
         results: list[Any] = []
         extend = results.extend
         validate_json = cast("Callable[[Frame], Fields]", self._validate_json)  # a TooLarge raises too
@@ -321,17 +329,14 @@ class RecordValidator:
             except ValidationError:
                 results.append(self._validate(frames[len(results)]))
                 plain = False
-        if plain and frames:
-            # An accepted frame is valid JSON: it ends in "}" or white space, never in a backslash,
-            # so no escape pairs across the joins and the counts of the joined bytes are the sums
-            # of the frames' counts.
+        if not n:
+            return results, None
+        if plain:
             joined = b"".join(cast("list[bytes]", frames))
-            plain_quotes = _PLAIN_RECORD_QUOTES * n
+            body = orjson.dumps(results)
             quotes = joined.count(b'"')
-            if quotes != plain_quotes:  # escaped quotes, or more strings: count the delimiting ones
-                quotes = delimiting_quotes(joined) if b"\\\\" in joined else quotes - joined.count(b'\\"')
-            if quotes == plain_quotes:
-                return results, True
+            if quotes == _PLAIN_RECORD_QUOTES * n or (b"\\u0022" not in joined and quotes == body.count(b'"')):
+                return results, body
         for i, result in enumerate(results):
             frame = frames[i]
             if (
@@ -344,7 +349,7 @@ class RecordValidator:
                 if errors:
                     results[i] = Refusal("invalid_fields", errors, frame)
                     plain = False
-        return results, plain
+        return results, body if plain else None
 
     def _validate(self, frame: Frame) -> Fields | Refusal:
         """The record's fields, or why it is refused."""

@@ -140,22 +140,20 @@ class Renderer:
             tail += b',"client":%s' % orjson.dumps(client)
         return head, tail + b"}\n"
 
-    def splice(self, plain: list[Fields], head: bytes, tail: bytes) -> None:
-        """The lines of a plain run (``RecordValidator.validate_batch``) in one serialisation.
+    def splice(self, body: bytes, head: bytes, tail: bytes) -> None:
+        """The lines of a plain read, from its records' fields serialised as one JSON array
+        (``RecordValidator.validate_batch``).
 
-        ``orjson.dumps(plain)`` is ``[{`` + the first record's fields + ``},{`` + the next's ... +
-        ``}]``, each record's fields beginning with ``"send_user":``. ``},{"send_user":`` can only
-        stand between two records: inside a string orjson writes ``"`` as ``\\"``, so this ``"``
-        opens or closes a string; a closing one is followed by ``,``, ``:``, ``}`` or ``]``, not by
+        ``body`` is ``[{`` + the first record's fields + ``},{`` + the next's ... + ``}]``, each
+        record's fields beginning with ``"send_user":``. ``},{"send_user":`` can only stand
+        between two records: inside a string orjson writes ``"`` as ``\\"``, so this ``"`` opens or
+        closes a string; a closing one is followed by ``,``, ``:``, ``}`` or ``]``, not by
         ``send_user``, so it opens one, and the ``{`` before it opens an object, which in a plain
         record happens only at its start. So each occurrence becomes the tail of one line and the
         head of the next, and the bytes are those ``frame`` describes, record by record (a
         message ending in ``},{`` is why the pattern carries the key: ``},{"`` alone is not
         enough).
         """
-        if not plain:
-            return
-        body = orjson.dumps(plain)
         self.messages += head
         self.messages += body[2:-2].replace(b'},{"send_user":', tail + head + b'"send_user":')
         self.messages += tail

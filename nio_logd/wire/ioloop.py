@@ -387,7 +387,7 @@ class IOLoop:
 
     def apply(
         self,
-        validate_batch: Callable[[list[Frame]], tuple[list[Any], bool]],
+        validate_batch: Callable[[list[Frame]], tuple[list[Any], bytes | None]],
         *,
         idle_timeout: float,
         raw_limit: int,

@@ -15,7 +15,6 @@ import math
 import re
 from collections.abc import Callable
 from datetime import datetime
-from itertools import islice
 from typing import Annotated, Any, Final, Literal, cast
 
 import orjson
@@ -321,11 +320,12 @@ class RecordValidator:
         validate_json = cast("Callable[[Frame], Fields]", self._validate_json)  # a TooLarge raises too
         n = len(frames)
         plain = True
+        rest = iter(frames)  # one iterator: after a refusal the map goes on from the next frame
         while len(results) < n:
             try:
                 # list.extend keeps what the map gave before it raised: the record that raised is
                 # the next one, refused (validated again for its reasons), and the map goes on.
-                extend(map(validate_json, islice(frames, len(results), None)))
+                extend(map(validate_json, rest))
             except ValidationError:
                 results.append(self._validate(frames[len(results)]))
                 plain = False

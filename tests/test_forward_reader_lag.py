@@ -24,6 +24,7 @@ from unittest import mock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nio_logd.forward.cursor import digest
 from nio_logd.forward.reader import LogReader
 from nio_logd.output.logfile import LogFile
 
@@ -283,6 +284,52 @@ def test_reader_lagging_over_copytruncates_reads_every_line_once(
             Path(tmp), rounds, batch, window, read_first, copy_after, look, gap, notice
         )
         assert forwarder.got == writer.expected, forwarder.notes
+
+
+def test_reader_whose_file_is_written_back_past_it_with_lines_ending_alike_sees_the_truncation(tmp_path: Path) -> None:
+    """The run that failed once (hypothesis: rounds [[0] * 4, [36, 36, 0, 0], [0] * 4], copy_after
+    1, notice 2; a line of round 2 lost), made small. A line padded so that its last 64 bytes are
+    dots and the peer, as the next line's are; the reader reads it; copytruncate; the next line,
+    as long, lands where it was. Before the reader looks again the file is as long as where it
+    is, and the bytes just before that are alike: it must still see the truncation."""
+    log = tmp_path / "messages.log"
+    reader, forwarder, writer = started(log)
+    writer.write(record(2, 0, 36))
+    forwarder.fill()
+    copytruncate(log)
+    writer.write(record(2, 1, 36))
+    writer.write(record(2, 2, 0))
+    forwarder.fill()
+    assert forwarder.got == writer.expected, forwarder.notes
+    writer.file.close()
+    reader.close()
+
+
+def test_reader_restarted_picks_the_newest_copy_when_copies_have_the_same_mtime(tmp_path: Path) -> None:
+    """Restarted from its cursor, the reader knows only the 64 bytes before its position. Two copies
+    end alike there: the older one (a copy of the same length, lines ending alike) and the newer one
+    (the copy of this file). Made in one tick of a coarse clock, they have the same mtime: the
+    listing (oldest first) must decide, not which one was compared first."""
+    log = tmp_path / "messages.log"
+    writer = Writer(log, Forwarder(LogReader(log)))
+    for i in range(4):
+        writer.write(record(2, i, 40))
+    copytruncate(log)
+    for i in range(4, 8):
+        writer.write(record(2, i, 40))  # as long as the first copy: it ends where this does
+    st_ = os.stat(log)
+    reader = LogReader(log)
+    forwarder = Forwarder(reader)
+    writer.forwarder = forwarder
+    assert not reader.open_at((st_.st_dev, st_.st_ino), st_.st_size, digest(log.read_bytes())).problem
+    copytruncate(log)
+    writer.write(record(3, 0, 0))
+    same = os.stat(f"{log}.1").st_mtime_ns
+    os.utime(f"{log}.2", ns=(same, same))
+    forwarder.fill()
+    assert forwarder.got == record(3, 0, 0), forwarder.notes
+    writer.file.close()
+    reader.close()
 
 
 # -- a reader that has read nothing yet ------------------------------------------------------------

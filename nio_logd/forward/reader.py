@@ -374,7 +374,11 @@ class LogReader:
         return segment
 
     def _same_before(self, cur: _Source) -> bool:
-        n = min(len(cur.recent), CHECK_BYTES)
+        # PROBE, not CHECK_BYTES: the last 64 bytes of two lines are often alike (the same peer, a
+        # long message's same end). Truncated and written back past our position with such a line
+        # ending there, the file would pass for the one we read: the lines written back before our
+        # position would be lost.
+        n = min(len(cur.recent), PROBE)
         if not n:
             return True
         return _pread(cur.fd, n, cur.pos - n) == bytes(cur.recent[-n:])
@@ -488,7 +492,9 @@ class LogReader:
                 same = _pread(fd, probe, probe_end - probe) == recent[probe_end - probe - begin : probe_end - begin]
             finally:
                 os.close(fd)
-            if same and (best is None or st.st_mtime_ns > best[0]):
+            # The newest copy that matches. Two copies made within one tick of the clock have the
+            # same mtime: then the one listed later (the listing is oldest first) is the newer.
+            if same and (best is None or st.st_mtime_ns >= best[0]):
                 best = (st.st_mtime_ns, path, size, ident)
         cur.recent = bytearray()
         cur.pos = 0

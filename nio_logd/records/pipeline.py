@@ -4,9 +4,9 @@ design: sans-I/O, like the framer. The I/O loop collects the frames each connect
 a pass and hands them to ``take`` with the connection's ``Stream`` (its origin and per-connection
 state: peer, listener, client subject, ack sequence, reject rate, refusal window, answers owed);
 at the end of the pass ``outcome()`` gives the messages bytes, the rejects bytes, each stream's
-answer lines in order, and the pass's ``RecordCounts``. No sockets, no threads, no clock of its
-own (the loop passes ``now``): ``run`` does a whole pass at once, and the tests compare it with a
-one-record-at-a-time reference.
+answers in order (an item may hold the lines of many records), and the pass's ``RecordCounts``.
+No sockets, no threads, no clock of its own (the loop passes ``now``): ``run`` does a whole pass
+at once, and the tests compare it with a one-record-at-a-time reference.
 
 Per record: validate (pydantic-core, from the JSON bytes), render (the structlog processor
 chain), answer (on ack listeners). Per connection, bounds that count what a refusal costs rather

@@ -296,9 +296,10 @@ class RecordValidator:
 
     def validate_batch(self, frames: list[Frame]) -> tuple[list[Fields | Refusal], bytes | None]:
         """``validate_many``'s results and, for a *plain* read, the records' fields serialised as
-        one JSON array (orjson) for ``Renderer.splice``. Plain: every frame accepted, each result
-        exactly the three fields in the schema's order (``send_user`` first, string and datetime
-        values only), no key repeated.
+        one JSON array (orjson) for ``Renderer.splice``. Plain: every frame accepted and no key
+        repeated; each result is then exactly the three fields in the schema's order
+        (``send_user`` first, string and datetime values only), by construction: the TypedDict
+        with extra "forbid" or "ignore" gives nothing else ("keep" never makes a plain read).
 
         The common read costs a few C calls: the records through pydantic-core by ``map``, and
         the proof that no record repeats a key, from counts of ``"`` bytes. Each accepted record
@@ -326,8 +327,9 @@ class RecordValidator:
                 # list.extend keeps what the map gave before it raised: the record that raised is
                 # the next one, refused (validated again for its reasons), and the map goes on.
                 extend(map(validate_json, rest))
-            except ValidationError:
-                results.append(self._validate(frames[len(results)]))
+            except ValidationError as exc:
+                frame = frames[len(results)]
+                results.append(_refusal(frame, exc) if type(frame) is bytes else self._validate(frame))
                 plain = False
         if not n:
             return results, None

@@ -332,6 +332,29 @@ def test_reader_restarted_picks_the_newest_copy_when_copies_have_the_same_mtime(
     reader.close()
 
 
+def test_reader_lagging_over_two_copytruncates_is_not_fooled_by_a_newer_copy_ending_alike(tmp_path: Path) -> None:
+    """The reader read 10 lines, then lagged over two copytruncates: ``.2`` is the copy of the file
+    it read, ``.1`` the copy of the next one. Every line is as long and ends in the same 64 bytes
+    (dots and the peer), so at the reader's offset ``.1`` ends like what it read. Only more of the
+    bytes it read tells the true copy: with 64 bytes it took the newer ``.1`` and lost both the
+    rest of ``.2`` and the start of ``.1``."""
+    log = tmp_path / "messages.log"
+    reader, forwarder, writer = started(log)
+    for i in range(10, 20):
+        writer.write(record(2, i, 60))
+    forwarder.fill()
+    assert forwarder.got == writer.expected
+    for i in range(20, 30):
+        writer.write(record(2, i, 60))
+    copytruncate(log)
+    for i in range(30, 50):
+        writer.write(record(2, i, 60))  # the same length and ending: lines fall at the same offsets
+    copytruncate(log)
+    writer.write(record(2, 50, 60))
+    writer, forwarder = finished(reader, forwarder, writer)
+    assert forwarder.got == writer.expected, forwarder.notes
+
+
 # -- a reader that has read nothing yet ------------------------------------------------------------
 # At position 0 there are no bytes read to compare, and once the daemon has written the truncated
 # file back to the size the reader was told, its size cannot tell either: only the copy that

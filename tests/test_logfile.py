@@ -20,6 +20,7 @@ import stat
 import struct
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -628,6 +629,35 @@ def test_truncation_puts_back_exactly_what_the_copy_missed(tmp_path: Path, logfi
     assert landed == len(w3)
     assert logfile.size == len(w3 + w4)
     assert copy.read_bytes() == w1 + w2
+
+
+@pytest.mark.parametrize(
+    ("newer", "older"),
+    [
+        ("messages.log.1", "messages.log.2"),
+        ("messages.log.9", "messages.log.10"),
+        ("messages.log-20261201", "messages.log-20261130"),
+    ],
+)
+def test_of_two_matching_copies_with_the_same_mtime_the_newer_is_the_copy(
+    tmp_path: Path, logfile: LogFile, newer: str, older: str
+) -> None:
+    """Lines all alike: an older, shorter copy matches the journal at its own offsets too. Made in
+    the same tick of the clock, the two copies have the same mtime; the newer copy (the lower
+    number, the later date) is the one logrotate just made, so only what it missed is put back."""
+    same = b"the same line\n"
+    logfile.write(same * 50)
+    logfile.write(same * 50)
+    (tmp_path / older).write_bytes(same * 30)
+    (tmp_path / newer).write_bytes(same * 100)
+    when = time.time_ns()
+    for name in (older, newer):
+        os.utime(tmp_path / name, ns=(when, when))
+    logfile.write(same * 10)
+    os.truncate(logfile.path, 0)
+    landed = logfile.write(b"next\n")
+    assert landed == len(same * 10)
+    assert logfile.path.read_bytes() == same * 10 + b"next\n"
 
 
 @pytest.mark.parametrize("inside", [1, 5, 21 * 3 + 4], ids=["1-byte-in", "5-in", "3-lines-and-4-in"])

@@ -482,7 +482,8 @@ class LogReader:
                     best = (st.st_mtime_ns, path, size, ident)
                 continue
             probe_end = min(size, old)
-            probe = min(CHECK_BYTES, probe_end - begin)
+            # PROBE, not CHECK_BYTES: a newer copy whose lines end alike matches in 64 bytes.
+            probe = min(PROBE, probe_end - begin)
             if probe <= 0 or size == 0:
                 continue
             fd = self._open_listed(path, ident)

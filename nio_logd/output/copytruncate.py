@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from ..config import COMPRESSED, COPYTRUNCATE_JOURNAL_BYTES
 
 JOURNAL_BYTES = COPYTRUNCATE_JOURNAL_BYTES  # how much recent output is kept to repair a copytruncate
 PROBE_BYTES = 4096  # how much of a candidate copy's end must match the journal
+_NUMBERED = re.compile(r"\.(\d+)$")  # logrotate's numbered copies: messages.log.1, .2, ...
 
 
 class WriteJournal:
@@ -165,8 +167,8 @@ class WriteJournal:
                 continue
             # A copy of a prefix of what the journal holds: never empty, never longer than the file.
             if stat.S_ISREG(st.st_mode) and begin < st.st_size <= end:
-                candidates.append((st.st_mtime_ns, name, st.st_size))
-        for _mtime, name, size in sorted(candidates, reverse=True):
+                candidates.append((st.st_mtime_ns, _newness(name), name, st.st_size))
+        for _mtime, _newer, name, size in sorted(candidates, reverse=True):
             probe = max(begin, size - PROBE_BYTES)
             try:
                 fd = _open_copy(path.parent / name, os.O_RDONLY)
@@ -182,6 +184,13 @@ class WriteJournal:
             if tail == self.slice(probe, size):
                 return path.parent / name, size, (st.st_dev, st.st_ino)
         return None
+
+
+def _newness(name: str) -> tuple[int, str]:
+    """Orders copies made in the same tick of the clock (equal mtimes), newest last: ``.1`` is newer
+    than ``.2`` (logrotate shifts the older ones up), and a later date sorts after an earlier one."""
+    match = _NUMBERED.search(name)
+    return (-int(match.group(1)), "") if match else (0, name)
 
 
 def _open_copy(path: Path, flags: int) -> int:

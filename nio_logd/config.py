@@ -582,10 +582,20 @@ def _locate(reads: list[_Read], loc: Key, keys: tuple[Key, ...] = (), *, missing
     return at(read.path, read.line_of(local, missing=missing))
 
 
+def _file_order(reads: list[_Read], where: str) -> tuple[int, int]:
+    """Where ``where`` (``FILE:LINE`` or ``FILE``) stands: the file's place among those read, the line."""
+    path, _, line = where.rpartition(":")
+    if not line.isdigit():
+        path, line = where, "0"
+    names = [str(read.path) for read in reads]
+    return (names.index(path) if path in names else len(names), int(line))
+
+
 def _format_error(reads: list[_Read], exc: ValidationError) -> str:
     """Each error as ``FILE:LINE: key: problem`` (the file that set the key, the line it is on),
+    in the order of the files and lines (not pydantic's, which changes between its versions),
     joined by "; "."""
-    parts = []
+    parts: list[tuple[tuple[int, int], str]] = []
     errors = exc.errors(include_url=False, include_input=False)
     failed_items = {err["loc"][:-1] for err in errors if len(err["loc"]) > 1}
     for err in errors:
@@ -602,11 +612,10 @@ def _format_error(reads: list[_Read], exc: ValidationError) -> str:
             if isinstance(cause, KeyedValueError):
                 keys = cause.keys
         where = _locate(reads, tuple(err["loc"]), keys, missing=err["type"] == "missing")
-        if not err["loc"] and err["type"] == "value_error":
-            parts.append(f"{where}: {msg}")  # a check of the whole config: its text names the keys
-        else:
-            parts.append(f"{where}: {loc}: {msg}")
-    return "; ".join(parts)
+        # A check of the whole config (no loc): its text names the keys.
+        whole = not err["loc"] and err["type"] == "value_error"
+        parts.append((_file_order(reads, where), f"{where}: {msg}" if whole else f"{where}: {loc}: {msg}"))
+    return "; ".join(text for _order, text in sorted(parts, key=lambda part: part[0]))
 
 
 def _no_dates(value: object) -> dict[str, str]:

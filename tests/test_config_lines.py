@@ -355,7 +355,7 @@ GOOD_LISTENER = '[[listeners]]\naddress = "tcp://127.0.0.1:0"\n'
     ("text", "expected"),
     [
         pytest.param(
-            '[log]\nnote = """\ndurability = "fsync"\n"""\n\ndurability = "sometimes"\n',
+            '[log]\npath = """\ndurability = "fsync"\n"""\n\ndurability = "sometimes"\n',
             ":6: log.durability: Input should be 'write' or 'fsync'",
             id="bad-value-after-a-lookalike-in-a-string",
         ),
@@ -463,3 +463,17 @@ def test_a_clash_of_default_addresses_is_at_the_second_table(tmp_path: Path) -> 
     config = _write(tmp_path / "c.toml", "[[listeners]]\n\n[[listeners]]\nack = true\n")
     (line,) = refused(config)
     assert line.startswith(f"{config}:3: listeners.0 and listeners.1 are both"), line
+
+
+def test_errors_are_listed_in_the_order_of_their_lines(tmp_path: Path) -> None:
+    """pydantic lists an unknown key and a bad value in an order that changed between its versions
+    (2.12: the value first, 2.13: the key first); the daemon lists them by file and line."""
+    config = _write(
+        tmp_path / "c.toml",
+        '[log]\nnote = """\ndurability = "fsync"\n"""\n\ndurability = "sometimes"\n[limits]\nx = 1\n',
+    )
+    (line,) = refused(config)
+    assert line == (
+        f"{config}:2: log.note: unknown key; {config}:6: log.durability: Input should be 'write' or 'fsync'; "
+        f"{config}:8: limits.x: unknown key"
+    ), line

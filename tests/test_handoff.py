@@ -4,12 +4,22 @@ from /proc."""
 
 from __future__ import annotations
 
+import array
+import fcntl
+import os
 import signal
 import socket
+import termios
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import read_lines, record, wait_for, write_config
+
+from nio_logd.config import ListenerSettings
+from nio_logd.service.admission import SharedCounts
+from nio_logd.service.handoff import Handoff, inboxes
+from nio_logd.wire.listeners import Listener
 
 
 def _children(pid: int) -> list[int]:
@@ -76,3 +86,70 @@ def test_a_few_long_connections_are_split_evenly_between_two_workers(tmp_path: P
     assert stopping is not None
     assert stopping["connections_total"] == 40
     assert stopping["connections_handed_off"] > 0
+
+
+# -- a connection the client has closed already is served where it was accepted ----------------------
+def _accepted(listener: socket.socket, send: bytes, *, shut: bool) -> tuple[socket.socket, socket.socket]:
+    """(the client's socket, the daemon's side of it), the client's bytes and end there by then."""
+    client = socket.create_connection(listener.getsockname(), timeout=10)
+    if send:
+        client.sendall(send)
+    if shut:
+        client.shutdown(socket.SHUT_WR)
+    server, _addr = listener.accept()
+    server.setblocking(False)
+    wait_for(lambda: _bytes_waiting(server) >= len(send), timeout=10)
+    return client, server
+
+
+def _bytes_waiting(sock: socket.socket) -> int:
+    buf = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+    return buf[0]
+
+
+@pytest.mark.parametrize(
+    ("send", "shut", "moved"),
+    [
+        (b"", False, True),
+        (b"half a line", False, True),
+        (record() + b"\n", False, True),
+        (record(), True, False),
+        (b"", True, False),
+    ],
+    ids=["nothing-yet", "partial", "a-record-open", "record-and-end", "end-only"],
+)
+def test_an_offer_keeps_a_connection_whose_client_has_closed_its_side(send: bytes, shut: bool, moved: bool) -> None:
+    """A lighter worker takes connections; a connection whose client has sent everything and shut
+    its side is served here at once (handing it over would cost more than serving it); any other
+    goes to the lighter worker."""
+    shared = SharedCounts.create(2, 100)
+    pairs = inboxes(2)
+    listener_sock = socket.create_server(("127.0.0.1", 0))
+    try:
+        listener = Listener(listener_sock, ListenerSettings(address="tcp://127.0.0.1:1"), "tcp://127.0.0.1:1")
+        here = Handoff(0, pairs[0][0], [p[1] for p in pairs], shared, [listener])
+        there = Handoff(1, pairs[1][0], [p[1] for p in pairs], shared, [listener])
+        there.taking(True)
+        with shared:
+            for _ in range(3):
+                shared.add(0, "127.0.0.1", 1, per_client=True)
+        client, server = _accepted(listener_sock, send, shut=shut)
+        try:
+            assert here.offer(server, listener, "127.0.0.1:1", "127.0.0.1") is moved
+            arrived = wait_for(there.receive, timeout=5) if moved else there.receive()
+            assert len(arrived) == int(moved)
+            for sock, *_rest in arrived:
+                assert _bytes_waiting(sock) == len(send)  # nothing was read before the move
+                sock.close()
+            if not moved:
+                assert server.fileno() >= 0 and server.recv(4096) == send
+        finally:
+            client.close()
+            server.close()
+    finally:
+        listener_sock.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+        os.close(shared.fd)

@@ -10,7 +10,9 @@ open by it for its whole life, so a restarted worker gets the same inbox with wh
 the one before it. Every worker gets its inbox's receiving end and every worker's sending end. A worker that has
 just admitted a TCP connection, from which nothing has been read, while it holds at least two more
 than a worker that takes connections, sends it there: the socket (SCM_RIGHTS) with the listener's
-index, the peer and the client's address. The choice and the send happen under the shared counts'
+index, the peer and the client's address. Not a connection whose client has shut its side already
+(POLLRDHUP, one record a connection): all it will send is waiting, and it is served and closed
+here at once, for less than the move would cost. The choice and the send happen under the shared counts'
 lock (``admission.py``), and a worker stops taking connections under that lock too, before it
 drains: whatever was sent to it is in its inbox by then, and it reads its inbox to the end as it
 drains, so no connection handed over is dropped. A send that fails (a full inbox) keeps the
@@ -20,6 +22,7 @@ connection where it was accepted.
 from __future__ import annotations
 
 import array
+import select
 import socket
 import struct
 
@@ -40,6 +43,13 @@ def inboxes(workers: int) -> list[tuple[socket.socket, socket.socket]]:
         send.setblocking(False)
         pairs.append((receive, send))
     return pairs
+
+
+def _closed_by_client(sock: socket.socket) -> bool:
+    """The client has shut its side already: what it sent waits in the kernel, nothing more comes."""
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)
+    return bool(poller.poll(0))
 
 
 def _encode(index: int, peer: str, host: str) -> bytes:
@@ -89,6 +99,8 @@ class Handoff:
         shared = self.shared
         if shared.lighter(self.index) is None:  # without the lock: the common, balanced case
             return False
+        if _closed_by_client(sock):
+            return False  # sent all it will and closed (one record a connection): served here at once
         try:
             listener_index = self.listeners.index(listener)
         except ValueError:

@@ -59,6 +59,7 @@ log = get_logger()
 
 RECV_BYTES = 64 * 1024
 ACCEPTS_PER_EVENT = 256
+READ_AHEAD = 2  # reads of a connection just accepted before it is watched: its records, its end
 # Answer bytes a connection may owe (made, not yet sent) before it is neither read nor its records
 # taken: a refused 2-byte line costs a 130-byte answer, so the bound counts answers, not input.
 OUT_LIMIT = 256 << 10
@@ -212,16 +213,25 @@ class Connection(Stream):
         if mask & WRITE and not self.closed:
             self.flush()
 
-    def on_readable(self) -> None:
+    def read_ahead(self) -> None:
+        """Just accepted: read what the client has sent already, before watching the socket. A
+        client of one record a connection has often sent it and closed by the time we accept:
+        such a connection is served and closed without entering the poller (no epoll_ctl, no wake)."""
+        for _ in range(READ_AHEAD):
+            if self.closed or self.eof or not self.wanted_events() & READ or not self.on_readable():
+                return
+
+    def on_readable(self) -> bool:
+        """One read; False if there was nothing to read (the socket would block)."""
         try:
             data = self.sock.recv(RECV_BYTES)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:
             self.loop.stats.read_errors += 1
             log.debug("connection_error", peer=self.peer, error=exc.strerror)
             self.close()
-            return
+            return True
         loop = self.loop
         self.last_active = loop.now
         if data:
@@ -244,18 +254,19 @@ class Connection(Stream):
             if frames:
                 loop.take_frames(self, frames)
         if self.closed:
-            return
+            return True
         self.account()
         if loop.mem > loop.mem_limit:
             loop.shed()
             if self.closed:
-                return
+                return True
         if self.eof:
             self.finish_if_done()
         if loop.pipeline.nbytes >= loop.pass_limit:
             # Hand over early: the writer's bound holds even on a huge pass. Counted in what was
             # rendered, not in what was read: a refused line renders a hundred times its size.
             loop._flush_batch()
+        return True
 
     def account(self) -> None:
         """Bring ``loop.mem`` up to date with what this connection holds now."""
@@ -618,6 +629,11 @@ class IOLoop:
         conn.last_active = self.now = time.monotonic()
         self.connections.add(conn)
         self.stats.connections_total += 1
+        try:
+            conn.read_ahead()
+        except Exception:  # noqa: BLE001 - as in an event handler: this connection closes, the loop goes on
+            self._handler_failed(conn.on_event)
+            return
         conn.update_events()
 
     def forget(self, conn: Connection) -> None:

@@ -195,10 +195,13 @@ class TLSConnection(Connection):
         else:
             super().on_event(mask)
 
-    def on_readable(self) -> None:
-        super().on_readable()
+    def read_ahead(self) -> None:
+        """The handshake comes first: it is driven by the poller's events."""
+
+    def on_readable(self) -> bool:
+        got = super().on_readable()
         if self.closed:
-            return
+            return got
         if not self.eof and isinstance(self.sock, TLSSocket) and self.sock.at_eof:
             # The client's close_notify came with its last records: recv() returned the records,
             # and epoll will not report the end (the client waits for our close_notify).
@@ -207,6 +210,7 @@ class TLSConnection(Connection):
             # At shutdown the loop reads until the bytes the kernel held are delivered; it counts
             # them in ciphertext but we delivered plaintext. What is owed is at most what is left.
             self.drain_owed = min(self.drain_owed, _bytes_waiting(self.sock))
+        return got
 
     def handshake(self) -> None:
         """One step of the handshake, as far as the socket allows without blocking."""

@@ -65,6 +65,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import perfutil  # noqa: E402
 from perfutil import (  # noqa: E402
     RSYSLOGD,
     Daemon,
@@ -443,7 +444,8 @@ def markdown(doc: dict[str, Any]) -> str:
     rows = [
         f"nio-logd: {doc['nio_logd_code']} (HEAD {code['commit'][:12]}, nio_logd/ "
         f"{'with uncommitted changes' if code['dirty'] else 'as committed'}); {doc['machine']['rsyslog']};"
-        f" {doc['machine']['cpus']} CPUs; {a['rounds']} interleaved rounds; {doc['network']}. {doc['stop_rule']}.",
+        f" {doc['machine']['cpus']} CPUs; {a['rounds']} interleaved rounds; {doc['network']};"
+        f" {doc['sessions']}. {doc['stop_rule']}.",
         "",
         f"| stream: {a['records']:,} records over {a['connections']} connections ({a['processes']} sender processes)"
         " | records/s in the file, median | per round | / rsyslog, median (per round)"
@@ -570,6 +572,12 @@ def main() -> int:
         "the TcpExt counters count this run alone)",
     )
     parser.add_argument(
+        "--same-session",
+        action="store_true",
+        help="run the daemons in this script's session (default: each in a session of its own, as a "
+        "service runs: see perfutil.OWN_SESSION)",
+    )
+    parser.add_argument(
         "--snapshot",
         metavar="REV",
         help="run nio-logd from a git archive of REV (e.g. HEAD) instead of the working tree",
@@ -577,6 +585,7 @@ def main() -> int:
     args = parser.parse_args()
     ack_records = args.ack_records or args.records
     network = enter_private_netns(not args.host_netns)
+    perfutil.OWN_SESSION = not args.same_session
 
     base = Path(tempfile.mkdtemp(prefix="nio-logd-vs-rsyslog-"))
     print(f"working in {base}", file=sys.stderr)
@@ -684,6 +693,7 @@ def main() -> int:
             "code": state,
             "nio_logd_code": code,
             "network": network,
+            "sessions": "the harness's session" if args.same_session else "each daemon in a session of its own",
             "stop_rule": f"clock stops when at most max(0.1%, {BUFFER_LINES}) (stream) or 0.1% (seed) of the lines"
             " are missing from the file; then every line is counted once the file stops growing",
             "machine": {

@@ -22,6 +22,14 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
 
 
+# Each daemon runs in a session of its own, as a service does: systemd gives a service a cgroup of
+# its own, a detached daemon calls setsid(). The kernel's scheduler (autogroup, or the cgroups)
+# then shares the CPUs between the daemon and the senders of a run, not between their threads: in
+# one session a daemon's thread or two shared two CPUs with four sender processes as one of six.
+# ``--same-session`` (compare_rsyslog.py, seed_pattern.py) puts them back in the harness's session.
+OWN_SESSION = True
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -320,6 +328,7 @@ class Rsyslog(Daemon):
             stdout=self.log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            start_new_session=OWN_SESSION,
         )
         self._started(lambda: wait_listening(self.port, proc=self.proc))
 
@@ -370,6 +379,7 @@ class NioLogd(Daemon):
             stdin=subprocess.DEVNULL,
             cwd=directory,
             env=env,
+            start_new_session=OWN_SESSION,
         )
         self._started(self._wait_started)
 

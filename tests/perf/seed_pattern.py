@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import perfutil  # noqa: E402
 from perfutil import NioLogd, count_lines, median, tcp_ext, working_tree_state  # noqa: E402
 
 from nio_logd.config import parse_address  # noqa: E402
@@ -33,7 +34,11 @@ def main() -> int:
     ap.add_argument("--senders", type=int, default=4)
     ap.add_argument("--workers", default="1,auto")
     ap.add_argument("--json-out")
+    ap.add_argument(
+        "--same-session", action="store_true", help="the daemons in this script's session (see perfutil.OWN_SESSION)"
+    )
     args = ap.parse_args()
+    perfutil.OWN_SESSION = not args.same_session
     base = Path(tempfile.mkdtemp(prefix="nio-logd-seed-"))
     daemons = {
         f"nio-logd w{w}": NioLogd(base / f"w{w}", name=f"nio-logd w{w}", workers=int(w) if w.isdigit() else w)
@@ -84,7 +89,14 @@ def main() -> int:
     for name, s in summary.items():
         rate = f"{s['records_per_s_median']:,.0f}"
         print(f"| {name} | {rate} | {s['overflows']} | {s['drops']} | {s['written']} / {s['sent']} |")
-    doc = {"code": working_tree_state(), "args": vars(args), "rounds": results, "summary": summary}
+    sessions = "the harness's session" if args.same_session else "each daemon in a session of its own"
+    doc = {
+        "code": working_tree_state(),
+        "args": vars(args),
+        "sessions": sessions,
+        "rounds": results,
+        "summary": summary,
+    }
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(doc, indent=2) + "\n")
     return 0 if all(s["written"] == s["sent"] for s in summary.values()) else 1

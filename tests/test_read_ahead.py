@@ -1,0 +1,181 @@
+"""A connection just accepted is read before it is watched (``Connection.read_ahead``).
+
+Each test holds the I/O loop (a call on its thread that waits) while clients connect and send, so
+their connections wait in the kernel's backlog with their bytes, as they do under a burst; then
+lets it go. The loop's poller is watched (the real one, every call passed on) to tell whether a
+connection was ever registered.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import read_lines, record, wait_for, write_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nio_logd.wire.ioloop import IOLoop
+from nio_logd.wire.poller import Poller
+
+
+class Registrations:
+    """The descriptors the loop's poller was asked to watch since (the calls go on to the real
+    poller; the class is patched, its instances have slots)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.fds: list[int] = []
+        real = Poller.register
+
+        def register(poller: Poller, fd: int, events: int, handler: Any) -> None:
+            self.fds.append(fd)
+            real(poller, fd, events, handler)
+
+        monkeypatch.setattr(Poller, "register", register)
+
+
+@contextmanager
+def held(loop: IOLoop, timeout: float = 20.0) -> Iterator[None]:
+    """The loop's thread waits (at most ``timeout``) until the block ends: nothing is accepted."""
+    waiting, go = threading.Event(), threading.Event()
+
+    def wait() -> None:
+        waiting.set()
+        go.wait(timeout)
+
+    loop.call_soon_threadsafe(wait)
+    assert waiting.wait(timeout), "the loop did not run the call"
+    try:
+        yield
+    finally:
+        go.set()
+
+
+def sent_and_closed(address: tuple[str, int], data: bytes) -> socket.socket:
+    """Connect, send ``data``, shut the sending side; the socket stays open to read answers."""
+    sock = socket.create_connection(address, timeout=10)
+    sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+    return sock
+
+
+def peer_ports(srv: Any) -> list[int]:
+    return sorted(int(line["peer"].rpartition(":")[2]) for line in read_lines(srv.messages))
+
+
+def test_connections_that_sent_and_closed_before_the_accept_are_served_without_the_poller(
+    tmp_path: Path, server_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv = server_factory(write_config(tmp_path))
+    [loop] = srv.server.loops
+    watched = Registrations(monkeypatch)
+    with held(loop):
+        clients = [sent_and_closed(srv.tcp, record(f"u{i}", f"m{i}")) for i in range(20)]  # no newline
+    srv.wait_written(20)
+    for sock in clients:
+        assert sock.recv(1) == b""  # the daemon closed it
+        sock.close()
+    assert sorted(line["send_msg"] for line in read_lines(srv.messages)) == sorted(f"m{i}" for i in range(20))
+    assert watched.fds == []
+    wait_for(lambda: not loop.connections)
+
+
+def test_a_connection_with_half_a_line_before_the_accept_is_watched_and_served(
+    tmp_path: Path, server_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv = server_factory(write_config(tmp_path))
+    [loop] = srv.server.loops
+    watched = Registrations(monkeypatch)
+    line = record("bob", "split") + b"\n"
+    with held(loop):
+        sock = socket.create_connection(srv.tcp, timeout=10)
+        sock.sendall(line[:10])
+    wait_for(lambda: len(watched.fds) == 1)  # read what there was, then watched for the rest
+    sock.sendall(line[10:])
+    srv.wait_written(1)
+    assert [r["send_msg"] for r in read_lines(srv.messages)] == ["split"]
+    sock.close()
+    wait_for(lambda: not loop.connections)
+
+
+def test_acks_are_sent_to_a_client_that_sent_its_records_and_shut_its_side_before_the_accept(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    srv = server_factory(write_config(tmp_path, [{"address": "tcp://127.0.0.1:0", "ack": True}]))
+    [loop] = srv.server.loops
+    with held(loop):
+        sock = sent_and_closed(srv.tcp, record("carol", "a") + b"\n" + b"not json\n" + record("carol", "b") + b"\n")
+    answers = b""
+    while answers.count(b"\n") < 3:
+        chunk = sock.recv(4096)
+        assert chunk, f"closed before every answer came: {answers!r}"
+        answers += chunk
+    assert sock.recv(1) == b""
+    sock.close()
+    got = [json.loads(line) for line in answers.splitlines()]
+    assert [(a["seq"], a["ok"]) for a in got] == [(1, True), (2, False), (3, True)], got
+
+
+def test_more_than_the_reads_ahead_hold_is_read_to_the_end(tmp_path: Path, server_factory: Any) -> None:
+    """300 KB waiting (more than the reads ahead take): the rest comes through the poller."""
+    srv = server_factory(write_config(tmp_path))
+    [loop] = srv.server.loops
+    lines = [record("dave", f"r{i:05d}-" + "x" * 100) + b"\n" for i in range(2000)]
+    with held(loop):
+        sock = sent_and_closed(srv.tcp, b"".join(lines))
+    srv.wait_written(2000)
+    assert [r["send_msg"][:6] for r in read_lines(srv.messages)] == [f"r{i:05d}" for i in range(2000)]
+    assert sock.recv(1) == b""
+    sock.close()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    clients=st.lists(
+        st.tuples(st.integers(0, 3), st.booleans(), st.integers(0, 2)),  # records, newline at the end, when
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_whatever_was_sent_before_or_after_the_accept_every_record_lands_once(
+    tmp_path_factory: Any, server_factory: Any, clients: list[tuple[int, bool, int]]
+) -> None:
+    """Each client sends its records before the accept (closing then, 0), before it and closes
+    after (1), or connects before it and sends everything after (2)."""
+    srv = server_factory(write_config(tmp_path_factory.mktemp("ahead")))
+    [loop] = srv.server.loops
+    datas = []
+    for c, (n, newline, _when) in enumerate(clients):
+        body = b"\n".join(record(f"c{c}", f"c{c}-{i}") for i in range(n))
+        datas.append(body + (b"\n" if newline and n else b""))
+    socks: list[socket.socket | None] = [None] * len(clients)
+    with held(loop):
+        for c, (_n, _newline, when) in enumerate(clients):
+            sock = socket.create_connection(srv.tcp, timeout=10)
+            if when < 2:
+                sock.sendall(datas[c])
+            if when == 0:
+                sock.shutdown(socket.SHUT_WR)
+            socks[c] = sock
+    for c, (_n, _newline, when) in enumerate(clients):
+        sock = socks[c]
+        assert sock is not None
+        if when == 2:
+            sock.sendall(datas[c])
+        if when:
+            sock.shutdown(socket.SHUT_WR)
+    expected = sorted(f"c{c}-{i}" for c, (n, _nl, _w) in enumerate(clients) for i in range(n))
+    srv.wait_written(len(expected))
+    for sock in socks:
+        assert sock is not None
+        assert sock.recv(1) == b""
+        sock.close()
+    assert sorted(r["send_msg"] for r in read_lines(srv.messages)) == expected
+    assert read_lines(srv.rejects) == []
+    srv.stop()

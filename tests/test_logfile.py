@@ -613,6 +613,39 @@ def test_rotate_renames_planted_symlinks_and_never_follows_them(tmp_path: Path, 
     assert rotated(path, 2).read_bytes() == b"current\n"
 
 
+# -- writes of many parts (writev) ------------------------------------------------------------------
+def test_a_write_of_parts_lands_them_in_order_past_one_writev_s_limit(logfile: LogFile) -> None:
+    """3,000 parts (more than the 1,024 buffers one writev takes), as bytes, bytearrays and views
+    of a bigger buffer (a worker's batch): the file and the journal hold them in order, once."""
+    data = lines("p", 3000)
+    width = len(data) // 3000
+    pieces = [data[i * width : (i + 1) * width] for i in range(3000)]
+    parts: list[Any] = []
+    for i, piece in enumerate(pieces):
+        parts.append(piece if i % 3 == 0 else bytearray(piece) if i % 3 == 1 else memoryview(b"##" + piece)[2:])
+    parts.insert(1500, b"")  # an empty part is nothing
+    logfile.write(b"first\n")
+    landed = logfile.write(parts)
+    assert landed == len(b"first\n")
+    assert logfile.path.read_bytes() == b"first\n" + data
+    assert logfile.size == len(data) + len(b"first\n")
+    j = logfile.journal
+    assert j.end == logfile.size and j.slice(j.start, j.end) == (b"first\n" + data)[-j.nbytes :]
+
+
+def test_a_copytruncate_before_a_write_of_parts_puts_back_what_the_copy_missed(
+    tmp_path: Path, logfile: LogFile
+) -> None:
+    w1, w2 = lines("w1", 5), lines("w2", 7)
+    logfile.write([w1[:21], bytearray(w1[21:]), memoryview(w2)])
+    copy = tmp_path / "messages.log.1"
+    copy.write_bytes(w1)  # the copy missed w2
+    os.truncate(logfile.path, 0)
+    w3 = lines("w3", 2)
+    logfile.write([w3[:5], w3[5:]])
+    assert logfile.path.read_bytes() == w2 + w3
+
+
 # -- truncation under us (logrotate copytruncate) ------------------------------------------------------
 @pytest.mark.parametrize("copy_name", ["messages.log.1", "messages.log-20261201", "messages-20261201.log"])
 def test_truncation_puts_back_exactly_what_the_copy_missed(tmp_path: Path, logfile: LogFile, copy_name: str) -> None:

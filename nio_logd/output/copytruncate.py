@@ -36,7 +36,8 @@ class WriteJournal:
 
     def __init__(self, limit: int = JOURNAL_BYTES) -> None:
         self.limit = limit
-        self.chunks: collections.deque[tuple[int, bytes]] = collections.deque()
+        # Chunks are the buffers written (bytes, or views of a worker's batch), not copies.
+        self.chunks: collections.deque[tuple[int, bytes | bytearray | memoryview]] = collections.deque()
         self.nbytes = 0  # bytes held, from ``start`` to ``end``: at most ``limit``
         # Bytes at the front of the first chunk that are no longer held. Cut off (copied) only once
         # they are half of it: cutting at every small write would copy a big chunk again and again.
@@ -59,7 +60,7 @@ class WriteJournal:
         offset, data = self.chunks[-1]
         return offset + len(data)
 
-    def reset(self, offset: int = 0, data: bytes = b"") -> None:
+    def reset(self, offset: int = 0, data: bytes | bytearray | memoryview = b"") -> None:
         """Forget everything; optionally start again with ``data`` found at ``offset``."""
         self.chunks.clear()
         self.nbytes = self.skip = 0
@@ -67,7 +68,7 @@ class WriteJournal:
         if data:
             self.add(offset, data)
 
-    def add(self, offset: int, data: bytes) -> None:
+    def add(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """``data`` was written at ``offset``; a gap or overlap (another writer, a cut) starts afresh.
 
         Holds at most ``limit`` bytes: of a chunk bigger than that only its end is kept (copied,

@@ -19,6 +19,9 @@ from .files import open_regular
 
 log = get_logger()
 
+Data = bytes | bytearray | memoryview  # what is written: rendered lines, or a view of a worker's batch
+IOV_MAX = 1024  # buffers one writev() takes (Linux's UIO_MAXIOV)
+
 
 class LogFile:
     """One append-only log file: whole-line writes, undo on error, reopen, size rotation."""
@@ -80,9 +83,11 @@ class LogFile:
             os.close(self.fd)
             self.fd = -1
 
-    def write(self, data: bytes) -> int:
-        """Append ``data`` (whole lines) completely and return the offset where it landed (the size
-        before it), or leave the file as it was and raise OSError."""
+    def write(self, data: Data | list[Data]) -> int:
+        """Append ``data`` (whole lines; or the parts of it, written in order with ``writev``, not
+        joined first) completely and return the offset where it landed (the size before it), or
+        leave the file as it was and raise OSError."""
+        parts = data if isinstance(data, list) else [data]
         fd = self.fd
         if self.truncate_to >= 0:
             os.ftruncate(fd, self.truncate_to)  # raises again if the disk still refuses: retried
@@ -97,16 +102,16 @@ class LogFile:
             self._truncated()
         if self.pending:
             pending = self.pending
-            self._remember(self._append(pending, start), pending)
+            self._remember(self._append([pending], start), [pending])
             self.pending = b""
             start = self.size
-        landed = self._append(data, start)
-        self._remember(landed, data)
-        if data and os.fstat(self.fd).st_nlink == 0:
+        landed = self._append(parts, start)
+        self._remember(landed, parts)
+        if landed < self.size and os.fstat(self.fd).st_nlink == 0:
             # Deleted while we wrote: these lines would vanish with the file and still be acked.
             self._recreate()
-            landed = self._append(data, self.size)
-            self._remember(landed, data)
+            landed = self._append(parts, self.size)
+            self._remember(landed, parts)
         return landed
 
     def _recreate(self) -> None:
@@ -125,30 +130,41 @@ class LogFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.open()
 
-    def _append(self, data: bytes, start: int) -> int:
-        """Append ``data`` completely and return where it landed, or undo to ``start`` and raise."""
-        if not data:
+    def _append(self, parts: list[Data], start: int) -> int:
+        """Append ``parts`` completely and return where they landed, or undo to ``start`` and raise."""
+        views = [memoryview(p) for p in parts if len(p)]
+        if not views:
             return start
+        total = sum(len(v) for v in views)
         fd = self.fd
-        view = memoryview(data)
         try:
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            i = 0
+            while i < len(views):
+                n = os.writev(fd, views[i : i + IOV_MAX])
+                while n:  # a short write: step over what went, go on from there
+                    first = views[i]
+                    if n >= len(first):
+                        n -= len(first)
+                        i += 1
+                    else:
+                        views[i] = first[n:]
+                        n = 0
         except OSError:
             self.undo(start)
             raise
         # O_APPEND put the data at the end of the file as it was at that moment: ask where.
         self.size = os.lseek(fd, 0, os.SEEK_CUR)
-        return self.size - len(data)
+        return self.size - total
 
-    def _remember(self, landed: int, data: bytes) -> None:
-        if not data:
-            return
-        if landed < self.journal.end:
-            # Truncated between our fstat and the write: the lines it took go out with the next write.
-            self._truncated()
-        self.journal.add(landed, data)
+    def _remember(self, landed: int, parts: list[Data]) -> None:
+        for data in parts:
+            if not data:
+                continue
+            if landed < self.journal.end:
+                # Truncated between our fstat and the write: the lines it took go out with the next write.
+                self._truncated()
+            self.journal.add(landed, data)
+            landed += len(data)
 
     def _truncated(self) -> None:
         """Our file is shorter than what we wrote: keep what the truncating copy missed (``pending``)."""

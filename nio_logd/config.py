@@ -585,7 +585,7 @@ def _locate(reads: list[_Read], loc: Key, keys: tuple[Key, ...] = (), *, missing
 def _file_order(reads: list[_Read], where: str) -> tuple[int, int]:
     """Where ``where`` (``FILE:LINE`` or ``FILE``) stands: the file's place among those read, the line."""
     path, _, line = where.rpartition(":")
-    if not line.isdigit():
+    if not (line.isascii() and line.isdigit()):  # "²" is a digit to str, not to int
         path, line = where, "0"
     names = [str(read.path) for read in reads]
     return (names.index(path) if path in names else len(names), int(line))

@@ -646,6 +646,35 @@ def test_a_copytruncate_before_a_write_of_parts_puts_back_what_the_copy_missed(
     assert logfile.path.read_bytes() == w2 + w3
 
 
+def test_a_write_undone_and_written_again_is_not_taken_for_a_truncation(tmp_path: Path, logfile: LogFile) -> None:
+    """A failed fsync cuts the batch off (``undo``) and the writer writes it again. logrotate had
+    copied the file meanwhile (its truncation still to come): the journal must forget what was
+    cut, or the retry, landing below the journal's end, looks like a truncation, the copy matches,
+    and the batch is put back: written twice."""
+    logfile.write([b"a1\n", b"a2\n"])
+    (tmp_path / "messages.log.1").write_bytes(logfile.path.read_bytes())
+    start = logfile.write([b"b1\n"])
+    logfile.undo(start)
+    assert logfile.journal.end == start
+    logfile.write([b"b1\n"])
+    logfile.write([b"c1\n"])
+    assert logfile.path.read_bytes() == b"a1\na2\nb1\nc1\n"
+
+
+def test_the_journal_keeps_no_more_than_the_bytes_it_holds_of_a_view(logfile: LogFile) -> None:
+    """A part that is a view of a bigger buffer (a worker's message) is copied by the journal when
+    it trims it: the bigger buffer is not kept alive by the bytes left of it."""
+    j = WriteJournal(limit=1000)
+    big = bytearray((b"x" * 59 + b"\n") * 10 + b"r" * 100_000)  # 600 bytes of lines, then the rejects
+    lines_ = bytes(big[:600])
+    j.add(0, memoryview(big)[:600])
+    j.add(600, b"y" * 499 + b"\n")
+    j.add(1100, b"z" * 299 + b"\n")  # the view's first 400 bytes fall out: it is trimmed
+    held = [d for _o, d in j.chunks]
+    assert all(not isinstance(d, memoryview) or d.obj is not big for d in held), [type(d) for d in held]
+    assert j.slice(j.start, j.end) == (lines_ + b"y" * 499 + b"\n" + b"z" * 299 + b"\n")[-1000:]
+
+
 # -- truncation under us (logrotate copytruncate) ------------------------------------------------------
 @pytest.mark.parametrize("copy_name", ["messages.log.1", "messages.log-20261201", "messages-20261201.log"])
 def test_truncation_puts_back_exactly_what_the_copy_missed(tmp_path: Path, logfile: LogFile, copy_name: str) -> None:
@@ -669,6 +698,7 @@ def test_truncation_puts_back_exactly_what_the_copy_missed(tmp_path: Path, logfi
     [
         ("messages.log.1", "messages.log.2"),
         ("messages.log.9", "messages.log.10"),
+        ("messages.log.1", "messages.log.10"),
         ("messages.log-20261201", "messages.log-20261130"),
     ],
 )

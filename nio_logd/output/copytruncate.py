@@ -101,8 +101,25 @@ class WriteJournal:
             self.nbytes -= over
             self.aligned = first[self.skip - 1] == 0x0A
             if 2 * self.skip >= len(first):
-                chunks[0] = (first_offset + self.skip, first[self.skip :])
+                # bytes() for a view: its rest alone, not the buffer it is a view of, stays alive.
+                rest = first[self.skip :]
+                chunks[0] = (first_offset + self.skip, bytes(rest) if isinstance(rest, memoryview) else rest)
                 self.skip = 0
+
+    def cut(self, end: int) -> None:
+        """The file was cut back to ``end`` (a write undone): forget what was held past it."""
+        if end <= self.start:
+            self.reset()
+            return
+        chunks = self.chunks
+        while chunks and self.end > end:
+            offset, data = chunks[-1]
+            if offset >= end:
+                chunks.pop()
+                self.nbytes -= len(data)
+            else:
+                chunks[-1] = (offset, data[: end - offset])
+                self.nbytes -= offset + len(data) - end
 
     def slice(self, begin: int, end: int) -> bytes:
         """The journal's bytes for file offsets [begin, end) (which it must hold)."""

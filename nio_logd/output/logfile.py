@@ -183,6 +183,8 @@ class LogFile:
         except OSError:
             self.truncate_to = start  # done before the next write, which is retried until it works
         self.size = start
+        # Written again at ``start``, the lines cut must not look like a truncation under us.
+        self.journal.cut(start)
 
     def fsync(self) -> None:
         os.fsync(self.fd)

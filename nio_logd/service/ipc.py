@@ -95,11 +95,36 @@ def recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def recv_message(sock: socket.socket) -> tuple[int, bytearray]:
+def recv_head(sock: socket.socket) -> tuple[int, int]:
+    """A message's kind and payload size."""
     kind, size = HEADER.unpack(recv_exact(sock, HEADER.size))
     if size > MAX_PAYLOAD:
         raise ChannelClosed(f"a message of {size} bytes")
-    return kind, recv_exact(sock, size) if size else bytearray()
+    return int(kind), int(size)
+
+
+def recv_payload(sock: socket.socket, size: int) -> bytearray:
+    return recv_exact(sock, size) if size else bytearray()
+
+
+def recv_message(sock: socket.socket) -> tuple[int, bytearray]:
+    kind, size = recv_head(sock)
+    return kind, recv_payload(sock, size)
+
+
+def recv_batch(sock: socket.socket, size: int) -> tuple[int, int, int, bytearray, bytearray]:
+    """A ``BATCH`` payload of ``size`` bytes: seq, accepted, refused, the messages, the rejects.
+
+    The messages and the rejects are read into buffers of their own: the writer's copytruncate
+    journal keeps the messages it wrote, and a view into the whole payload would keep the
+    rejects (and the header) alive with them."""
+    if size < BATCH_HEAD.size:
+        raise ChannelClosed(f"a batch of {size} bytes")
+    seq, accepted, refused, n = BATCH_HEAD.unpack(recv_exact(sock, BATCH_HEAD.size))
+    rest = size - BATCH_HEAD.size
+    if n > rest:
+        raise ChannelClosed(f"a batch of {size} bytes says it holds {n} bytes of messages")
+    return int(seq), int(accepted), int(refused), recv_payload(sock, n), recv_payload(sock, rest - n)
 
 
 def dumps(obj: Any) -> bytes:

@@ -189,17 +189,13 @@ class WorkerLink:
         writer = self.pool.writer
         try:
             while True:
-                kind, payload = ipc.recv_message(sock)
+                kind, size = ipc.recv_head(sock)
                 if kind == ipc.BATCH:
-                    seq, accepted, refused, n = ipc.BATCH_HEAD.unpack_from(payload)
-                    start = ipc.BATCH_HEAD.size
-                    view = memoryview(payload)
-                    messages = view[start : start + n]
-                    rejects = view[start + n :]
-                    writer.submit(
-                        HubBatch(self, seq, messages, accepted, rejects=rejects, refused=refused)  # type: ignore[arg-type]
-                    )
-                elif kind == ipc.STATS:
+                    seq, accepted, refused, messages, rejects = ipc.recv_batch(sock, size)
+                    writer.submit(HubBatch(self, seq, messages, accepted, rejects=rejects, refused=refused))
+                    continue
+                payload = ipc.recv_payload(sock, size)
+                if kind == ipc.STATS:
                     self.report = ipc.loads(payload)
                     self.answered.set()
                 elif kind == ipc.EVENT:

@@ -568,27 +568,21 @@ def _where(reads: list[_Read], key: Key) -> tuple[_Read, Key, int] | None:
     return best
 
 
-def _locate(reads: list[_Read], loc: Key, keys: tuple[Key, ...] = (), *, missing: bool = False) -> str:
-    """``FILE:LINE`` for an error at ``loc`` (about its ``keys``, the first one set, if any)."""
+def _locate(
+    reads: list[_Read], loc: Key, keys: tuple[Key, ...] = (), *, missing: bool = False
+) -> tuple[int, int | None]:
+    """The file (its place among ``reads``) and line for an error at ``loc`` (about its ``keys``,
+    the first one set, if any); the line is None when it is not known."""
     for key in keys:
         found = _where(reads, (*loc, *key))
         if found is not None and found[2] == len(loc) + len(key):
             read, local, _ = found
-            return at(read.path, read.line_of(local))
+            return reads.index(read), read.line_of(local)
     found = _where(reads, loc)
     if found is None:
-        return str(reads[0].path)
+        return 0, None
     read, local, _ = found
-    return at(read.path, read.line_of(local, missing=missing))
-
-
-def _file_order(reads: list[_Read], where: str) -> tuple[int, int]:
-    """Where ``where`` (``FILE:LINE`` or ``FILE``) stands: the file's place among those read, the line."""
-    path, _, line = where.rpartition(":")
-    if not (line.isascii() and line.isdigit()):  # "²" is a digit to str, not to int
-        path, line = where, "0"
-    names = [str(read.path) for read in reads]
-    return (names.index(path) if path in names else len(names), int(line))
+    return reads.index(read), read.line_of(local, missing=missing)
 
 
 def _format_error(reads: list[_Read], exc: ValidationError) -> str:
@@ -611,10 +605,11 @@ def _format_error(reads: list[_Read], exc: ValidationError) -> str:
             cause = err.get("ctx", {}).get("error")
             if isinstance(cause, KeyedValueError):
                 keys = cause.keys
-        where = _locate(reads, tuple(err["loc"]), keys, missing=err["type"] == "missing")
+        index, line = _locate(reads, tuple(err["loc"]), keys, missing=err["type"] == "missing")
+        where = at(reads[index].path, line)
         # A check of the whole config (no loc): its text names the keys.
         whole = not err["loc"] and err["type"] == "value_error"
-        parts.append((_file_order(reads, where), f"{where}: {msg}" if whole else f"{where}: {loc}: {msg}"))
+        parts.append(((index, line or 0), f"{where}: {msg}" if whole else f"{where}: {loc}: {msg}"))
     return "; ".join(text for _order, text in sorted(parts, key=lambda part: part[0]))
 
 

@@ -486,18 +486,3 @@ def test_a_config_file_named_like_a_line_number_is_named_in_its_errors(tmp_path:
     (line,) = refused(config)
     assert line.startswith(f"{config}:2: log.durability:"), line
     assert f"{config}:4: limits.x: unknown key" in line, line
-
-
-def test_an_error_without_a_line_in_a_file_named_like_one_sorts_without_a_traceback() -> None:
-    """An error located at a file alone (no line) whose name ends in ``:`` and ``²``, which
-    ``str.isdigit`` calls a digit and ``int`` refuses: it sorts as the file's start."""
-    from nio_logd.config import _file_order
-
-    class Read:
-        def __init__(self, path: str) -> None:
-            self.path = path
-
-    reads: list[Any] = [Read("/etc/nio-logd/a.toml"), Read("/etc/nio-logd/b:²")]
-    assert _file_order(reads, "/etc/nio-logd/b:²") == (1, 0)
-    assert _file_order(reads, "/etc/nio-logd/b:²:7") == (1, 7)
-    assert _file_order(reads, "/etc/nio-logd/a.toml:3") == (0, 3)

@@ -234,6 +234,9 @@ class LogSettings(_Frozen):
     fsync_max_wait: Annotated[float, Field(ge=0, le=10)] = 0.0
     rotate_bytes: Annotated[int, Field(ge=0)] = 0
     rotate_keep: Annotated[int, Field(ge=1, le=1000)] = 5
+    # How much of the end of each log file stays in the page cache; older pages are written back
+    # and dropped from it as the file grows (output.pagecache). 0: left to the kernel.
+    cache_bytes: Annotated[int, Field(ge=0, le=1 << 40)] = 64 * 1024 * 1024
     file_mode: ModeText = "0640"
     reject_raw_bytes: Annotated[int, Field(ge=0, le=1 << 20)] = 1024
     # Reject lines per second per connection (burst: one second's worth); past it they are counted

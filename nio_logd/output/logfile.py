@@ -4,8 +4,9 @@ design: a line is whole in the file or absent. ``write`` appends complete lines 
 disk refuses them, cuts the file back (``ftruncate``) to where it was; a partial last line left
 by a crash is cut when the file is opened. The file is opened through ``files.open_regular`` (no
 link followed, never blocking, one link only). The last bytes written are kept
-(``WriteJournal``) to put back what a ``logrotate copytruncate`` copy missed. Only the writer
-thread calls it.
+(``WriteJournal``) to put back what a ``logrotate copytruncate`` copy missed. All but the last
+``cache_bytes`` of the file are let go of from the page cache as it grows (``CacheRelease``).
+Only the writer thread calls it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from ..events import get_logger
 from .copytruncate import WriteJournal
 from .files import open_regular
+from .pagecache import CacheRelease
 
 log = get_logger()
 
@@ -26,9 +28,11 @@ IOV_MAX = 1024  # buffers one writev() takes (Linux's UIO_MAXIOV)
 class LogFile:
     """One append-only log file: whole-line writes, undo on error, reopen, size rotation."""
 
-    __slots__ = ("created", "fd", "gone", "journal", "mode", "path", "pending", "size", "truncate_to")
+    __slots__ = ("cache", "created", "fd", "gone", "journal", "mode", "path", "pending", "size", "truncate_to")
 
-    def __init__(self, path: Path, mode: int) -> None:
+    def __init__(self, path: Path, mode: int, *, cache_bytes: int = 0) -> None:
+        """``cache_bytes``: how much of the end of the file stays in the page cache (0: all of it,
+        as the kernel pleases)."""
         self.path = path
         self.mode = mode
         self.fd = -1
@@ -38,6 +42,7 @@ class LogFile:
         self.truncate_to = -1  # a failed write whose undo failed too: cut here before the next write
         self.journal = WriteJournal()  # the last bytes written, to repair a copytruncate
         self.pending = b""  # lines a truncation took, written again before the next write
+        self.cache = CacheRelease(cache_bytes) if cache_bytes > 0 else None
 
     def __repr__(self) -> str:
         return f"<LogFile {self.path} fd={self.fd} size={self.size}>"
@@ -72,6 +77,8 @@ class LogFile:
             os.close(self.fd)
         self.fd, self.size, self.created, self.gone = fd, size, created, False
         self.journal.reset(size - len(tail), tail)  # a new file: offsets start again
+        if self.cache is not None:
+            self.cache.reset()
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -112,7 +119,24 @@ class LogFile:
             self._recreate()
             landed = self._append(parts, self.size)
             self._remember(landed, parts)
+        if self.cache is not None:
+            self._release_cache(self.cache)
         return landed
+
+    def _release_cache(self, cache: CacheRelease) -> None:
+        advice = cache.advise(self.size)
+        if advice is None:
+            return
+        try:
+            os.posix_fadvise(self.fd, advice[0], advice[1], os.POSIX_FADV_DONTNEED)
+        except OSError as exc:  # only a hint: the records are written; stop giving it for this file
+            self.cache = None
+            log.warning(
+                "page_cache_release_failed",
+                path=str(self.path),
+                error=exc.strerror,
+                action="the file's pages stay cached as the kernel decides",
+            )
 
     def _recreate(self) -> None:
         """Our file was unlinked (the file or its folder deleted): create both again and go on.

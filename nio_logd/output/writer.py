@@ -105,9 +105,10 @@ class Writer:
         queue_bytes: int = 32 << 20,
         rotate_bytes: int = 0,
         rotate_keep: int = 5,
+        cache_bytes: int = 0,
     ) -> None:
-        self.messages = LogFile(messages_path, mode)
-        self.rejects = LogFile(rejects_path, mode)
+        self.messages = LogFile(messages_path, mode, cache_bytes=cache_bytes)
+        self.rejects = LogFile(rejects_path, mode, cache_bytes=cache_bytes)
         self.fsync = fsync
         self.fsync_max_wait = fsync_max_wait
         self.high_water = queue_bytes

@@ -85,6 +85,7 @@ class Server:
                 queue_bytes=settings.limits.queue_bytes,
                 rotate_bytes=log_settings.rotate_bytes,
                 rotate_keep=log_settings.rotate_keep,
+                cache_bytes=log_settings.cache_bytes,
             )
         )
         self.writer.on_fatal = self.fail

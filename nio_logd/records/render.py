@@ -155,7 +155,8 @@ class Renderer:
         enough).
         """
         self.messages += head
-        self.messages += body[2:-2].replace(b'},{"send_user":', tail + head + b'"send_user":')
+        # split + join: one pass over the body (replace counts the occurrences first, then copies)
+        self.messages += (tail + head + b'"send_user":').join(body[2:-2].split(b'},{"send_user":'))
         self.messages += tail
 
     def message_with_client(self, fields: Fields, peer: str, listener: str, client: str) -> None:

@@ -82,7 +82,7 @@ class LineFramer:
             _CR not in data
             and lines
             and all(lines)
-            and max(map(len, lines)) <= limit
+            and (len(data) <= limit or max(map(len, lines)) <= limit)  # a line is part of data
             and not any(map(bytes.isspace, lines))
         ):
             # The common chunk (no CR, no empty, blank or oversize line): every line is a record,

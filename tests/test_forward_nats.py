@@ -245,9 +245,10 @@ def test_rotation_during_forwarding_misses_nothing(
     stream, subject = new_stream(nats_cluster)
     log = {"rotate_bytes": 300_000, "rotate_keep": 3} if kind == "built-in" else {}
     d = daemon_factory(forward_config(tmp_path, nats_cluster, stream, subject, "host-a", log=log))
-    # Rotations *during* forwarding: the forwarder is connected first. (One CI run, 2026-12-01,
-    # had all three copytruncate rotations before its first connection and forwarded 5,000 of
-    # 15,000; not reproduced since, cause not found: an open defect, not what this test is about.)
+    # Rotations *during* forwarding: the forwarder is connected first. (A round's copy can be
+    # taken before the daemon has written any of it: an empty copy, which copytruncate._find_copy
+    # and the reader take for the copy since 2026-12-02; before, that round's 5,000 records were in
+    # neither file, and a run forwarded 10,000 of 15,000.)
     wait_for(lambda: forward_gauge(d, "nio_logd_forward_connected") == 1, 30, 0.05)
     total = 0
     for round_ in range(3):

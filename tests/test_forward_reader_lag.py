@@ -499,3 +499,26 @@ def test_reader_far_past_the_copy_when_its_log_is_truncated_reads_each_line_once
     assert not [n for n in forwarder.notes if "no copy found" in n], forwarder.notes
     writer.file.close()
     reader.close()
+
+
+def test_reader_past_the_end_of_an_empty_copy_reads_each_line_once(tmp_path: Path) -> None:
+    """logrotate copies the log while it is empty, the daemon writes, the reader reads (all or part
+    of it), logrotate truncates: the daemon writes those lines again at the log's start; the
+    reader, which has sent what it read, steps over that, and reads the rest once."""
+    for read_first in (1, 3):
+        log = tmp_path / f"{read_first}" / "messages.log"
+        log.parent.mkdir()
+        reader, forwarder, writer = started(log)
+        shutil.copyfile(log, f"{log}.1")  # empty
+        for i in range(3):
+            writer.write(record(1, i, 20))
+            if i < read_first:
+                forwarder.fill()
+        os.truncate(log, 0)
+        writer.write(record(2, 0, 0))  # the daemon writes round 1 again, then this
+        forwarder.fill()
+        forwarder.fill()
+        assert forwarder.got == writer.expected, forwarder.notes
+        assert os.path.getsize(f"{log}.1") == 0
+        writer.file.close()
+        reader.close()

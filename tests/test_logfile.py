@@ -753,6 +753,47 @@ def test_copy_ending_inside_the_first_line_written_is_not_split(tmp_path: Path, 
     assert in_copy == b"" or in_copy.endswith(b"\n"), (in_copy, in_file)
 
 
+@pytest.mark.parametrize("earlier", [False, True], ids=["first", "after-an-earlier-copytruncate"])
+def test_an_empty_copy_made_before_our_first_write_puts_back_every_line(
+    tmp_path: Path, logfile: LogFile, earlier: bool
+) -> None:
+    """logrotate (``ifempty``) copies the log while it is still empty, the daemon writes, and
+    logrotate truncates: what was written is in neither file unless it is written again. The
+    copy holds none of the journal's bytes to match it by; an empty file made since the log was
+    last empty is the copy."""
+    if earlier:
+        w0 = lines("w0", 4)
+        logfile.write(w0)
+        (tmp_path / "messages.log.1").write_bytes(w0)
+        os.replace(tmp_path / "messages.log.1", tmp_path / "messages.log.2")
+        os.truncate(logfile.path, 0)
+        logfile.write(b"")  # the daemon's next write finds the truncation (the copy held it all)
+        assert logfile.path.read_bytes() == b""
+    copy = tmp_path / "messages.log.1"
+    copy.write_bytes(logfile.path.read_bytes())  # empty
+    w1, w2 = lines("w1", 5), lines("w2", 3)
+    logfile.write(w1)
+    logfile.write(w2)
+    os.truncate(logfile.path, 0)
+    w3 = lines("w3", 2)
+    assert logfile.write(w3) == len(w1 + w2)
+    assert logfile.path.read_bytes() == w1 + w2 + w3
+    assert copy.read_bytes() == b""
+
+
+def test_an_empty_file_older_than_the_empty_log_is_no_copy(tmp_path: Path, logfile: LogFile) -> None:
+    """An empty file left from before the log was last empty (an old rotation of an empty log) is
+    no copy of what was written since: a truncation then puts nothing back."""
+    stale = tmp_path / "messages.log.1"
+    stale.write_bytes(b"")
+    past = time.time_ns() - 3600 * 10**9
+    os.utime(stale, ns=(past, past))
+    logfile.write(lines("w1", 5))
+    os.truncate(logfile.path, 0)
+    assert logfile.write(b"next\n") == 0
+    assert logfile.path.read_bytes() == b"next\n"
+
+
 @pytest.mark.parametrize("kind", ["none", "other-content", "symlink", "compressed", "other-name"])
 def test_truncation_with_no_copy_found_puts_nothing_back(tmp_path: Path, logfile: LogFile, kind: str) -> None:
     w1, w2 = lines("w1", 5), lines("w2", 5)
@@ -1004,12 +1045,16 @@ def test_property_rlimit_failures_leave_each_line_once(tmp_path: Path, plan: lis
         ),
         min_size=1,
         max_size=12,
-    )
+    ),
+    ifempty=st.booleans(),
 )
-def test_property_copytruncate_loses_and_duplicates_nothing(tmp_path: Path, plan: list[tuple[str, Any]]) -> None:
+def test_property_copytruncate_loses_and_duplicates_nothing(
+    tmp_path: Path, plan: list[tuple[str, Any]], ifempty: bool
+) -> None:
     """The test plays logrotate copytruncate at random moments: shift the old copies (.1 -> .2 ...),
     copy the file to .1, let the daemon write 0-3 more batches, truncate the file to 0. In the end
-    the copies (oldest first) plus the file are everything written, each line once, whole."""
+    the copies (oldest first) plus the file are everything written, each line once, whole. With
+    ``ifempty`` an empty file is rotated too (its copy is empty)."""
     folder = _example_dir(tmp_path)
     path = folder / "messages.log"
     counter = itertools.count()
@@ -1030,7 +1075,8 @@ def test_property_copytruncate_loses_and_duplicates_nothing(tmp_path: Path, plan
                 continue
             between = [batch(lengths) for lengths in arg]
             content = path.read_bytes()
-            if content:  # logrotate's notifempty: an empty file is not rotated
+            rotate = bool(content) or ifempty  # notifempty (the default): an empty file is not rotated
+            if rotate:
                 for n in range(copies, 0, -1):
                     os.rename(rotated(path, n), rotated(path, n + 1))
                 copies += 1
@@ -1038,7 +1084,7 @@ def test_property_copytruncate_loses_and_duplicates_nothing(tmp_path: Path, plan
             for data in between:
                 f.write(data)
                 written += data
-            if content:
+            if rotate:
                 os.truncate(path, 0)
         f.close()
         parts = [rotated(path, n).read_bytes() for n in range(copies, 0, -1)] + [path.read_bytes()]

@@ -470,11 +470,20 @@ class LogReader:
         # copy found"); a second listing, with the copy and the next one in it, became ``known``; so
         # the next truncation, landing before we read anything, found no copy either. Both lost.
         files = self._listing()
+        empty: tuple[int, Path, int, tuple[int, int]] | None = None
         for path, st in files:
             ident = (st.st_dev, st.st_ino)
             if ident == cur.ident:
                 continue
             size = st.st_size
+            if size == 0 and recent and begin == 0 and ident not in cur.known:
+                # An empty file made since we began reading this one from its start: logrotate
+                # copied it while it was empty. Everything we read came after that copy, and the
+                # daemon writes it again (its journal's _find_copy): a fallback, weaker than bytes
+                # that match. If the daemon did not, _skip_written_again reads the file whole.
+                if empty is None or st.st_mtime_ns >= empty[0]:
+                    empty = (st.st_mtime_ns, path, size, ident)
+                continue
             if not recent:
                 # Nothing read from this file yet: no bytes to match a copy by. Its copy is the
                 # oldest file that appeared since we began reading it (newer ones are later copies).
@@ -497,6 +506,8 @@ class LogReader:
             # same mtime: then the one listed later (the listing is oldest first) is the newer.
             if same and (best is None or st.st_mtime_ns >= best[0]):
                 best = (st.st_mtime_ns, path, size, ident)
+        if best is None:
+            best = empty
         cur.recent = bytearray()
         cur.pos = 0
         # Known: the files there before we read it again from its start, not a later listing. A

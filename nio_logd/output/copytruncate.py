@@ -32,7 +32,7 @@ _NUMBERED = re.compile(r"\.(\d+)$")  # logrotate's numbered copies: messages.log
 class WriteJournal:
     """The last bytes written to one file, with their offsets (one contiguous range)."""
 
-    __slots__ = ("aligned", "chunks", "limit", "nbytes", "skip")
+    __slots__ = ("aligned", "chunks", "empty_since", "limit", "nbytes", "skip")
 
     def __init__(self, limit: int = JOURNAL_BYTES) -> None:
         self.limit = limit
@@ -45,6 +45,10 @@ class WriteJournal:
         # Whether ``start`` is the start of a line: writes are whole lines, so it is unless only
         # the end of a chunk is kept and that end begins inside a line.
         self.aligned = True
+        # The file's mtime (ns) when it was seen empty before the write at offset 0 (set by the
+        # file; None if not seen so): an empty copy made since then is a copy taken before that
+        # write, so it holds none of the journal (see _find_copy).
+        self.empty_since: int | None = None
 
     def __repr__(self) -> str:
         return f"<WriteJournal {self.start}..{self.end}>"
@@ -65,6 +69,7 @@ class WriteJournal:
         self.chunks.clear()
         self.nbytes = self.skip = 0
         self.aligned = True
+        self.empty_since = None
         if data:
             self.add(offset, data)
 
@@ -149,7 +154,7 @@ class WriteJournal:
                 return b"", info
             copy, size, ident = found
             cut = size
-            if self.slice(size - 1, size) != b"\n":
+            if size and self.slice(size - 1, size) != b"\n":
                 # The copy ends inside a line: cut it back to its last newline, write the line again.
                 head = self.slice(begin, size)
                 newline = head.rfind(b"\n")
@@ -168,7 +173,14 @@ class WriteJournal:
             self.reset()
 
     def _find_copy(self, path: Path, begin: int, end: int) -> tuple[Path, int, tuple[int, int]] | None:
-        """The newest file next to ``path`` whose end matches the journal at the same offsets."""
+        """The newest file next to ``path`` whose end matches the journal at the same offsets.
+
+        Or an empty one, if the journal holds the file from its start and the file was seen empty
+        before that (``empty_since``): logrotate (``ifempty``) copied it while it was empty, the
+        first lines came before its truncation, and they are in neither file. A file made empty
+        before the log last was (an old rotation of an empty log) is older than ``empty_since``,
+        and no copy of it."""
+        empty_since = self.empty_since if begin == 0 else None
         prefix = path.name.partition(".")[0] or path.name
         candidates = []
         try:
@@ -184,9 +196,25 @@ class WriteJournal:
             except OSError:
                 continue
             # A copy of a prefix of what the journal holds: never empty, never longer than the file.
-            if stat.S_ISREG(st.st_mode) and begin < st.st_size <= end:
+            if stat.S_ISREG(st.st_mode) and (
+                begin < st.st_size <= end
+                or (st.st_size == 0 and empty_since is not None and st.st_mtime_ns >= empty_since)
+            ):
                 candidates.append((st.st_mtime_ns, _newness(name), name, st.st_size))
+        empty: tuple[Path, int, tuple[int, int]] | None = None
         for _mtime, _newer, name, size in sorted(candidates, reverse=True):
+            if not size:
+                # Weaker evidence than bytes that match: only if no copy matches by its bytes.
+                if empty is None:
+                    try:
+                        fd = _open_copy(path.parent / name, os.O_RDONLY)
+                    except OSError:
+                        continue
+                    st = os.fstat(fd)
+                    os.close(fd)
+                    if st.st_size == 0:
+                        empty = (path.parent / name, 0, (st.st_dev, st.st_ino))
+                continue
             probe = max(begin, size - PROBE_BYTES)
             try:
                 fd = _open_copy(path.parent / name, os.O_RDONLY)
@@ -201,7 +229,7 @@ class WriteJournal:
                 os.close(fd)
             if tail == self.slice(probe, size):
                 return path.parent / name, size, (st.st_dev, st.st_ino)
-        return None
+        return empty
 
 
 def _newness(name: str) -> tuple[int, str]:

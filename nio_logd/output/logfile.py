@@ -28,7 +28,19 @@ IOV_MAX = 1024  # buffers one writev() takes (Linux's UIO_MAXIOV)
 class LogFile:
     """One append-only log file: whole-line writes, undo on error, reopen, size rotation."""
 
-    __slots__ = ("cache", "created", "fd", "gone", "journal", "mode", "path", "pending", "size", "truncate_to")
+    __slots__ = (
+        "cache",
+        "cache_bytes",
+        "created",
+        "fd",
+        "gone",
+        "journal",
+        "mode",
+        "path",
+        "pending",
+        "size",
+        "truncate_to",
+    )
 
     def __init__(self, path: Path, mode: int, *, cache_bytes: int = 0) -> None:
         """``cache_bytes``: how much of the end of the file stays in the page cache (0: all of it,
@@ -42,7 +54,9 @@ class LogFile:
         self.truncate_to = -1  # a failed write whose undo failed too: cut here before the next write
         self.journal = WriteJournal()  # the last bytes written, to repair a copytruncate
         self.pending = b""  # lines a truncation took, written again before the next write
-        self.cache = CacheRelease(cache_bytes) if cache_bytes > 0 else None
+        # posix_fadvise is Linux's (and other POSIX systems'); without it the kernel decides.
+        self.cache_bytes = cache_bytes if hasattr(os, "posix_fadvise") else 0
+        self.cache: CacheRelease | None = None
 
     def __repr__(self) -> str:
         return f"<LogFile {self.path} fd={self.fd} size={self.size}>"
@@ -62,7 +76,8 @@ class LogFile:
             fd, created = open_regular(self.path, os.O_WRONLY | os.O_APPEND, self.mode)
             readable = False
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            size = st.st_size
             tail = b""
             if size and readable:
                 size, tail = _repair_tail(fd, size, self.path)
@@ -77,8 +92,10 @@ class LogFile:
             os.close(self.fd)
         self.fd, self.size, self.created, self.gone = fd, size, created, False
         self.journal.reset(size - len(tail), tail)  # a new file: offsets start again
-        if self.cache is not None:
-            self.cache.reset()
+        if size == 0:
+            self.journal.empty_since = st.st_mtime_ns
+        # A new file: advised from its start (after a failed advice too: that was another file).
+        self.cache = CacheRelease(self.cache_bytes) if self.cache_bytes > 0 else None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -107,6 +124,10 @@ class LogFile:
         start = st.st_size
         if start < self.size:
             self._truncated()
+        if start == 0:
+            # Empty since its last change: a copy logrotate makes from now on, before the next
+            # truncation, holds nothing of what is written next (the journal's _find_copy).
+            self.journal.empty_since = st.st_mtime_ns
         if self.pending:
             pending = self.pending
             self._remember(self._append([pending], start), [pending])
@@ -130,7 +151,7 @@ class LogFile:
         try:
             os.posix_fadvise(self.fd, advice[0], advice[1], os.POSIX_FADV_DONTNEED)
         except OSError as exc:  # only a hint: the records are written; stop giving it for this file
-            self.cache = None
+            self.cache = None  # until the next open()
             log.warning(
                 "page_cache_release_failed",
                 path=str(self.path),
@@ -194,6 +215,8 @@ class LogFile:
         """Our file is shorter than what we wrote: keep what the truncating copy missed (``pending``)."""
         lost, info = self.journal.lost_to_truncation(self.path)
         self.pending += lost
+        if self.cache is not None:
+            self.cache.reset()  # its offsets were the file's before the truncation
         if info["copy"] is None:
             info["action"] = "no copy of the file found next to it: nothing written again"
             log.warning("truncated", path=str(self.path), put_back_bytes=0, **info)

@@ -155,7 +155,7 @@ class Renderer:
         enough).
         """
         self.messages += head
-        # split + join: one pass over the body (replace counts the occurrences first, then copies)
+        # split + join: one search of the body (replace searches it twice: to count, then to copy)
         self.messages += (tail + head + b'"send_user":').join(body[2:-2].split(b'},{"send_user":'))
         self.messages += tail
 

@@ -23,6 +23,13 @@ from nio_logd.service.server import Server
 
 REPO = Path(__file__).resolve().parent.parent
 
+# A suite started in the background by a shell without job control (`nohup ... &`, some CI
+# runners) inherits SIGINT ignored, and so would every program it starts (an ignored signal stays
+# ignored across exec): the tests that stop `nio-logd tail -f` with Ctrl-C's SIGINT would wait for
+# ever. A handler of our own is reset to the default in the programs we start.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -522,3 +522,39 @@ def test_reader_past_the_end_of_an_empty_copy_reads_each_line_once(tmp_path: Pat
         assert os.path.getsize(f"{log}.1") == 0
         writer.file.close()
         reader.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    rounds=st.lists(
+        st.tuples(
+            st.lists(st.tuples(st.integers(0, 40), st.integers(0, 2)), min_size=1, max_size=12),
+            st.integers(0, 12),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    window=st.integers(256, 1 << 14),
+)
+def test_reader_over_copytruncates_copied_anywhere_in_a_round_reads_every_line_once(
+    rounds: list[tuple[list[tuple[int, int]], int]], window: int
+) -> None:
+    """Each round: lines written one at a time, the reader reading 0-2 times after each; logrotate
+    copies the log at any point of the round (before its first line: an empty copy) and truncates
+    it at the round's end. Every line once, in order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "messages.log"
+        reader, forwarder, writer = started(log, window)
+        for r, (lines_, copy_when) in enumerate(rounds):
+            shift(log)
+            copy_at = min(copy_when, len(lines_))
+            for i, (pad, reads) in enumerate(lines_):
+                if i == copy_at:
+                    shutil.copyfile(log, f"{log}.1")
+                writer.write(record(r + 1, i, pad))
+                forwarder.fill(reads)
+            if copy_at == len(lines_):
+                shutil.copyfile(log, f"{log}.1")
+            os.truncate(log, 0)
+        writer, forwarder = finished(reader, forwarder, writer)
+        assert forwarder.got == writer.expected, forwarder.notes

@@ -110,6 +110,10 @@ def _same_bytes(fd: int, other: int, end: int) -> bool:
     return _pread(fd, n, 0) == _pread(other, n, 0) and _pread(fd, n, end - n) == _pread(other, n, end - n)
 
 
+def _ident(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
 def _idents(files: list[tuple[Path, os.stat_result]]) -> list[tuple[int, int]]:
     return [(st.st_dev, st.st_ino) for _path, st in files]
 
@@ -535,9 +539,14 @@ class LogReader:
             cut = begin + recent.rfind(b"\n", 0, size - begin) + 1
         self.skip = recent[cut - begin :]
         idents = _idents(files)  # the listing the copy was found in: listed again, it may be renamed
-        after = files[idents.index(copy_ident) + 1 :]
-        if after and (after[0][1].st_dev, after[0][1].st_ino) != cur.ident:
-            fd = self._open_listed(after[0][0], (after[0][1].st_dev, after[0][1].st_ino))
+        # A newer copy holds the lines written again at its start. An empty one was copied before
+        # the daemon wrote them: they are at the start of the next file that is not empty (the next
+        # copy, or the log itself, written again there when the empty copy's truncation came).
+        after = [
+            (path, st) for path, st in files[idents.index(copy_ident) + 1 :] if st.st_size or _ident(st) == cur.ident
+        ]
+        if after and _ident(after[0][1]) != cur.ident:
+            fd = self._open_listed(after[0][0], _ident(after[0][1]))
             if fd is None:
                 return
             os.close(cur.fd)

@@ -288,3 +288,21 @@ def server_factory() -> Iterator[Any]:
 
 
 from nats_cluster import nats_cluster  # noqa: E402, F401 - the JetStream cluster of the forwarding tests
+
+
+def tick_after(path: Path) -> None:
+    """Wait until a file made now gets a later mtime than ``path`` has (file times come from a
+    coarse clock: a copy made in the same tick as a truncation has the same mtime). Real logrotate
+    runs are minutes apart; a test that plays two of them in a row waits for one tick here."""
+    ref = os.stat(path).st_mtime_ns
+    probe = path.parent / ".tick"
+    try:
+        for _ in range(1000):
+            probe.write_bytes(b"")
+            os.utime(probe)  # now, by the file system's clock
+            if os.stat(probe).st_mtime_ns > ref:
+                return
+            time.sleep(0.001)
+        raise AssertionError(f"the file system's clock did not pass {path}'s mtime in 1 s")
+    finally:
+        probe.unlink(missing_ok=True)

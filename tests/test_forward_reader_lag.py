@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+from conftest import tick_after
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -509,6 +510,7 @@ def test_reader_past_the_end_of_an_empty_copy_reads_each_line_once(tmp_path: Pat
         log = tmp_path / f"{read_first}" / "messages.log"
         log.parent.mkdir()
         reader, forwarder, writer = started(log)
+        tick_after(log)
         shutil.copyfile(log, f"{log}.1")  # empty
         for i in range(3):
             writer.write(record(1, i, 20))
@@ -548,6 +550,7 @@ def test_reader_over_copytruncates_copied_anywhere_in_a_round_reads_every_line_o
         for r, (lines_, copy_when) in enumerate(rounds):
             shift(log)
             copy_at = min(copy_when, len(lines_))
+            tick_after(log)  # logrotate's runs are apart in time: not in one tick of the clock
             for i, (pad, reads) in enumerate(lines_):
                 if i == copy_at:
                     shutil.copyfile(log, f"{log}.1")
@@ -558,3 +561,110 @@ def test_reader_over_copytruncates_copied_anywhere_in_a_round_reads_every_line_o
             os.truncate(log, 0)
         writer, forwarder = finished(reader, forwarder, writer)
         assert forwarder.got == writer.expected, forwarder.notes
+
+
+def test_reader_knew_the_empty_copy_sends_lines_twice(tmp_path: Path) -> None:
+    """The reader notices truncation 1 only after the next (empty) copy was made: that copy is in
+    ``known``. It reads A, written between that copy and truncation 2, then looks before the
+    daemon's next write: no fallback (known), 'no copy found', it reads the log from its start
+    and the daemon writes A again there."""
+    log = tmp_path / "messages.log"
+    reader, forwarder, writer = started(log)
+    writer.write(record(1, 0, 5) + record(1, 1, 5))
+    forwarder.fill()
+    copytruncate(log)  # round 1's copy holds it all
+    shift(log)
+    shutil.copyfile(log, f"{log}.1")  # round 2: the log copied while empty
+    writer.write(record(2, 0, 5))  # the daemon's first write since truncation 1
+    forwarder.fill()  # the reader sees truncation 1 now: the empty copy is 'known'
+    os.truncate(log, 0)  # truncation 2
+    forwarder.fill()  # an ack wakes it before the daemon's next write
+    writer.write(record(3, 0, 5))  # the daemon writes round 2 again (its empty copy), then this
+    writer, forwarder = finished(reader, forwarder, writer)
+    assert forwarder.got == writer.expected, forwarder.notes
+
+
+def test_reader_after_delaycompress_sends_lines_twice(tmp_path: Path) -> None:
+    """Daemon idle across two rotations, delaycompress: the daemon writes X again; a reader that
+    saw truncation 1 reads the log from 0 and sends X twice."""
+    log = tmp_path / "messages.log"
+    reader, forwarder, writer = started(log)
+    writer.write(record(1, 0, 5) + record(1, 1, 5))
+    forwarder.fill()
+    copytruncate(log)
+    forwarder.fill()  # sees truncation 1, the copy matches, nothing to skip
+    shift(log)
+    os.replace(f"{log}.2", f"{log}.2.gz")  # delaycompress compresses the older copy
+    shutil.copyfile(log, f"{log}.1")  # empty copy (ifempty)
+    os.truncate(log, 0)
+    writer.write(record(2, 0, 5))
+    writer, forwarder = finished(reader, forwarder, writer)
+    assert forwarder.got == writer.expected, forwarder.notes
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    nonempty=st.booleans(),
+    stale=st.booleans(),
+    rounds=st.lists(
+        st.tuples(
+            st.lists(st.tuples(st.integers(0, 40), st.integers(0, 2)), min_size=0, max_size=8),
+            st.integers(0, 8),  # copy when
+            st.integers(0, 2),  # reads between the truncation and the next round
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    window=st.integers(256, 1 << 14),
+)
+def test_reader_over_copytruncates_with_reads_between_rounds_reads_every_line_once(
+    nonempty: bool, stale: bool, rounds: list[tuple[list[tuple[int, int]], int, int]], window: int
+) -> None:
+    """As the test above, with reads between a round's truncation and the next round, rounds of no
+    lines, an old empty ``.1`` there from the start, and (``nonempty``) only non-empty copies."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "messages.log"
+        if stale:
+            Path(f"{log}.1").write_bytes(b"")
+            os.utime(f"{log}.1", ns=(10**18, 10**18))  # and far in the future
+        reader, forwarder, writer = started(log, window)
+        for r, (lines_, copy_when, after) in enumerate(rounds):
+            tick_after(log)
+            shift(log)
+            copy_at = min(copy_when, len(lines_))
+            copied = False
+            for i, (pad, reads) in enumerate(lines_):
+                if i == copy_at and (not nonempty or log.stat().st_size):
+                    shutil.copyfile(log, f"{log}.1")
+                    copied = True
+                writer.write(record(r + 1, i, pad))
+                forwarder.fill(reads)
+            if copy_at == len(lines_) and (not nonempty or log.stat().st_size):
+                shutil.copyfile(log, f"{log}.1")
+                copied = True
+            if copied:
+                os.truncate(log, 0)
+            forwarder.fill(after)
+        writer, forwarder = finished(reader, forwarder, writer)
+        assert forwarder.got == writer.expected, forwarder.notes
+
+
+def test_reader_waiting_for_skip_misses_a_second_copytruncate(tmp_path: Path) -> None:
+    """Pre-existing (e24dfbc too): skip pending, the log empty; the daemon writes the skipped lines
+    back and more (C), logrotate copies and truncates again before the reader looks: the reader
+    only compares the new log's start with skip, gives up the skip, and reads from 0: C (in .1) lost."""
+    log = tmp_path / "messages.log"
+    reader, forwarder, writer = started(log)
+    writer.write(record(1, 0, 5))
+    shutil.copyfile(log, f"{log}.1")
+    writer.write(record(1, 1, 5))
+    forwarder.fill()  # reads both
+    os.truncate(log, 0)
+    forwarder.fill()  # skip = line 1, waits
+    writer.write(record(2, 0, 5))  # line 1 written again, then this
+    shift(log)
+    shutil.copyfile(log, f"{log}.1")
+    os.truncate(log, 0)
+    writer.write(record(3, 0, 5))
+    writer, forwarder = finished(reader, forwarder, writer)
+    assert forwarder.got == writer.expected, forwarder.notes

@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# The one place the code under test is imported (modules may move into subpackages).
+from conftest import tick_after
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-# The one place the code under test is imported (modules may move into subpackages).
 from nio_logd.output.copytruncate import WriteJournal
 from nio_logd.output.logfile import LogFile
 
@@ -769,6 +771,7 @@ def test_an_empty_copy_made_before_our_first_write_puts_back_every_line(
         os.truncate(logfile.path, 0)
         logfile.write(b"")  # the daemon's next write finds the truncation (the copy held it all)
         assert logfile.path.read_bytes() == b""
+    tick_after(logfile.path)  # logrotate's next run: later than the log's emptying
     copy = tmp_path / "messages.log.1"
     copy.write_bytes(logfile.path.read_bytes())  # empty
     w1, w2 = lines("w1", 5), lines("w2", 3)
@@ -792,6 +795,103 @@ def test_an_empty_file_older_than_the_empty_log_is_no_copy(tmp_path: Path, logfi
     os.truncate(logfile.path, 0)
     assert logfile.write(b"next\n") == 0
     assert logfile.path.read_bytes() == b"next\n"
+
+
+def _opened(tmp_path: Path) -> LogFile:
+    f = LogFile(tmp_path / "messages.log", 0o640)
+    f.open()
+    return f
+
+
+# -- an empty copy that is no copy of what was written (review of the empty-copy repair) ----------------
+def test_idle_over_two_rotations_delaycompress_duplicates(tmp_path: Path) -> None:
+    """compress+delaycompress, ifempty (logrotate's default): X in .2.gz, empty .1; X written again."""
+    f = _opened(tmp_path)
+    log = f.path
+    x = lines("x", 5)
+    f.write(x)
+    # rotation 1: copy, truncate (daemon idle)
+    (tmp_path / "messages.log.1").write_bytes(log.read_bytes())
+    os.truncate(log, 0)
+    # rotation 2: shift .1 -> .2, copy the (empty) log to .1, truncate, compress .2 (delaycompress)
+    os.replace(tmp_path / "messages.log.1", tmp_path / "messages.log.2")
+    (tmp_path / "messages.log.1").write_bytes(log.read_bytes())
+    os.truncate(log, 0)
+    os.replace(tmp_path / "messages.log.2", tmp_path / "messages.log.2.gz")  # stands for gzip
+    y = lines("y", 2)
+    f.write(y)
+    f.close()
+    files = ("messages.log.2.gz", "messages.log.1")
+    union = b"".join((tmp_path / name).read_bytes() for name in files) + log.read_bytes()
+    assert union == x + y, log.read_bytes()
+
+
+def test_idle_over_two_rotations_rotate_1_resurrects(tmp_path: Path) -> None:
+    """rotate 1: logrotate drops X's copy at rotation 2; the daemon writes X back into the log."""
+    f = _opened(tmp_path)
+    log = f.path
+    f.write(lines("x", 5))
+    (tmp_path / "messages.log.1").write_bytes(log.read_bytes())
+    os.truncate(log, 0)
+    os.unlink(tmp_path / "messages.log.1")  # rotate 1: the old copy is removed
+    (tmp_path / "messages.log.1").write_bytes(log.read_bytes())  # empty copy
+    os.truncate(log, 0)
+    y = lines("y", 2)
+    f.write(y)
+    f.close()
+    assert log.read_bytes() == y
+
+
+def test_operator_truncation_with_an_empty_rotation_in_the_same_tick(tmp_path: Path) -> None:
+    """An empty log rotated (copy, truncate: one clock tick), the daemon writes A, the operator
+    empties the log (': >'): A must not come back."""
+    f = _opened(tmp_path)
+    log = f.path
+    (tmp_path / "messages.log.1").write_bytes(b"")  # logrotate ifempty: empty copy
+    os.truncate(log, 0)
+    t = os.stat(log).st_mtime_ns
+    os.utime(tmp_path / "messages.log.1", ns=(t, t))  # same tick as the truncation
+    f.write(lines("a", 3))
+    os.truncate(log, 0)  # the operator: : > messages.log
+    b = lines("b", 1)
+    f.write(b)
+    f.close()
+    assert log.read_bytes() == b
+
+
+def test_operator_truncation_after_a_copy_cut_to_zero(tmp_path: Path) -> None:
+    """A copy that ended inside the first line is cut to 0 by the daemon (mtime: now). It is then an
+    empty file newer than empty_since: an operator truncation later writes everything back."""
+    f = _opened(tmp_path)
+    log = f.path
+    first = lines("first", 1)
+    f.write(first)
+    (tmp_path / "messages.log.1").write_bytes(first[:7])  # copy taken mid-write
+    os.truncate(log, 0)
+    a = lines("a", 3)
+    f.write(a)  # puts back `first`, then a
+    assert (tmp_path / "messages.log.1").read_bytes() == b""
+    assert log.read_bytes() == first + a
+    os.truncate(log, 0)  # the operator
+    b = lines("b", 1)
+    f.write(b)
+    f.close()
+    assert log.read_bytes() == b
+
+
+def test_unrelated_empty_file_with_the_prefix(tmp_path: Path) -> None:
+    """Any empty file whose name starts with 'messages' (another program's messages-audit.log,
+    created after the log) is taken for the copy."""
+    f = _opened(tmp_path)
+    log = f.path
+    f.write(b"")
+    (tmp_path / "messages-audit.log").write_bytes(b"")
+    f.write(lines("a", 3))
+    os.truncate(log, 0)  # the operator
+    b = lines("b", 1)
+    f.write(b)
+    f.close()
+    assert log.read_bytes() == b
 
 
 @pytest.mark.parametrize("kind", ["none", "other-content", "symlink", "compressed", "other-name"])
@@ -1075,8 +1175,9 @@ def test_property_copytruncate_loses_and_duplicates_nothing(
                 continue
             between = [batch(lengths) for lengths in arg]
             content = path.read_bytes()
-            rotate = bool(content) or ifempty  # notifempty (the default): an empty file is not rotated
+            rotate = bool(content) or ifempty  # notifempty: an empty file is not rotated
             if rotate:
+                tick_after(path)  # logrotate's runs are apart in time: not in one tick of the clock
                 for n in range(copies, 0, -1):
                     os.rename(rotated(path, n), rotated(path, n + 1))
                 copies += 1

@@ -518,6 +518,11 @@ class LogReader:
         # copy made since is a copy of what we read from now on: it must not count as known.
         cur.known = set(_idents(files))
         if best is None:
+            if recent and begin == 0:
+                # The daemon may still have written what we read again (an empty copy it took for
+                # the copy, one we had listed already): step over it if the file starts with it;
+                # if not, _skip_written_again reads the file whole.
+                self.skip = recent
             self.notes.append(f"{self.path} was truncated; no copy found next to it: reading it from its start")
             return
         _mtime, path, size, copy_ident = best
@@ -554,18 +559,54 @@ class LogReader:
         self.notes.append(f"{self.path} was truncated after the copy {path}: skipping the lines written again")
 
     def _skip_written_again(self, cur: _Source, size: int) -> bool:
-        """The start of the truncated file holds ``skip`` (lines read already): step over it."""
+        """The start of the truncated file holds ``skip`` (lines read already): step over it.
+
+        Unless the next copytruncate came first: the daemon wrote them again, logrotate copied
+        the file away and truncated it. Then they begin a copy made since (``_skip_in_a_copy``);
+        a copy holding only the first of them is stepped over whole, the rest looked for after it.
+        """
         n = min(size, len(self.skip))
         head = _pread(cur.fd, n, 0)
-        if head != self.skip[:n]:
-            self.skip = b""  # not written again (no copy found by the daemon): read it all
-            return True
-        if n < len(self.skip):
+        if head != self.skip[:n] or n < len(self.skip):
+            if self._skip_in_a_copy(cur):
+                return True
+            if head != self.skip[:n]:
+                self.skip = b""  # not written again (no copy found by the daemon): read it all
+                return True
+            if cur.ident != self._log_ident():
+                cur.pos = n  # a copy, that grows no more: the rest is at the start of the next file
+                cur.keep(self.skip[:n])
+                self.skip = self.skip[n:]
+                return True
             return False  # not all there yet
         cur.pos = n
         cur.keep(self.skip)
         self.skip = b""
         return True
+
+    def _log_ident(self) -> tuple[int, int] | None:
+        try:
+            return _ident(os.stat(self.path, follow_symlinks=False))
+        except OSError:
+            return None
+
+    def _skip_in_a_copy(self, cur: _Source) -> bool:
+        """A file made since we began ``cur`` that starts with ``skip``: read on there."""
+        for path, st in self._listing():
+            ident = _ident(st)
+            if ident == cur.ident or ident in cur.known or not st.st_size:
+                continue
+            fd = self._open_listed(path, ident)
+            if fd is None:
+                continue
+            n = min(st.st_size, len(self.skip))
+            if _pread(fd, n, 0) == self.skip[:n]:
+                os.close(cur.fd)
+                self.cur = self._source(fd, 0)
+                self.notes.append(f"{self.path} was copied and truncated again: reading on in {path}")
+                return True
+            os.close(fd)
+        return False
 
     # -- how far behind ------------------------------------------------------------------------
     def unread(self) -> int:

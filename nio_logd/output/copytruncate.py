@@ -32,7 +32,7 @@ _NUMBERED = re.compile(r"\.(\d+)$")  # logrotate's numbered copies: messages.log
 class WriteJournal:
     """The last bytes written to one file, with their offsets (one contiguous range)."""
 
-    __slots__ = ("aligned", "chunks", "empty_since", "limit", "nbytes", "skip")
+    __slots__ = ("aligned", "chunks", "empty_since", "first_write", "limit", "nbytes", "skip")
 
     def __init__(self, limit: int = JOURNAL_BYTES) -> None:
         self.limit = limit
@@ -45,10 +45,11 @@ class WriteJournal:
         # Whether ``start`` is the start of a line: writes are whole lines, so it is unless only
         # the end of a chunk is kept and that end begins inside a line.
         self.aligned = True
-        # The file's mtime (ns) when it was seen empty before the write at offset 0 (set by the
-        # file; None if not seen so): an empty copy made since then is a copy taken before that
-        # write, so it holds none of the journal (see _find_copy).
+        # The file's mtime (ns) when it was seen empty before the write at offset 0, and right
+        # after that write (set by the file; None if not seen so): an empty copy made between the
+        # two was taken before that write, so it holds none of the journal (see _find_copy).
         self.empty_since: int | None = None
+        self.first_write: int | None = None
 
     def __repr__(self) -> str:
         return f"<WriteJournal {self.start}..{self.end}>"
@@ -69,7 +70,7 @@ class WriteJournal:
         self.chunks.clear()
         self.nbytes = self.skip = 0
         self.aligned = True
-        self.empty_since = None
+        self.empty_since = self.first_write = None
         if data:
             self.add(offset, data)
 
@@ -175,12 +176,18 @@ class WriteJournal:
     def _find_copy(self, path: Path, begin: int, end: int) -> tuple[Path, int, tuple[int, int]] | None:
         """The newest file next to ``path`` whose end matches the journal at the same offsets.
 
-        Or an empty one, if the journal holds the file from its start and the file was seen empty
-        before that (``empty_since``): logrotate (``ifempty``) copied it while it was empty, the
-        first lines came before its truncation, and they are in neither file. A file made empty
-        before the log last was (an old rotation of an empty log) is older than ``empty_since``,
-        and no copy of it."""
-        empty_since = self.empty_since if begin == 0 else None
+        Or an empty one named as logrotate names a copy, if the journal holds the file from its
+        start and the copy was made after the file was seen empty (``empty_since``) and no later
+        than the first write after that (``first_write``): logrotate (``ifempty``) copied it
+        while it was empty, the first lines came before its truncation, and they are in neither
+        file. An empty copy made before (an old rotation of an empty log: made in the same tick
+        counts as before) or after (a rotation of the log once idle: what it lacks was copied
+        earlier) is no copy of what the journal holds."""
+        window = (
+            (self.empty_since, self.first_write)
+            if begin == 0 and self.empty_since is not None and self.first_write is not None
+            else None
+        )
         prefix = path.name.partition(".")[0] or path.name
         candidates = []
         try:
@@ -198,7 +205,12 @@ class WriteJournal:
             # A copy of a prefix of what the journal holds: never empty, never longer than the file.
             if stat.S_ISREG(st.st_mode) and (
                 begin < st.st_size <= end
-                or (st.st_size == 0 and empty_since is not None and st.st_mtime_ns >= empty_since)
+                or (
+                    st.st_size == 0
+                    and window is not None
+                    and window[0] < st.st_mtime_ns <= window[1]
+                    and _rotated_name(name, path.name)
+                )
             ):
                 candidates.append((st.st_mtime_ns, _newness(name), name, st.st_size))
         empty: tuple[Path, int, tuple[int, int]] | None = None
@@ -232,6 +244,18 @@ class WriteJournal:
         return empty
 
 
+def _rotated_name(name: str, base: str) -> bool:
+    """``base`` followed by ``.``, ``-`` or ``_`` and more: a name logrotate gives a copy
+    (``messages.log.1``, ``messages.log-20261201``), not another program's ``messages-audit.log``."""
+    rest = name[len(base) :]
+    return (
+        name.startswith(base)
+        and rest[:1] in (".", "-", "_")
+        and not name.endswith((*COMPRESSED, ".cursor", ".tmp"))
+        and ".forward-" not in rest
+    )
+
+
 def _newness(name: str) -> tuple[int, str]:
     """Orders copies made in the same tick of the clock (equal mtimes), newest last: ``.1`` is newer
     than ``.2`` (logrotate shifts the older ones up), and a later date sorts after an earlier one."""
@@ -260,5 +284,8 @@ def _cut_copy(path: Path, size: int, ident: tuple[int, int]) -> None:
         if (st.st_dev, st.st_ino) != ident:
             raise OSError(errno.ESTALE, "replaced since it was read", str(path))
         os.ftruncate(fd, size)
+        # Its times as logrotate left them: cut to 0 and made "now", it would pass for an empty
+        # copy taken after the log was emptied (_find_copy's window).
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
     finally:
         os.close(fd)

@@ -125,9 +125,10 @@ class LogFile:
         if start < self.size:
             self._truncated()
         if start == 0:
-            # Empty since its last change: a copy logrotate makes from now on, before the next
-            # truncation, holds nothing of what is written next (the journal's _find_copy).
+            # Empty since its last change: a copy logrotate makes from now until this write holds
+            # nothing of what is written next (the journal's _find_copy).
             self.journal.empty_since = st.st_mtime_ns
+            self.journal.first_write = None
         if self.pending:
             pending = self.pending
             self._remember(self._append([pending], start), [pending])
@@ -140,6 +141,9 @@ class LogFile:
             self._recreate()
             landed = self._append(parts, self.size)
             self._remember(landed, parts)
+        journal = self.journal
+        if journal.empty_since is not None and journal.first_write is None and self.size:
+            journal.first_write = os.fstat(self.fd).st_mtime_ns  # the end of the empty copy's window
         if self.cache is not None:
             self._release_cache(self.cache)
         return landed

@@ -33,6 +33,22 @@ DEFAULT_SYSTEM_CONFIG = Path("/etc/nio-logd/nio-logd.toml")
 ENV_CONFIG = "NIO_LOGD_CONFIG"
 # Suffixes of compressed rotated logs (logrotate's compress and others): never a copy to write to.
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".lzo", ".lzma", ".Z", ".zip")
+
+
+def rotated_name(name: str, base: str) -> bool:
+    """Whether ``name`` is one logrotate or the built-in rotation gives a copy of the log named
+    ``base`` (``messages.log.1``, ``messages.log-20261201``), uncompressed, and not one of the
+    forwarder's own files next to it (``.forward-…cursor``, ``.tmp``) or another program's
+    (``messages-audit.log``)."""
+    rest = name[len(base) :]
+    return (
+        name.startswith(base)
+        and rest[:1] in (".", "-", "_")
+        and not name.endswith((*COMPRESSED, ".cursor", ".tmp"))
+        and ".forward-" not in rest
+    )
+
+
 # The last bytes the writer keeps of each file to put back what a copytruncate copy missed (it holds
 # less than 1.5 times this); a forwarder keeps twice this of what it read, so that it finds the copy
 # and steps over what was put back whatever the daemon wrote between the copy and the truncation.

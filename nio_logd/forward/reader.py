@@ -30,7 +30,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import COMPRESSED, COPYTRUNCATE_JOURNAL_BYTES
+from ..config import COPYTRUNCATE_JOURNAL_BYTES, rotated_name
 from .cursor import CHECK_BYTES, digest
 
 # Bytes read last that are kept: to find a copytruncate copy and skip the lines written again. The
@@ -115,7 +115,7 @@ def _ident(st: os.stat_result) -> tuple[int, int]:
 
 
 def _idents(files: list[tuple[Path, os.stat_result]]) -> list[tuple[int, int]]:
-    return [(st.st_dev, st.st_ino) for _path, st in files]
+    return [_ident(st) for _path, st in files]
 
 
 def _named(files: list[tuple[Path, os.stat_result]]) -> list[tuple[str, int, int]]:
@@ -169,11 +169,8 @@ class LogReader:
             name = entry.name
             if name == base:
                 rank: tuple[int, float, str] = (2, 0.0, name)
-            elif name.startswith(base) and name[len(base) : len(base) + 1] in (".", "-", "_"):
-                rest = name[len(base) :]
-                if name.endswith((*COMPRESSED, ".cursor", ".tmp")) or ".forward-" in rest:
-                    continue
-                match = _NUMBERED.fullmatch(rest)
+            elif rotated_name(name, base):
+                match = _NUMBERED.fullmatch(name[len(base) :])
                 try:
                     mtime = entry.stat(follow_symlinks=False).st_mtime
                 except OSError:

@@ -22,7 +22,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from ..config import COMPRESSED, COPYTRUNCATE_JOURNAL_BYTES
+from ..config import COMPRESSED, COPYTRUNCATE_JOURNAL_BYTES, rotated_name
 
 JOURNAL_BYTES = COPYTRUNCATE_JOURNAL_BYTES  # how much recent output is kept to repair a copytruncate
 PROBE_BYTES = 4096  # how much of a candidate copy's end must match the journal
@@ -209,7 +209,7 @@ class WriteJournal:
                     st.st_size == 0
                     and window is not None
                     and window[0] < st.st_mtime_ns <= window[1]
-                    and _rotated_name(name, path.name)
+                    and rotated_name(name, path.name)
                 )
             ):
                 candidates.append((st.st_mtime_ns, _newness(name), name, st.st_size))
@@ -242,18 +242,6 @@ class WriteJournal:
             if tail == self.slice(probe, size):
                 return path.parent / name, size, (st.st_dev, st.st_ino)
         return empty
-
-
-def _rotated_name(name: str, base: str) -> bool:
-    """``base`` followed by ``.``, ``-`` or ``_`` and more: a name logrotate gives a copy
-    (``messages.log.1``, ``messages.log-20261201``), not another program's ``messages-audit.log``."""
-    rest = name[len(base) :]
-    return (
-        name.startswith(base)
-        and rest[:1] in (".", "-", "_")
-        and not name.endswith((*COMPRESSED, ".cursor", ".tmp"))
-        and ".forward-" not in rest
-    )
 
 
 def _newness(name: str) -> tuple[int, str]:

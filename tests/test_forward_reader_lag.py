@@ -11,6 +11,7 @@ and an open. It is put there deterministically: at the reader's n-th look at the
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import os
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import pytest
 from conftest import tick_after
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -563,6 +565,59 @@ def test_reader_over_copytruncates_copied_anywhere_in_a_round_reads_every_line_o
         assert forwarder.got == writer.expected, forwarder.notes
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    rounds=st.lists(
+        st.tuples(
+            st.lists(st.tuples(st.integers(0, 40), st.integers(0, 2)), min_size=1, max_size=8),
+            st.integers(0, 8),  # the line before which logrotate copies (past the last: after all)
+            st.one_of(st.none(), st.integers(1, 400)),  # bytes of the copy made when the reader looks
+            st.integers(0, 2),  # reads while the copy is that far
+            st.booleans(),  # the copy compressed at once (no delaycompress): no copy left to find
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_reader_over_copytruncates_seen_half_copied_reads_every_line_once(
+    rounds: list[tuple[list[tuple[int, int]], int, int | None, int, bool]],
+) -> None:
+    """As above, and the reader also looks while logrotate is still copying (the copy holds the
+    first bytes of the log so far, lines that start alike cut anywhere), and a copy may be
+    compressed away right after the truncation (once the reader has read the log to its end:
+    what only a compressed copy holds, no reader can read). Every line once, in order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "messages.log"
+        reader, forwarder, writer = started(log)
+        for r, (lines_, copy_when, caught_at, reads_during, compressed) in enumerate(rounds):
+            shift(log)
+            copy_at = min(copy_when, len(lines_))
+            tick_after(log)
+
+            def copy() -> None:
+                if caught_at is not None:
+                    Path(f"{log}.1").write_bytes(log.read_bytes()[:caught_at])
+                    forwarder.fill(reads_during)
+                shutil.copyfile(log, f"{log}.1")
+
+            for i, (pad, reads) in enumerate(lines_):
+                if i == copy_at:
+                    copy()
+                writer.write(record(r + 1, i, pad))
+                forwarder.fill(reads)
+            if copy_at == len(lines_):
+                copy()
+            if compressed:
+                forwarder.fill()  # what only the compressed copy holds, the reader cannot read
+            os.truncate(log, 0)
+            if compressed:  # as logrotate's compress: a new .1.gz, then the copy removed
+                Path(f"{log}.1.gz").write_bytes(gzip.compress(Path(f"{log}.1").read_bytes()))
+                os.unlink(f"{log}.1")
+                forwarder.fill(1)
+        writer, forwarder = finished(reader, forwarder, writer)
+        assert forwarder.got == writer.expected, forwarder.notes
+
+
 def test_reader_knew_the_empty_copy_sends_lines_twice(tmp_path: Path) -> None:
     """The reader notices truncation 1 only after the next (empty) copy was made: that copy is in
     ``known``. It reads A, written between that copy and truncation 2, then looks before the
@@ -666,5 +721,132 @@ def test_reader_waiting_for_skip_misses_a_second_copytruncate(tmp_path: Path) ->
     shutil.copyfile(log, f"{log}.1")
     os.truncate(log, 0)
     writer.write(record(3, 0, 5))
+    writer, forwarder = finished(reader, forwarder, writer)
+    assert forwarder.got == writer.expected, forwarder.notes
+
+
+# -- a copy seen while logrotate still makes it; a skip without a copy ------------------------------
+@pytest.mark.parametrize("copied", [30, 40, 85, 120, 200])
+def test_reader_seeing_a_copy_half_made_after_lines_written_again_reads_each_line_once(
+    tmp_path: Path, copied: int
+) -> None:
+    """Truncation 1 makes the daemon write L1 L2 again; before the reader looks, the next
+    copytruncate has begun: .1 holds the first ``copied`` bytes of the log so far. Lines that
+    start alike match it over a few bytes (30, 40: within the first line), and one that holds L1
+    and part of L2 grows still: neither is the copy of what the reader read, nor stepped over."""
+    log = tmp_path / "messages.log"
+    reader, forwarder, writer = started(log)
+    writer.write(record(1, 0, 5))
+    shutil.copyfile(log, f"{log}.1")  # round 1's copy: L0
+    writer.write(record(1, 1, 5) + record(1, 2, 5))
+    forwarder.fill()
+    os.truncate(log, 0)
+    writer.write(record(2, 0, 5))  # L1 L2 written again, then this
+    tick_after(log)
+    shift(log)
+    Path(f"{log}.1").write_bytes(log.read_bytes()[:copied])
+    forwarder.fill()
+    shutil.copyfile(log, f"{log}.1")
+    os.truncate(log, 0)
+    writer.write(record(3, 0, 5))
+    writer, forwarder = finished(reader, forwarder, writer)
+    assert forwarder.got == writer.expected, forwarder.notes
+
+
+def _compressed_away(log: Path) -> None:
+    """copytruncate with compress (no delaycompress): nothing is left to find the copy by."""
+    shutil.copyfile(log, f"{log}.1")
+    os.truncate(log, 0)
+    Path(f"{log}.1.gz").write_bytes(gzip.compress(Path(f"{log}.1").read_bytes()))
+    os.unlink(f"{log}.1")
+
+
+@pytest.mark.parametrize("copied", [20, 30, 85])
+def test_reader_without_a_copy_is_not_fooled_by_the_start_of_the_next_copy(tmp_path: Path, copied: int) -> None:
+    """No copy found: the reader waits for what it read at the log's start (the daemon may write
+    it again). The daemon did not; the next copy, half made, starts like those lines for a few
+    bytes: it must hold all of them to be taken for them."""
+    log = tmp_path / "messages.log"
+    reader, forwarder, writer = started(log)
+    writer.write(record(1, 0, 5) + record(1, 1, 5))
+    forwarder.fill()
+    _compressed_away(log)
+    forwarder.fill()
+    writer.write(record(2, 0, 5) + record(2, 1, 5))
+    tick_after(log)
+    shift(log)
+    Path(f"{log}.1").write_bytes(log.read_bytes()[:copied])
+    forwarder.fill()
+    shutil.copyfile(log, f"{log}.1")
+    os.truncate(log, 0)
+    writer.write(record(3, 0, 5))
+    writer, forwarder = finished(reader, forwarder, writer)
+    assert forwarder.got == writer.expected, forwarder.notes
+
+
+@pytest.mark.parametrize("rotation", ["create", "built-in"])
+def test_reader_without_a_copy_moves_on_when_its_log_is_renamed(tmp_path: Path, rotation: str) -> None:
+    """No copy found, the reader waits in the empty log for lines the daemon may write again;
+    the log is renamed away instead (logrotate's create, the built-in rotation) and the daemon
+    writes the new one: the reader reads on there, not waiting in the old file for ever."""
+    log = tmp_path / "messages.log"
+    reader, forwarder, writer = started(log)
+    writer.write(record(1, 0, 5) + record(1, 1, 5))
+    forwarder.fill()
+    _compressed_away(log)
+    forwarder.fill()
+    if rotation == "create":
+        shift(log)
+        os.replace(log, f"{log}.1")
+        writer.file.open()
+    else:
+        writer.file.rotate(KEEP)
+    writer.write(record(2, 0, 5))
+    forwarder.fill()
+    forwarder.fill()
+    assert forwarder.got == writer.expected, forwarder.notes
+    writer.file.close()
+    reader.close()
+
+
+@pytest.mark.parametrize("look", [False, True])
+def test_reader_without_a_copy_reads_lines_copied_and_truncated_while_it_waited(tmp_path: Path, look: bool) -> None:
+    """No copy found, the reader waits in the empty log; the daemon writes new lines (nothing
+    again) and the next copytruncate takes them, before the reader looks or after."""
+    log = tmp_path / "messages.log"
+    reader, forwarder, writer = started(log)
+    writer.write(record(1, 0, 5) + record(1, 1, 5))
+    forwarder.fill()
+    _compressed_away(log)
+    forwarder.fill()
+    writer.write(record(2, 0, 5))
+    tick_after(log)
+    copytruncate(log)
+    if look:
+        forwarder.fill()
+    writer.write(record(3, 0, 5))
+    writer, forwarder = finished(reader, forwarder, writer)
+    assert forwarder.got == writer.expected, forwarder.notes
+
+
+def test_reader_without_a_copy_reads_the_next_copy_when_nothing_follows_the_truncation(tmp_path: Path) -> None:
+    """Found by the half-copied property test: no copy found after truncation 1 (an empty log
+    copied, then compressed), the reader waits in the empty log; the daemon writes one line and
+    the next copytruncate takes it before the reader looks, with nothing written since. The log
+    is as empty as when the reader began waiting: only its shrinking tells, and the line is in
+    the copy."""
+    log = tmp_path / "messages.log"
+    reader, forwarder, writer = started(log)
+    shutil.copyfile(log, f"{log}.1")  # copied while empty
+    writer.write(record(1, 0, 0))
+    forwarder.fill()
+    os.truncate(log, 0)
+    Path(f"{log}.1.gz").write_bytes(gzip.compress(Path(f"{log}.1").read_bytes()))
+    os.unlink(f"{log}.1")
+    forwarder.fill(1)
+    tick_after(log)
+    writer.write(record(2, 0, 0))
+    shutil.copyfile(log, f"{log}.1")
+    os.truncate(log, 0)
     writer, forwarder = finished(reader, forwarder, writer)
     assert forwarder.got == writer.expected, forwarder.notes

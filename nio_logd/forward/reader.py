@@ -18,6 +18,11 @@ oldest first: numbered names by number downwards, then other names by age, the p
   opened by identity. Nothing read from the file yet, its size may tell nothing (written back
   to the size we were told): a copy new before it in the listing tells, and is read from its
   start. A copy whose file is not truncated yet is the file's start: read on after it there.
+  A copy is matched over a whole line if any does (a copy logrotate has just begun, of lines that
+  start alike, matches within one); lines to skip are looked for whole in a copy, and waited
+  for while a copy that holds their start grows. With no copy found, what was read is expected
+  again at the file's start, until other bytes come there, the file is renamed away and the new
+  one written, or it is written and truncated again.
 
 Sans network, sans threads: the forwarder calls ``read()`` when the writer says it wrote.
 """
@@ -151,6 +156,7 @@ class LogReader:
         self.window = window
         self.cur: _Source | None = None
         self.skip: bytes = b""  # expected at the start of a truncated file: lines read already
+        self.origin: tuple[int, int] | None = None  # the truncated file ``skip`` was set for
         self.notes: list[str] = []  # what happened (truncation, a copy used), for the events
 
     def __repr__(self) -> str:
@@ -335,8 +341,14 @@ class LogReader:
             shrunk = size < cur.seen
             cur.seen = max(cur.seen, size)
             if self.skip:
-                if not self._skip_written_again(cur, size):
-                    return None
+                if not shrunk:
+                    if not self._skip_written_again(cur, size):
+                        return None
+                elif not self._skip_in_a_copy(cur):
+                    # Written and truncated again while we waited, and no copy starts with what we
+                    # wait for: the daemon wrote other lines (nothing again), now in the copy.
+                    self.skip = b""
+                    self._truncated(cur, size)
                 continue
             if (
                 shrunk
@@ -466,6 +478,7 @@ class LogReader:
         recent = bytes(cur.recent)
         begin = old - len(recent)  # the file offset of recent[0]
         best: tuple[int, Path, int, tuple[int, int]] | None = None
+        best_rank = (False, 0)
         # One listing for all below, and one that no rename tore: the next copytruncate may be
         # shifting the copy we look for (.1 to .2) right now. A torn listing lacked the copy ("no
         # copy found"); a second listing, with the copy and the next one in it, became ``known``; so
@@ -499,14 +512,18 @@ class LogReader:
             fd = self._open_listed(path, ident)
             if fd is None:
                 continue
+            ours = recent[probe_end - probe - begin : probe_end - begin]
             try:
-                same = _pread(fd, probe, probe_end - probe) == recent[probe_end - probe - begin : probe_end - begin]
+                same = _pread(fd, probe, probe_end - probe) == ours
             finally:
                 os.close(fd)
-            # The newest copy that matches. Two copies made within one tick of the clock have the
-            # same mtime: then the one listed later (the listing is oldest first) is the newer.
-            if same and (best is None or st.st_mtime_ns >= best[0]):
-                best = (st.st_mtime_ns, path, size, ident)
+            # The newest copy that matches over a whole line; one that matches only within a line
+            # (a copy just begun, of lines that start alike) only if none does. Two copies made
+            # within one tick of the clock have the same mtime: then the one listed later (the
+            # listing is oldest first) is the newer.
+            rank = (b"\n" in ours, st.st_mtime_ns)
+            if same and (best is None or rank >= best_rank):
+                best, best_rank = (st.st_mtime_ns, path, size, ident), rank
         if best is None:
             best = empty
         cur.recent = bytearray()
@@ -519,7 +536,7 @@ class LogReader:
                 # The daemon may still have written what we read again (an empty copy it took for
                 # the copy, one we had listed already): step over it if the file starts with it;
                 # if not, _skip_written_again reads the file whole.
-                self.skip = recent
+                self.skip, self.origin = recent, cur.ident
             self.notes.append(f"{self.path} was truncated; no copy found next to it: reading it from its start")
             return
         _mtime, path, size, copy_ident = best
@@ -539,7 +556,7 @@ class LogReader:
         cut = size
         if recent[size - 1 - begin : size - begin] != b"\n":
             cut = begin + recent.rfind(b"\n", 0, size - begin) + 1
-        self.skip = recent[cut - begin :]
+        self.skip, self.origin = recent[cut - begin :], cur.ident
         idents = _idents(files)  # the listing the copy was found in: listed again, it may be renamed
         # A newer copy holds the lines written again at its start. An empty one was copied before
         # the daemon wrote them: they are at the start of the next file that is not empty (the next
@@ -570,12 +587,15 @@ class LogReader:
             if head != self.skip[:n]:
                 self.skip = b""  # not written again (no copy found by the daemon): read it all
                 return True
-            if cur.ident != self._log_ident():
-                cur.pos = n  # a copy, that grows no more: the rest is at the start of the next file
-                cur.keep(self.skip[:n])
-                self.skip = self.skip[n:]
+            if cur.ident == self.origin and cur.ident != self._log_ident() and self._successor_written():
+                # The file we read, renamed away (create, the built-in rotation) while we waited
+                # for lines the daemon might write again: it writes elsewhere now, and they were
+                # not written here. Nothing to skip: read what it holds.
+                self.skip = b""
                 return True
-            return False  # not all there yet
+            # Not all there yet. A copy that holds the start of them is still being made (the
+            # daemon wrote them again, whole, before logrotate began copying): it grows.
+            return False
         cur.pos = n
         cur.keep(self.skip)
         self.skip = b""
@@ -587,17 +607,24 @@ class LogReader:
         except OSError:
             return None
 
+    def _successor_written(self) -> bool:
+        try:
+            return os.stat(self.path, follow_symlinks=False).st_size > 0
+        except OSError:
+            return False
+
     def _skip_in_a_copy(self, cur: _Source) -> bool:
-        """A file made since we began ``cur`` that starts with ``skip``: read on there."""
+        """A file made since we began ``cur`` that starts with the whole ``skip``: read on there.
+        Whole: the start of a copy still being made, or lines that begin alike (the same user, the
+        same peer), would pass for it over a few bytes."""
         for path, st in self._listing():
             ident = _ident(st)
-            if ident == cur.ident or ident in cur.known or not st.st_size:
+            if ident == cur.ident or ident in cur.known or st.st_size < len(self.skip):
                 continue
             fd = self._open_listed(path, ident)
             if fd is None:
                 continue
-            n = min(st.st_size, len(self.skip))
-            if _pread(fd, n, 0) == self.skip[:n]:
+            if _pread(fd, len(self.skip), 0) == self.skip:
                 os.close(cur.fd)
                 self.cur = self._source(fd, 0)
                 self.notes.append(f"{self.path} was copied and truncated again: reading on in {path}")

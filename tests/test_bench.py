@@ -80,6 +80,10 @@ def test_stream_reports_rates_and_every_record_is_written(tmp_path: Path, daemon
     assert result["sent"]["records"] == 3000
     assert result["sent"]["records_per_s"] > 0 and result["sent"]["mb_per_s"] > 0
     assert result["written"]["complete"] and result["written"]["lines"] == 3000
+    # The count's checks: the file read again agrees, and the clock stopped at no more lines than
+    # the senders had sent by then (a count ahead of them is no measurement).
+    assert result["written"]["recounted_lines"] == 3000
+    assert 0 < result["written"]["sent_when_counted"] <= 3000
     assert result["errors"] == 0 and result["latency_ms"] is None
     lines = read_lines(d.messages)
     assert len(lines) == 3000

@@ -647,7 +647,7 @@ class LineCounter:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.offset = self._size()
+        self.offset = self.start = self._size()
         self.lines = 0
 
     def _size(self) -> int:
@@ -672,6 +672,25 @@ class LineCounter:
         finally:
             os.close(fd)
         return self.lines
+
+    def recount(self) -> int:
+        """The lines between the start and the offset reached, read again at once: a check that
+        the count taken a piece at a time while the file grew is the file's."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return 0
+        lines, offset = 0, self.start
+        try:
+            while offset < self.offset:
+                data = os.pread(fd, min(8 << 20, self.offset - offset), offset)
+                if not data:
+                    break
+                offset += len(data)
+                lines += data.count(b"\n")
+        finally:
+            os.close(fd)
+        return lines
 
 
 # -- the parent -------------------------------------------------------------------------------------
@@ -734,6 +753,7 @@ def run_bench(
         expected = plan.records
         written_at: float | None = None
         written_lines = 0
+        sent_then = 0  # what the senders had sent when the clock stopped: the file cannot hold more
         last_show = 0.0
         show = progress_out is not None
         while len(reports) < plan.processes:
@@ -747,7 +767,7 @@ def run_bench(
                 reports[worker] = payload
             now = time.monotonic()
             if counter is not None and written_at is None and counter.poll() >= expected - wait_slack:
-                written_at, written_lines = now, counter.lines
+                written_at, written_lines, sent_then = now, counter.lines, sum(progress)
             if show and now - last_show >= PROGRESS_EVERY:
                 last_show = now
                 _show_progress(progress_out, sum(progress), expected, now - t0, counter)
@@ -761,7 +781,7 @@ def run_bench(
                 now = time.monotonic()
                 count = counter.poll()
                 if written_at is None and count >= expected - wait_slack:
-                    written_at, written_lines = now, count
+                    written_at, written_lines, sent_then = now, count, sum(progress)
                 if count != last_count:
                     last_count, last_change = count, now
                 if count >= expected or now - last_change >= settle or now - t0 > plan.timeout + settle:
@@ -776,6 +796,8 @@ def run_bench(
                 "complete": counter.lines >= expected,
                 "seconds": round((written_at or now) - t0, 4),
                 "slack_lines": wait_slack,
+                "sent_when_counted": sent_then,
+                "recounted_lines": counter.recount(),
             }
             written["records_per_s"] = round(written_lines / written["seconds"], 1) if written_at else None
         if show:

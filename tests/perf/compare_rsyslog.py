@@ -200,13 +200,27 @@ def run_one(
         "client_errors": result["errors"],
         "client_error_samples": result["error_samples"],
     }
+    # The count of the file, checked: read again at once it must agree, and it cannot exceed what
+    # the senders had sent when the clock stopped (beyond their progress reports' lag; acked
+    # senders count acks, which lag the file by the records in flight). Two rounds on record
+    # (cea62f4, e5cd492) had the file at 2x the senders' pace, a rate the daemon's CPU time
+    # rules out; this check says which part failed.
+    lag = max(slack, records // 50)
+    if written.get("recounted_lines") is not None and written["recounted_lines"] != written["lines"]:
+        run["invalid"] = f"count {written['lines']:,} but {written['recounted_lines']:,} on a recount"
+    elif rate and written.get("sent_when_counted") is not None and written["lines"] > 0:
+        counted_then = round(rate * written["seconds"])
+        if counted_then > written["sent_when_counted"] + lag:
+            run["invalid"] = (
+                f"{counted_then:,} lines counted in the file when the senders had sent {written['sent_when_counted']:,}"
+            )
     if not rate:
         # The file never came within 0.1% of the records (some were lost): rate of what arrived.
         run["records_per_s_of_arrived"] = round(arrived / written["seconds"], 1)
     print(
         f"  {target.name:<20} {mode:<19} {'ack ' if ack else ''}{_fmt_rate(run)} records/s  "
         f"arrived {arrived:,}/{records:,}  cpu {run['cpu_s_per_million']:.2f} s/M ({processes_now} proc)  "
-        f"overflows {run['listen_overflows']}",
+        f"overflows {run['listen_overflows']}" + (f"  INVALID: {run['invalid']}" if run.get("invalid") else ""),
         file=sys.stderr,
         flush=True,
     )
@@ -361,7 +375,10 @@ def _ratio(runs: list[dict[str, Any]], refs: list[dict[str, Any]]) -> dict[str, 
 
 def summarise(runs: list[dict[str, Any]], names: list[str], acked: list[Target]) -> dict[str, Any]:
     def pick(name: str, mode: str, ack: bool = False) -> list[dict[str, Any]]:
-        return [r for r in runs if r["daemon"] == name and r["mode"] == mode and r["ack"] == ack]
+        # A round whose count of the file failed its check measured nothing: left out, and said.
+        return [
+            r for r in runs if r["daemon"] == name and r["mode"] == mode and r["ack"] == ack and not r.get("invalid")
+        ]
 
     out: dict[str, Any] = {}
     for mode in (STREAM, ONE_PER_CONNECTION):
@@ -512,6 +529,12 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"- {name}: {ev['worker_died']} workers died, {ev['worker_restarted']} restarted,"
                 f" {ev['worker_stopped']} worker_stopped events, {len(ev['errors'])} warning/error events"
                 " (the JSON's nio_logd_worker_events)"
+            )
+    for r in doc["runs"]:
+        if r.get("invalid"):
+            notes.append(
+                f"- {r['daemon']} {r['mode']}{' ack' if r['ack'] else ''} round {r['round']} left out of the"
+                f" medians, its count of the file failed its check: {r['invalid']}"
             )
     if notes:
         rows += ["", *notes]

@@ -24,7 +24,7 @@ from unittest import mock
 
 import pytest
 from conftest import tick_after
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from nio_logd.forward.cursor import digest
@@ -574,22 +574,26 @@ def test_reader_over_copytruncates_copied_anywhere_in_a_round_reads_every_line_o
             st.one_of(st.none(), st.integers(1, 400)),  # bytes of the copy made when the reader looks
             st.integers(0, 2),  # reads while the copy is that far
             st.booleans(),  # the copy compressed at once (no delaycompress): no copy left to find
+            st.booleans(),  # the copy ends there (logrotate read while a write was half done)
         ),
         min_size=1,
         max_size=4,
     ),
 )
+# Found by it: a newer copy caught at its first byte and ending there, cut to nothing by the daemon.
+@example(rounds=[([(0, 0), (0, 1)], 1, None, 0, False, False), ([(0, 0)], 1, 1, 1, False, True)])
 def test_reader_over_copytruncates_seen_half_copied_reads_every_line_once(
-    rounds: list[tuple[list[tuple[int, int]], int, int | None, int, bool]],
+    rounds: list[tuple[list[tuple[int, int]], int, int | None, int, bool, bool]],
 ) -> None:
     """As above, and the reader also looks while logrotate is still copying (the copy holds the
-    first bytes of the log so far, lines that start alike cut anywhere), and a copy may be
+    first bytes of the log so far, lines that start alike cut anywhere; the copy may end there, as
+    when logrotate read the log while a write was half done), and a copy may be
     compressed away right after the truncation (once the reader has read the log to its end:
     what only a compressed copy holds, no reader can read). Every line once, in order."""
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "messages.log"
         reader, forwarder, writer = started(log)
-        for r, (lines_, copy_when, caught_at, reads_during, compressed) in enumerate(rounds):
+        for r, (lines_, copy_when, caught_at, reads_during, compressed, ends_there) in enumerate(rounds):
             shift(log)
             copy_at = min(copy_when, len(lines_))
             tick_after(log)
@@ -598,6 +602,10 @@ def test_reader_over_copytruncates_seen_half_copied_reads_every_line_once(
                 if caught_at is not None:
                     Path(f"{log}.1").write_bytes(log.read_bytes()[:caught_at])
                     forwarder.fill(reads_during)
+                    if ends_there and not compressed:
+                        # The daemon cuts it back to a whole line and writes the rest again (a
+                        # copy compressed before that is the operator's loss: no delaycompress).
+                        return
                 shutil.copyfile(log, f"{log}.1")
 
             for i, (pad, reads) in enumerate(lines_):
@@ -848,5 +856,104 @@ def test_reader_without_a_copy_reads_the_next_copy_when_nothing_follows_the_trun
     writer.write(record(2, 0, 0))
     shutil.copyfile(log, f"{log}.1")
     os.truncate(log, 0)
+    writer, forwarder = finished(reader, forwarder, writer)
+    assert forwarder.got == writer.expected, forwarder.notes
+
+
+# -- a copy that ends inside the lines to skip; a shrink that is not a new copy ---------------------
+def _copy_caught_inside(log: Path, nbytes: int) -> None:
+    """copytruncate whose copy ends inside a line (logrotate read while the daemon's write was
+    half done): the daemon cuts such a copy back to its last whole line and writes that line again."""
+    shift(log)
+    Path(f"{log}.1").write_bytes(log.read_bytes()[:nbytes])
+    os.truncate(log, 0)
+
+
+def test_reader_behind_two_copytruncates_steps_over_a_newer_copy_that_ends_inside_the_skip(tmp_path: Path) -> None:
+    """Copy 1 = L0; the reader reads L0 L1 L2; truncation 1 unseen; the daemon writes L1 L2 again
+    and M; copy 2 is caught inside L2 and the log truncated; the daemon cuts copy 2 back to L1 and
+    writes L2 M again, then N. The reader steps over copy 2 (L1, complete) and over L2 at the start
+    of the log, and reads M and N once (it waited in copy 2 for ever before)."""
+    log = tmp_path / "messages.log"
+    reader, forwarder, writer = started(log)
+    writer.write(record(1, 0, 5))
+    shutil.copyfile(log, f"{log}.1")
+    writer.write(record(1, 1, 5) + record(1, 2, 5))
+    forwarder.fill()
+    os.truncate(log, 0)
+    writer.write(record(2, 0, 5))
+    tick_after(log)
+    _copy_caught_inside(log, len(record(1, 1, 5)) + 10)
+    writer.write(record(3, 0, 5))
+    writer, forwarder = finished(reader, forwarder, writer)
+    assert forwarder.got == writer.expected, forwarder.notes
+
+
+@pytest.mark.parametrize("pad", [0, 60])  # N shorter than L1 (the log seen shrunk) or longer
+def test_reader_waiting_in_the_log_steps_over_a_next_copy_that_ends_inside_the_skip(tmp_path: Path, pad: int) -> None:
+    """As above, with the reader waiting in the log (skip = L1 L2) when copy 2 comes: copy 2,
+    complete, holds only L1; the rest, L2, begins the log. Each line once (L1 and L2 were sent
+    twice, with the log seen shrunk or not)."""
+    log = tmp_path / "messages.log"
+    reader, forwarder, writer = started(log)
+    writer.write(record(1, 0, 5))
+    shutil.copyfile(log, f"{log}.1")
+    writer.write(record(1, 1, 5) + record(1, 2, 5))
+    forwarder.fill()
+    os.truncate(log, 0)
+    forwarder.fill()
+    writer.write(record(2, 0, 5))
+    tick_after(log)
+    _copy_caught_inside(log, len(record(1, 1, 5)) + 10)
+    writer.write(record(3, 0, pad))
+    writer, forwarder = finished(reader, forwarder, writer)
+    assert forwarder.got == writer.expected, forwarder.notes
+
+
+def test_reader_waiting_for_a_skip_takes_no_late_wake_for_a_truncation(tmp_path: Path) -> None:
+    """The writer thread writes A and, before its wake reaches the forwarder, logrotate copies
+    and truncates and the reader looks (skip = what it read past the copy). The late wake then
+    tells a size larger than the log will be after the daemon writes the skip again and B: that
+    is no second truncation, and nothing is read twice."""
+    log = tmp_path / "messages.log"
+    reader, forwarder, writer = started(log)
+    writer.write(record(1, 0, 5))
+    forwarder.fill()
+    shutil.copyfile(log, f"{log}.1")
+    writer.write(record(1, 1, 5))
+    forwarder.fill()
+    a = record(1, 2, 5) + record(1, 3, 5)
+    writer.file.write(a)  # the writer thread, before its wake
+    writer.expected += a
+    st_ = os.fstat(writer.file.fd)
+    late = (st_.st_dev, st_.st_ino), writer.file.size
+    os.truncate(log, 0)
+    forwarder.fill()
+    forwarder.wake(*late)
+    writer.write(record(2, 0, 0))
+    writer, forwarder = finished(reader, forwarder, writer)
+    assert forwarder.got == writer.expected, forwarder.notes
+
+
+def test_reader_waiting_for_a_skip_over_an_empty_copy_and_its_truncation_reads_each_line_once(tmp_path: Path) -> None:
+    """Skip = L1 (after an empty copy), the reader waits in the empty log; logrotate copies it
+    again while empty, the daemon writes L1 again and M, logrotate truncates, and the reader looks
+    before the daemon's next write (which puts L1 M back, the empty copy in its window). The
+    shrink with only an empty new copy is no reason to give the skip up: L1 once."""
+    log = tmp_path / "messages.log"
+    reader, forwarder, writer = started(log)
+    tick_after(log)
+    shift(log)
+    shutil.copyfile(log, f"{log}.1")
+    writer.write(record(1, 0, 0))
+    forwarder.fill(1)
+    os.truncate(log, 0)
+    forwarder.fill(1)
+    tick_after(log)
+    shift(log)
+    shutil.copyfile(log, f"{log}.1")
+    writer.write(record(2, 0, 0))
+    os.truncate(log, 0)
+    forwarder.fill(1)
     writer, forwarder = finished(reader, forwarder, writer)
     assert forwarder.got == writer.expected, forwarder.notes

@@ -19,10 +19,13 @@ oldest first: numbered names by number downwards, then other names by age, the p
   to the size we were told): a copy new before it in the listing tells, and is read from its
   start. A copy whose file is not truncated yet is the file's start: read on after it there.
   A copy is matched over a whole line if any does (a copy logrotate has just begun, of lines that
-  start alike, matches within one); lines to skip are looked for whole in a copy, and waited
-  for while a copy that holds their start grows. With no copy found, what was read is expected
-  again at the file's start, until other bytes come there, the file is renamed away and the new
-  one written, or it is written and truncated again.
+  start alike, matches within one). Lines to skip are looked for whole in a new copy, or in a
+  complete copy of their first lines (whole lines, and the log no longer starts with them), the
+  rest then at the start of the next file; a copy that holds their start while the log still
+  does is still being made, and waited for. With no copy found, what was read is expected again
+  at the file's start, until other bytes come there, the file is renamed away and the new one
+  written, or a new copy starts with other lines (a shrink alone, or an empty copy, is no sign:
+  a size told late, or a copy the daemon writes everything again after).
 
 Sans network, sans threads: the forwarder calls ``read()`` when the writer says it wrote.
 """
@@ -32,6 +35,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -342,13 +346,19 @@ class LogReader:
             cur.seen = max(cur.seen, size)
             if self.skip:
                 if not shrunk:
-                    if not self._skip_written_again(cur, size):
+                    if not self._skip_written_again(cur, size, cut=False):
                         return None
-                elif not self._skip_in_a_copy(cur):
-                    # Written and truncated again while we waited, and no copy starts with what we
-                    # wait for: the daemon wrote other lines (nothing again), now in the copy.
+                elif self._skip_in_a_copy(cur):
+                    pass
+                elif self._other_lines_copied(cur):
+                    # Written and truncated again while we waited, and the new copy starts with
+                    # other lines: the daemon wrote nothing again, and what it wrote is there.
                     self.skip = b""
                     self._truncated(cur, size)
+                elif not self._skip_written_again(cur, size, cut=True):
+                    # No new copy, or an empty one (the daemon writes everything again after it),
+                    # or a size told late: still waiting for the lines here.
+                    return None
                 continue
             if (
                 shrunk
@@ -572,7 +582,7 @@ class LogReader:
             self.cur = self._source(fd, 0)  # a newer copy: we were behind by more than one rotation
         self.notes.append(f"{self.path} was truncated after the copy {path}: skipping the lines written again")
 
-    def _skip_written_again(self, cur: _Source, size: int) -> bool:
+    def _skip_written_again(self, cur: _Source, size: int, *, cut: bool) -> bool:
         """The start of the truncated file holds ``skip`` (lines read already): step over it.
 
         Unless the next copytruncate came first: the daemon wrote them again, logrotate copied
@@ -587,14 +597,24 @@ class LogReader:
             if head != self.skip[:n]:
                 self.skip = b""  # not written again (no copy found by the daemon): read it all
                 return True
-            if cur.ident == self.origin and cur.ident != self._log_ident() and self._successor_written():
+            log_ident = self._log_ident()
+            if cur.ident == self.origin and cur.ident != log_ident and self._successor_written():
                 # The file we read, renamed away (create, the built-in rotation) while we waited
                 # for lines the daemon might write again: it writes elsewhere now, and they were
                 # not written here. Nothing to skip: read what it holds.
                 self.skip = b""
                 return True
-            # Not all there yet. A copy that holds the start of them is still being made (the
-            # daemon wrote them again, whole, before logrotate began copying): it grows.
+            if cur.ident != log_ident and (cut or self._finished_copy(head)):
+                # A copy of the first of them (or of none: empty), complete: the daemon cut it back
+                # to its last whole line (``cut``: smaller than seen) and wrote the rest again, or
+                # the log no longer starts with it. The rest begins the next file.
+                cur.pos = n
+                cur.keep(head)
+                self.skip = self.skip[n:]
+                self._to_next_file(cur)
+                return True
+            # Not all there yet: the daemon writes them (whole) here, or logrotate is still
+            # copying them (the log still starts with what this copy holds): it grows.
             return False
         cur.pos = n
         cur.keep(self.skip)
@@ -613,24 +633,83 @@ class LogReader:
         except OSError:
             return False
 
-    def _skip_in_a_copy(self, cur: _Source) -> bool:
-        """A file made since we began ``cur`` that starts with the whole ``skip``: read on there.
-        Whole: the start of a copy still being made, or lines that begin alike (the same user, the
-        same peer), would pass for it over a few bytes."""
+    def _finished_copy(self, data: bytes) -> bool:
+        """``data`` (a copy's whole bytes, the start of ``skip``) is a complete copy: whole lines,
+        and the log no longer starts with them (truncated after the copy was made; while
+        logrotate copies, the log still holds what the copy holds so far)."""
+        if not data.endswith(b"\n"):
+            return False
+        try:
+            fd = _open(self.path)
+        except OSError:
+            return True
+        try:
+            return _pread(fd, len(data), 0) != data
+        finally:
+            os.close(fd)
+
+    def _to_next_file(self, cur: _Source) -> None:
+        """Read on at the start of the file after ``cur``: the next that is not empty, or the log."""
+        files = self._listing()
+        idents = _idents(files)
+        log_ident = self._log_ident()
+        after = files[idents.index(cur.ident) + 1 :] if cur.ident in idents else files
+        for path, st in after:
+            if st.st_size or _ident(st) == log_ident:
+                fd = self._open_listed(path, _ident(st))
+                if fd is not None:
+                    os.close(cur.fd)
+                    self.cur = self._source(fd, 0, files)
+                    return
+
+    def _new_copies(self, cur: _Source) -> Iterator[tuple[Path, int, int]]:
+        """The non-empty files made since we began ``cur``: (path, size, an open descriptor that
+        the caller keeps or closes)."""
         for path, st in self._listing():
             ident = _ident(st)
-            if ident == cur.ident or ident in cur.known or st.st_size < len(self.skip):
+            if ident == cur.ident or ident in cur.known or not st.st_size:
                 continue
             fd = self._open_listed(path, ident)
-            if fd is None:
-                continue
-            if _pread(fd, len(self.skip), 0) == self.skip:
-                os.close(cur.fd)
-                self.cur = self._source(fd, 0)
-                self.notes.append(f"{self.path} was copied and truncated again: reading on in {path}")
+            if fd is not None:
+                yield path, st.st_size, fd
+
+    def _skip_in_a_copy(self, cur: _Source) -> bool:
+        """A file made since we began ``cur`` that starts with the whole ``skip``, or a complete
+        copy of its first lines: read on there. Whole: the start of a copy still being made, or
+        lines that begin alike (the same user, the same peer), would pass for it over a few bytes."""
+        skip = self.skip
+        partial: tuple[Path, int] | None = None
+        for path, size, fd in self._new_copies(cur):
+            head = _pread(fd, min(size, len(skip)), 0)
+            if head == skip:
+                if partial is not None:
+                    os.close(partial[1])
+                self._read_on_in(cur, fd, path)
                 return True
-            os.close(fd)
+            if partial is None and size < len(skip) and head == skip[:size] and self._finished_copy(head):
+                partial = (path, fd)
+            else:
+                os.close(fd)
+        if partial is not None:
+            self._read_on_in(cur, partial[1], partial[0])
+            return True
         return False
+
+    def _read_on_in(self, cur: _Source, fd: int, path: Path) -> None:
+        os.close(cur.fd)
+        self.cur = self._source(fd, 0)
+        self.notes.append(f"{self.path} was copied and truncated again: reading on in {path}")
+
+    def _other_lines_copied(self, cur: _Source) -> bool:
+        """A file made since we began ``cur`` that does not start like ``skip``."""
+        found = False
+        for _path, size, fd in self._new_copies(cur):
+            n = min(size, len(self.skip))
+            try:
+                found = found or _pread(fd, n, 0) != self.skip[:n]
+            finally:
+                os.close(fd)
+        return found
 
     # -- how far behind ------------------------------------------------------------------------
     def unread(self) -> int:

@@ -72,12 +72,13 @@ from perfutil import (  # noqa: E402
     NioLogd,
     Rsyslog,
     count_lines,
+    cpu_ns_between,
     enter_private_netns,
     git_state,
     median,
     snapshot,
     tcp_ext,
-    tree_cpu_ns,
+    thread_cpu_ns,
     tree_cpu_seconds,
     tree_hwm_kb,
     wait_stable_count,
@@ -235,9 +236,9 @@ def _fmt_rate(run: dict[str, Any]) -> str:
 
 def idle_cpu_ms(targets: list[Target], seconds: float = 2.0) -> dict[str, float]:
     """CPU of each daemon (all its processes) over the same ``seconds``, in ms."""
-    before = {t.name: tree_cpu_ns(t.daemon.pid) for t in targets}
+    before = {t.name: thread_cpu_ns(t.daemon.pid) for t in targets}
     time.sleep(seconds)
-    return {t.name: round((tree_cpu_ns(t.daemon.pid) - before[t.name]) / 1e6, 3) for t in targets}
+    return {t.name: round(cpu_ns_between(before[t.name], thread_cpu_ns(t.daemon.pid)) / 1e6, 3) for t in targets}
 
 
 def memory(targets: list[Target]) -> dict[str, dict[str, Any]]:

@@ -81,17 +81,6 @@ def tree_cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
-def tree_cpu_ns(pid: int) -> int:
-    """``cpu_ns`` summed over a process and its descendants (plus the top one's reaped children)."""
-    total = cpu_ns(pid) + _stat_ticks(pid)[1] * (1_000_000_000 // CLK_TCK)
-    for child in descendants_of(pid):
-        try:
-            total += cpu_ns(child)
-        except OSError:
-            pass
-    return total
-
-
 def tree_hwm_kb(pid: int) -> dict[int, int]:
     """Peak RSS (VmHWM, kB) of each process of the tree, by pid."""
     out: dict[int, int] = {}
@@ -112,6 +101,29 @@ def cpu_ns(pid: int) -> int:
         except (OSError, ValueError, IndexError):
             pass  # a thread that just ended
     return total
+
+
+def thread_cpu_ns(pid: int) -> dict[tuple[int, int], int]:
+    """Each thread's CPU time (schedstat, ns) over a process and its descendants, by (pid, tid)."""
+    out: dict[tuple[int, int], int] = {}
+    for proc in (pid, *descendants_of(pid)):
+        try:
+            tasks = list(Path(f"/proc/{proc}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                out[proc, int(task.name)] = int((task / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass  # a thread that just ended
+    return out
+
+
+def cpu_ns_between(before: dict[tuple[int, int], int], after: dict[tuple[int, int], int]) -> int:
+    """The CPU the threads used between two ``thread_cpu_ns`` readings: a thread that ended in
+    between (rsyslog's queue workers end when idle) takes nothing away from the sum; one that
+    began counts whole; the time an ending thread used between the readings is not seen."""
+    return sum(ns - before.get(key, 0) for key, ns in after.items() if ns >= before.get(key, 0))
 
 
 def status_kb(pid: int, key: str) -> int:

@@ -957,3 +957,27 @@ def test_reader_waiting_for_a_skip_over_an_empty_copy_and_its_truncation_reads_e
     forwarder.fill(1)
     writer, forwarder = finished(reader, forwarder, writer)
     assert forwarder.got == writer.expected, forwarder.notes
+
+
+def test_reader_waiting_in_a_copy_cut_back_is_not_fooled_by_the_next_copytruncate(tmp_path: Path) -> None:
+    """Found by a review: the reader waits in copy 2 (caught inside L2, skip = L1 L2); the daemon
+    cuts copy 2 back to L1 and writes L2 M again, then N; the next copytruncate (copy 3 = L2 M N)
+    lands before the reader looks. Copy 2 shrank because the daemon cut it, not for a new copy of
+    other lines: L2 once."""
+    log = tmp_path / "messages.log"
+    reader, forwarder, writer = started(log)
+    writer.write(record(1, 0, 5))
+    shutil.copyfile(log, f"{log}.1")
+    writer.write(record(1, 1, 5) + record(1, 2, 5))
+    forwarder.fill()
+    os.truncate(log, 0)
+    writer.write(record(2, 0, 5))
+    tick_after(log)
+    _copy_caught_inside(log, len(record(1, 1, 5)) + 10)
+    forwarder.fill()
+    writer.write(record(3, 0, 5))
+    tick_after(log)
+    copytruncate(log)
+    writer.write(record(4, 0, 5))
+    writer, forwarder = finished(reader, forwarder, writer)
+    assert forwarder.got == writer.expected, forwarder.notes

@@ -348,6 +348,10 @@ class LogReader:
                 if not shrunk:
                     if not self._skip_written_again(cur, size, cut=False):
                         return None
+                elif cur.ident != self._log_ident():
+                    # A copy (only the daemon's cut shrinks one): its complete first lines.
+                    if not self._skip_written_again(cur, size, cut=True):
+                        return None
                 elif self._skip_in_a_copy(cur):
                     pass
                 elif self._other_lines_copied(cur):

@@ -869,21 +869,30 @@ def _copy_caught_inside(log: Path, nbytes: int) -> None:
     os.truncate(log, 0)
 
 
-def test_reader_behind_two_copytruncates_steps_over_a_newer_copy_that_ends_inside_the_skip(tmp_path: Path) -> None:
-    """Copy 1 = L0; the reader reads L0 L1 L2; truncation 1 unseen; the daemon writes L1 L2 again
-    and M; copy 2 is caught inside L2 and the log truncated; the daemon cuts copy 2 back to L1 and
-    writes L2 M again, then N. The reader steps over copy 2 (L1, complete) and over L2 at the start
-    of the log, and reads M and N once (it waited in copy 2 for ever before)."""
-    log = tmp_path / "messages.log"
+def _copy_2_caught_inside_the_skip(log: Path, *, seen_truncation_1: bool) -> tuple[LogReader, Forwarder, Writer]:
+    """Copy 1 = L0; the reader reads L0 L1 L2; truncation 1 (seen by the reader or not); the
+    daemon writes L1 L2 again and M; copy 2 is caught inside L2 and the log truncated."""
     reader, forwarder, writer = started(log)
     writer.write(record(1, 0, 5))
     shutil.copyfile(log, f"{log}.1")
     writer.write(record(1, 1, 5) + record(1, 2, 5))
     forwarder.fill()
     os.truncate(log, 0)
+    if seen_truncation_1:
+        forwarder.fill()
     writer.write(record(2, 0, 5))
     tick_after(log)
     _copy_caught_inside(log, len(record(1, 1, 5)) + 10)
+    return reader, forwarder, writer
+
+
+def test_reader_behind_two_copytruncates_steps_over_a_newer_copy_that_ends_inside_the_skip(tmp_path: Path) -> None:
+    """Copy 1 = L0; the reader reads L0 L1 L2; truncation 1 unseen; the daemon writes L1 L2 again
+    and M; copy 2 is caught inside L2 and the log truncated; the daemon cuts copy 2 back to L1 and
+    writes L2 M again, then N. The reader steps over copy 2 (L1, complete) and over L2 at the start
+    of the log, and reads M and N once (it waited in copy 2 for ever before)."""
+    log = tmp_path / "messages.log"
+    reader, forwarder, writer = _copy_2_caught_inside_the_skip(log, seen_truncation_1=False)
     writer.write(record(3, 0, 5))
     writer, forwarder = finished(reader, forwarder, writer)
     assert forwarder.got == writer.expected, forwarder.notes
@@ -895,16 +904,7 @@ def test_reader_waiting_in_the_log_steps_over_a_next_copy_that_ends_inside_the_s
     complete, holds only L1; the rest, L2, begins the log. Each line once (L1 and L2 were sent
     twice, with the log seen shrunk or not)."""
     log = tmp_path / "messages.log"
-    reader, forwarder, writer = started(log)
-    writer.write(record(1, 0, 5))
-    shutil.copyfile(log, f"{log}.1")
-    writer.write(record(1, 1, 5) + record(1, 2, 5))
-    forwarder.fill()
-    os.truncate(log, 0)
-    forwarder.fill()
-    writer.write(record(2, 0, 5))
-    tick_after(log)
-    _copy_caught_inside(log, len(record(1, 1, 5)) + 10)
+    reader, forwarder, writer = _copy_2_caught_inside_the_skip(log, seen_truncation_1=True)
     writer.write(record(3, 0, pad))
     writer, forwarder = finished(reader, forwarder, writer)
     assert forwarder.got == writer.expected, forwarder.notes
@@ -965,15 +965,7 @@ def test_reader_waiting_in_a_copy_cut_back_is_not_fooled_by_the_next_copytruncat
     lands before the reader looks. Copy 2 shrank because the daemon cut it, not for a new copy of
     other lines: L2 once."""
     log = tmp_path / "messages.log"
-    reader, forwarder, writer = started(log)
-    writer.write(record(1, 0, 5))
-    shutil.copyfile(log, f"{log}.1")
-    writer.write(record(1, 1, 5) + record(1, 2, 5))
-    forwarder.fill()
-    os.truncate(log, 0)
-    writer.write(record(2, 0, 5))
-    tick_after(log)
-    _copy_caught_inside(log, len(record(1, 1, 5)) + 10)
+    reader, forwarder, writer = _copy_2_caught_inside_the_skip(log, seen_truncation_1=False)
     forwarder.fill()
     writer.write(record(3, 0, 5))
     tick_after(log)

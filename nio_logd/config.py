@@ -49,8 +49,8 @@ def rotated_name(name: str, base: str) -> bool:
     )
 
 
-# The last bytes the writer keeps of each file to put back what a copytruncate copy missed (it holds
-# less than 1.5 times this); a forwarder keeps twice this of what it read, so that it finds the copy
+# The last bytes the writer keeps of each file to put back what a copytruncate copy missed (a ring of
+# at most this); a forwarder keeps twice this of what it read, so that it finds the copy
 # and steps over what was put back whatever the daemon wrote between the copy and the truncation.
 COPYTRUNCATE_JOURNAL_BYTES = 8 << 20
 

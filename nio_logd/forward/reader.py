@@ -43,7 +43,7 @@ from ..config import COPYTRUNCATE_JOURNAL_BYTES, rotated_name
 from .cursor import CHECK_BYTES, digest
 
 # Bytes read last that are kept: to find a copytruncate copy and skip the lines written again. The
-# daemon writes again up to what its journal holds (less than 1.5 times COPYTRUNCATE_JOURNAL_BYTES),
+# daemon writes again up to what its journal holds (at most COPYTRUNCATE_JOURNAL_BYTES),
 # all of which the reader may have read past the copy's end: so it keeps more than that.
 RECENT = 2 * COPYTRUNCATE_JOURNAL_BYTES
 PROBE = 4096  # bytes compared at a file's start and at an offset: is one file a copy of the other?

@@ -14,7 +14,6 @@ following links, and only if it is still the regular, singly linked file that wa
 
 from __future__ import annotations
 
-import collections
 import errno
 import os
 import re
@@ -30,20 +29,24 @@ _NUMBERED = re.compile(r"\.(\d+)$")  # logrotate's numbered copies: messages.log
 
 
 class WriteJournal:
-    """The last bytes written to one file, with their offsets (one contiguous range)."""
+    """The last bytes written to one file, with their offsets (one contiguous range).
 
-    __slots__ = ("aligned", "chunks", "empty_since", "first_write", "limit", "nbytes", "skip")
+    A ring of at most ``limit`` bytes: what is written is copied in, so the journal holds exactly
+    what it says (the buffers written, a worker's batch among them, are freed once written) and
+    its memory is at most ``limit``. The ring grows as bytes come, up to ``limit``: a quiet log
+    costs what it wrote. The byte at file offset ``o`` is at ``(o - origin) % limit`` once full.
+    """
+
+    __slots__ = ("_end", "aligned", "buf", "empty_since", "first_write", "limit", "nbytes", "origin")
 
     def __init__(self, limit: int = JOURNAL_BYTES) -> None:
         self.limit = limit
-        # Chunks are the buffers written (bytes, or views of a worker's batch), not copies.
-        self.chunks: collections.deque[tuple[int, bytes | bytearray | memoryview]] = collections.deque()
+        self.buf = bytearray()  # grows to ``limit``, then is written round (a ring)
+        self.origin = 0  # the file offset of buf[0] (of the ring's turn that begins there)
+        self._end = 0
         self.nbytes = 0  # bytes held, from ``start`` to ``end``: at most ``limit``
-        # Bytes at the front of the first chunk that are no longer held. Cut off (copied) only once
-        # they are half of it: cutting at every small write would copy a big chunk again and again.
-        self.skip = 0
-        # Whether ``start`` is the start of a line: writes are whole lines, so it is unless only
-        # the end of a chunk is kept and that end begins inside a line.
+        # Whether ``start`` is the start of a line: writes are whole lines, so it is unless the
+        # bytes held begin inside a line (the oldest were pushed out, or a giant write's start).
         self.aligned = True
         # The file's mtime (ns) when it was seen empty before the write at offset 0, and right
         # after that write (set by the file; None if not seen so): an empty copy made between the
@@ -56,19 +59,16 @@ class WriteJournal:
 
     @property
     def start(self) -> int:
-        return self.chunks[0][0] + self.skip if self.chunks else 0
+        return self._end - self.nbytes
 
     @property
     def end(self) -> int:
-        if not self.chunks:
-            return 0
-        offset, data = self.chunks[-1]
-        return offset + len(data)
+        return self._end
 
     def reset(self, offset: int = 0, data: bytes | bytearray | memoryview = b"") -> None:
         """Forget everything; optionally start again with ``data`` found at ``offset``."""
-        self.chunks.clear()
-        self.nbytes = self.skip = 0
+        self.buf = bytearray()
+        self.origin = self._end = self.nbytes = 0
         self.aligned = True
         self.empty_since = self.first_write = None
         if data:
@@ -77,66 +77,74 @@ class WriteJournal:
     def add(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """``data`` was written at ``offset``; a gap or overlap (another writer, a cut) starts afresh.
 
-        Holds at most ``limit`` bytes: of a chunk bigger than that only its end is kept (copied,
-        so the caller's giant buffer is not held alive by a slice of it). In memory that is at most
-        ``limit`` plus half of the oldest chunk (see ``skip``), so less than 1.5 x ``limit``.
+        Holds at most ``limit`` bytes: of a write bigger than that only its end is kept.
         """
-        chunks = self.chunks
-        if chunks and self.end != offset:
+        n = len(data)
+        if self.nbytes and self._end != offset:
             self.reset()
-        if len(data) >= self.limit:
-            chunks.clear()
-            cut = len(data) - self.limit
-            chunks.append((offset + cut, bytes(memoryview(data)[cut:])))
-            self.nbytes, self.skip = self.limit, 0
-            self.aligned = cut == 0 or data[cut - 1] == 0x0A
+        if not n:
             return
-        chunks.append((offset, data))
-        self.nbytes += len(data)
-        while self.nbytes > self.limit:
-            first_offset, first = chunks[0]
-            live = len(first) - self.skip
-            over = self.nbytes - self.limit
-            if live <= over:
-                chunks.popleft()
-                self.nbytes -= live
-                self.skip = 0
-                self.aligned = True  # the next chunk is a whole write
-                continue
-            self.skip += over
-            self.nbytes -= over
-            self.aligned = first[self.skip - 1] == 0x0A
-            if 2 * self.skip >= len(first):
-                # bytes() for a view: its rest alone, not the buffer it is a view of, stays alive.
-                rest = first[self.skip :]
-                chunks[0] = (first_offset + self.skip, bytes(rest) if isinstance(rest, memoryview) else rest)
-                self.skip = 0
+        limit = self.limit
+        if not self.nbytes:
+            self.buf = bytearray()
+            self.origin = self._end = offset
+        if n >= limit:
+            cut = n - limit
+            if cut:
+                self.aligned = data[cut - 1] == 0x0A
+            elif self.nbytes:
+                self.aligned = self._byte(self._end - 1) == 0x0A
+            self.buf = bytearray(memoryview(data)[cut:])
+            self.origin = offset + cut
+            self._end, self.nbytes = offset + n, limit
+            return
+        if self.nbytes + n > limit:  # the oldest bytes go: is the first one left a line's start?
+            self.aligned = self._byte(self._end + n - limit - 1) == 0x0A
+        buf = self.buf
+        if len(buf) < limit:  # still growing: the bytes held are buf itself, from ``origin``
+            room = limit - len(buf)
+            if n <= room:
+                buf += data
+            else:
+                view = memoryview(data)
+                buf += view[:room]
+                buf[: n - room] = view[room:]
+        else:
+            at = (self._end - self.origin) % limit
+            first = min(n, limit - at)
+            view = memoryview(data)
+            buf[at : at + first] = view[:first]
+            if first < n:
+                buf[: n - first] = view[first:]
+        self._end += n
+        self.nbytes = min(self.nbytes + n, limit)
+
+    def _byte(self, offset: int) -> int:
+        return self.buf[(offset - self.origin) % len(self.buf)]
 
     def cut(self, end: int) -> None:
         """The file was cut back to ``end`` (a write undone): forget what was held past it."""
         if end <= self.start:
             self.reset()
             return
-        chunks = self.chunks
-        while chunks and self.end > end:
-            offset, data = chunks[-1]
-            if offset >= end:
-                chunks.pop()
-                self.nbytes -= len(data)
-            else:
-                chunks[-1] = (offset, data[: end - offset])
-                self.nbytes -= offset + len(data) - end
+        if end >= self._end:
+            return
+        self.nbytes -= self._end - end
+        self._end = end
+        if len(self.buf) < self.limit:
+            del self.buf[end - self.origin :]  # growing: appends go on at buf's end
 
     def slice(self, begin: int, end: int) -> bytes:
-        """The journal's bytes for file offsets [begin, end) (which it must hold)."""
-        begin = max(begin, self.start)
-        parts = []
-        for offset, data in self.chunks:
-            stop = offset + len(data)
-            if stop <= begin or offset >= end:
-                continue
-            parts.append(data[max(begin - offset, 0) : min(end, stop) - offset])
-        return b"".join(parts)
+        """The journal's bytes for file offsets [begin, end) (clamped to what it holds)."""
+        begin, end = max(begin, self.start), min(end, self._end)
+        if end <= begin:
+            return b""
+        size = len(self.buf)
+        at = (begin - self.origin) % size
+        n = end - begin
+        if at + n <= size:
+            return bytes(self.buf[at : at + n])
+        return bytes(self.buf[at:]) + bytes(self.buf[: n - (size - at)])
 
     def lost_to_truncation(self, path: Path) -> tuple[bytes, dict[str, Any]]:
         """``path`` was truncated under us: the bytes to write again, and what was found (for the log).

@@ -15,11 +15,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import Settings, TLSSettings
 from ..errors import StartupError
 from ..events import get_logger
-from ..forward import Forwarder
 from ..output.writer import Writer
 from ..records.record import RecordValidator
 from ..records.render import Renderer
@@ -30,9 +30,12 @@ from ..wire.listeners import Listener, bind, copies, describe
 from ..wire.tls import ConnectionFactory, connection_factory, server_context
 from .admission import SharedCounts
 from .handoff import Handoff
-from .metrics import MetricsServer
 from .privilege import Identity
 from .workers import WorkerPool
+
+if TYPE_CHECKING:  # imported where used: a daemon without [[forward]] or [metrics] loads neither
+    from ..forward import Forwarder  # (asyncio, nats-py) nor prometheus_client: megabytes of RSS a process
+    from .metrics import MetricsServer
 
 log = get_logger()
 
@@ -146,6 +149,8 @@ class Server:
         else:
             self.adopt(self.listeners, contexts)
         if self.settings.metrics.address:
+            from .metrics import MetricsServer
+
             try:
                 self.metrics = MetricsServer(self, self.settings.metrics.address)
             except StartupError as exc:
@@ -211,6 +216,10 @@ class Server:
     def _make_forwarders(self) -> None:
         """One forwarder per ``[[forward]]`` table, its cursor read while the files are quiet."""
         settings = self.settings
+        if not settings.forward:
+            return
+        from ..forward import Forwarder
+
         log_path = self.writer.messages.path
         for table in settings.forward:
             forwarder = Forwarder(

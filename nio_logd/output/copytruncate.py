@@ -32,9 +32,10 @@ class WriteJournal:
     """The last bytes written to one file, with their offsets (one contiguous range).
 
     A ring of at most ``limit`` bytes: what is written is copied in, so the journal holds exactly
-    what it says (the buffers written, a worker's batch among them, are freed once written) and
-    its memory is at most ``limit``. The ring grows as bytes come, up to ``limit``: a quiet log
-    costs what it wrote. The byte at file offset ``o`` is at ``(o - origin) % limit`` once full.
+    what it says (the buffers written, a worker's batch among them, are freed once written). The
+    ring grows as bytes come, up to ``limit``: a quiet log costs what it wrote. Grown by appends,
+    it keeps the spare room the last resize gave it (an eighth at most): its memory is under
+    1.125 x ``limit``, once. The byte at file offset ``o`` is at ``(o - origin) % limit`` once full.
     """
 
     __slots__ = ("_end", "aligned", "buf", "empty_since", "first_write", "limit", "nbytes", "origin")
@@ -94,6 +95,7 @@ class WriteJournal:
                 self.aligned = data[cut - 1] == 0x0A
             elif self.nbytes:
                 self.aligned = self._byte(self._end - 1) == 0x0A
+            self.buf = bytearray()  # the old ring freed first: never two at once
             self.buf = bytearray(memoryview(data)[cut:])
             self.origin = offset + cut
             self._end, self.nbytes = offset + n, limit

@@ -86,8 +86,7 @@ class WriteJournal:
         if not n:
             return
         limit = self.limit
-        if not self.nbytes:
-            self.buf = bytearray()
+        if not self.nbytes:  # (reset: buf is empty)
             self.origin = self._end = offset
         if n >= limit:
             cut = n - limit
@@ -102,22 +101,16 @@ class WriteJournal:
             return
         if self.nbytes + n > limit:  # the oldest bytes go: is the first one left a line's start?
             self.aligned = self._byte(self._end + n - limit - 1) == 0x0A
-        buf = self.buf
-        if len(buf) < limit:  # still growing: the bytes held are buf itself, from ``origin``
-            room = limit - len(buf)
-            if n <= room:
-                buf += data
-            else:
-                view = memoryview(data)
-                buf += view[:room]
-                buf[: n - room] = view[room:]
-        else:
-            at = (self._end - self.origin) % limit
-            first = min(n, limit - at)
-            view = memoryview(data)
+        buf, view = self.buf, memoryview(data)
+        if len(buf) < limit:  # still growing: appended (the bytes held are buf itself, from ``origin``)
+            take = min(n, limit - len(buf))
+            buf += view[:take]
+            view = view[take:]
+        if view:  # full: written round, from the ring's position of the next offset on
+            at = (self._end + n - len(view) - self.origin) % limit
+            first = min(len(view), limit - at)
             buf[at : at + first] = view[:first]
-            if first < n:
-                buf[: n - first] = view[first:]
+            buf[: len(view) - first] = view[first:]
         self._end += n
         self.nbytes = min(self.nbytes + n, limit)
 

@@ -34,7 +34,7 @@ from .privilege import Identity
 from .workers import WorkerPool
 
 if TYPE_CHECKING:  # imported where used: a daemon without [[forward]] or [metrics] loads neither
-    from ..forward import Forwarder  # (asyncio, nats-py) nor prometheus_client: megabytes of RSS a process
+    from ..forward import Forwarder  # (nats-py, the reader) nor prometheus_client: megabytes of RSS a process
     from .metrics import MetricsServer
 
 log = get_logger()

@@ -16,7 +16,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from nio_logd.config import RecordSettings
-from nio_logd.records.pipeline import Pipeline, Stream
+from nio_logd.records.pipeline import Pipeline, Stream, ok_answers
 from nio_logd.records.record import RecordValidator, Refusal
 from nio_logd.records.render import Renderer, escape_raw, processors, structlog_logger
 from nio_logd.wire.framing import Frame, TooLarge
@@ -378,3 +378,13 @@ def test_a_plain_read_in_one_serialisation_is_a_structlog_loggers_bytes(
         answers = [json.loads(a) for a in b"".join(out.answers[stream]).splitlines()]
         assert [{"seq": a["seq"], "ok": a["ok"]} for a in answers] == expected_answers
         assert out.answer_bytes == stream.owed == len(b"".join(out.answers[stream]))
+
+
+@given(st.integers(1, 1 << 62), st.integers(1, 600))
+@example(1, 1)
+@example(9, 2)  # the answers cross a power of ten
+@example(99_999, 300)
+def test_a_run_of_ok_answers_is_one_answer_line_per_record(first: int, count: int) -> None:
+    run = ok_answers(first, count)
+    assert run == b"".join(b'{"seq":%d,"ok":true}\n' % seq for seq in range(first, first + count))
+    assert [json.loads(line) for line in run.splitlines()][-1] == {"seq": first + count - 1, "ok": True}

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -95,6 +95,19 @@ class Outcome:
     counts: RecordCounts
     closing: list[Any] = field(default_factory=list)  # streams to close (refused_close_after)
     taken: list[int] = field(default_factory=list)  # with run(): frames taken per intake
+
+
+_OK_BETWEEN: Final = b',"ok":true}\n{"seq":'
+
+
+def ok_answers(first: int, count: int) -> bytes:
+    """The answers ``{"seq":N,"ok":true}`` for ``count`` records from ``first`` on, one per line.
+
+    One C pass instead of a formatting per record: orjson writes the numbers as ``[a,b,c]`` (only
+    digits and commas), and each comma becomes the end of one answer and the start of the next.
+    """
+    numbers = orjson.dumps(list(range(first, first + count)))
+    return b'{"seq":' + numbers[1:-1].replace(b",", _OK_BETWEEN) + b',"ok":true}\n'
 
 
 def nack(seq: int, refusal: Refusal) -> bytes:
@@ -210,9 +223,9 @@ class Pipeline:
                     break
                 results, body = self.validate_batch(frames[start : start + ACK_CHUNK])
                 if body is not None:
-                    oks = [b'{"seq":%d,"ok":true}\n' % n for n in range(seq + 1, seq + 1 + len(results))]
-                    run = b"".join(oks)
-                    if owed + len(run) - len(oks[-1]) < limit:  # room for the last one: for all
+                    run = ok_answers(seq + 1, len(results))
+                    last = len(b'{"seq":%d,"ok":true}\n' % (seq + len(results)))
+                    if owed + len(run) - last < limit:  # room for the last one: for all
                         renderer.splice(body, head, tail)
                         answers.append(run)
                         owed += len(run)

@@ -7,7 +7,6 @@ everything received and then closes. The CLI (``runner``) owns signals and proce
 
 from __future__ import annotations
 
-import collections
 import functools
 import socket
 import ssl
@@ -100,7 +99,7 @@ class Server:
         self.loops: list[IOLoop] = []
         self._conn_lock = threading.Lock()
         self.open_connections = 0
-        self._per_client: collections.Counter[str] = collections.Counter()
+        self._per_client: dict[str, int] = {}  # open connections by client host (none: no key)
         self.started_at = time.time()
         self._refusal_logged: dict[str, float] = {}
         # Per listener name: how its connections are made (TLS) and who may connect (allow).
@@ -340,10 +339,11 @@ class Server:
         with self._conn_lock:
             if self.open_connections >= limits.max_connections:
                 return "max_connections"
-            if limits.max_connections_per_client and self._per_client[host] >= limits.max_connections_per_client:
+            open_now = self._per_client.get(host, 0)
+            if limits.max_connections_per_client and open_now >= limits.max_connections_per_client:
                 return "max_connections_per_client"
             self.open_connections += 1
-            self._per_client[host] += 1
+            self._per_client[host] = open_now + 1
         return None
 
     def connection_closed(self, host: str) -> None:
@@ -355,11 +355,9 @@ class Server:
             return
         with self._conn_lock:
             self.open_connections -= 1
-            left = self._per_client[host] - 1
+            left = self._per_client.pop(host, 1) - 1
             if left > 0:
                 self._per_client[host] = left
-            else:
-                del self._per_client[host]
 
     def note_refused_connection(self, reason: str, listener: Listener, peer: str) -> None:
         if reason == "not_allowed":

@@ -33,6 +33,7 @@ import errno
 import fcntl
 import functools
 import heapq
+import os
 import socket
 import struct
 import termios
@@ -531,9 +532,14 @@ class IOLoop:
         server = self.server
         # At shutdown (draining) the whole backlog is taken, into this loop: those clients
         # connected, and may have sent records, before the stop.
+        # socket.accept() is the C method _accept() and a socket object made from the descriptor,
+        # but it asks the listener for its family and type as enums each time: a third of its cost
+        # a connection. The same two steps here, with the family read once (typeshed omits _accept).
+        accept: Callable[[], tuple[int, Any]] = listener.sock._accept  # type: ignore[attr-defined]
+        family = listener.family
         for _ in range(1 << 16 if draining else ACCEPTS_PER_EVENT):
             try:
-                sock, address = listener.sock.accept()
+                fd, address = accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
@@ -555,7 +561,13 @@ class IOLoop:
                 self.stats.accept_errors += 1
                 log.warning("accept_failed", listener=listener.name, error=exc.strerror, action="skipped")
                 continue
-            family = listener.family
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            except OSError as exc:  # its validation (getsockname) failed: the descriptor is closed, not kept
+                os.close(fd)
+                self.stats.accept_errors += 1
+                log.warning("accept_failed", listener=listener.name, error=exc.strerror, action="skipped")
+                continue
             peer = _peer_name(address, family)
             host = peer.rpartition(":")[0] if family != socket.AF_UNIX else "unix"
             refusal = server.admit(listener, host)

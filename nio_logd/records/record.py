@@ -295,11 +295,12 @@ class RecordValidator:
         return self.validate_batch(frames)[0]
 
     def validate_batch(self, frames: list[Frame]) -> tuple[list[Fields | Refusal], bytes | None]:
-        """``validate_many``'s results and, for a *plain* read, the records' fields serialised as
-        one JSON array (orjson) for ``Renderer.splice``. Plain: every frame accepted and no key
-        repeated; each result is then exactly the three fields in the schema's order
-        (``send_user`` first, string and datetime values only), by construction: the TypedDict
-        with extra "forbid" or "ignore" gives nothing else ("keep" never makes a plain read).
+        """``validate_many``'s results and, for a *plain* read of more than one frame, the records'
+        fields serialised as one JSON array (orjson) for ``Renderer.splice``. Plain: every frame
+        accepted and no key repeated; each result is then exactly the three fields in the
+        schema's order (``send_user`` first, string and datetime values only), by construction:
+        the TypedDict with extra "forbid" or "ignore" gives nothing else ("keep" never makes a
+        plain read). One frame is validated alone: the proof would cost more than the record.
 
         The common read costs a few C calls: the records through pydantic-core by ``map``, and
         the proof that no record repeats a key, from counts of ``"`` bytes. Each accepted record
@@ -314,7 +315,9 @@ class RecordValidator:
         ``\\u0022``, a record that may repeat a key) is decided record by record, with the same
         results as ``validate``.
         """
-        if self.settings.extra == "keep":
+        if self.settings.extra == "keep" or len(frames) == 1:
+            # One frame (a client of one record a connection): the batch's proof and splice would
+            # cost more than the record; the caller renders it alone.
             return [self.validate(frame) for frame in frames], None
         results: list[Any] = []
         extend = results.extend

@@ -132,23 +132,14 @@ class Renderer:
         timestamp for the whole read (the tests check the bytes equal a structlog logger's under
         a frozen clock). ``credentials``: a Unix socket peer's pid, uid and gid (SO_PEERCRED).
         """
-        return self.head(), self.tail(peer, listener, client, credentials)
-
-    def head(self) -> bytes:
-        """``frame``'s head: what a line begins with, the timestamp of now in it. The timestamp is
-        digits, ``-``, ``T``, ``:``, ``.`` and ``Z``: as a JSON string it is itself in quotes."""
-        return b'{"timestamp":"%s","level":"info","event":"message",' % self._stamp.text().encode()
-
-    def tail(
-        self, peer: str, listener: str, client: str | None, credentials: tuple[int, int, int] | None = None
-    ) -> bytes:
-        """``frame``'s tail: what a line of this peer ends with (the same for all its records)."""
+        # The timestamp is digits, "-", "T", ":", "." and "Z": as a JSON string it is just quoted.
+        head = b'{"timestamp":"%s","level":"info","event":"message",' % self._stamp.text().encode()
         tail = b',"peer":%s,"listener":%s' % (orjson.dumps(peer), orjson.dumps(listener))
         if credentials is not None:
             tail += b',"peer_pid":%d,"peer_uid":%d,"peer_gid":%d' % credentials
         if client is not None:
             tail += b',"client":%s' % orjson.dumps(client)
-        return tail + b"}\n"
+        return head, tail + b"}\n"
 
     def splice(self, body: bytes, head: bytes, tail: bytes) -> None:
         """The lines of a plain read, from its records' fields serialised as one JSON array

@@ -530,13 +530,13 @@ class IOLoop:
 
     def _accept(self, listener: Listener, *, draining: bool = False) -> None:
         server = self.server
-        # At shutdown (draining) the whole backlog is taken, into this loop: those clients
-        # connected, and may have sent records, before the stop.
         # socket.accept() is the C method _accept() and a socket object made from the descriptor,
         # but it asks the listener for its family and type as enums each time: a third of its cost
         # a connection. The same two steps here, with the family read once (typeshed omits _accept).
         accept: Callable[[], tuple[int, Any]] = listener.sock._accept  # type: ignore[attr-defined]
         family = listener.family
+        # At shutdown (draining) the whole backlog is taken, into this loop: those clients
+        # connected, and may have sent records, before the stop.
         for _ in range(1 << 16 if draining else ACCEPTS_PER_EVENT):
             try:
                 fd, address = accept()

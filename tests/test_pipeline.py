@@ -201,6 +201,33 @@ def test_batch_lines_are_a_structlog_loggers_bytes_under_a_frozen_clock(
     assert bytes(out.messages) == bytes(collected.buf)
 
 
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.lists(st.lists(good_frames, min_size=1, max_size=4), min_size=1, max_size=4), min_size=1, max_size=4)
+)
+def test_the_reads_of_one_pass_share_one_timestamp_and_each_pass_takes_the_clock_again(
+    passes: list[list[list[bytes]]],
+) -> None:
+    """One timestamp per read pass: every accepted line of a pass carries the time of the pass's
+    first record, however many reads and streams it holds; the next pass (``new_pass``, or the
+    batch handed over by ``outcome``) reads the clock again."""
+    ticks = iter(range(1_800_000_000, 1_900_000_000))
+    validator = RecordValidator(RecordSettings(), MAX)
+    pipeline = Pipeline(validator.validate_batch, Renderer(1024, clock=lambda: float(next(ticks))))
+    seen: list[set[str]] = []
+    for reads in passes:
+        pipeline.new_pass()
+        for i, read in enumerate(reads):
+            stream = Stream(f"127.0.0.1:{5000 + i}", "tcp://127.0.0.1:8888", ack=False)
+            assert pipeline.take(stream, list(read), now=0.0) == len(read)
+        out = pipeline.outcome()
+        lines = [json.loads(line) for line in bytes(out.messages).splitlines()]
+        assert len(lines) == sum(map(len, reads))
+        seen.append({line["timestamp"] for line in lines})
+    assert all(len(stamps) == 1 for stamps in seen)
+    assert len(set().union(*seen)) == len(passes)  # a new time for each pass
+
+
 @settings(max_examples=200, deadline=None)
 @given(frames, st.sampled_from(["forbid", "ignore", "keep"]))
 def test_validate_many_equals_validate_one_by_one(fs: list[Frame], extra: str) -> None:

@@ -187,10 +187,15 @@ class Pipeline:
     # -- per pass -------------------------------------------------------------------------------
     def run(self, intake: Iterable[tuple[Stream, list[Frame]]], now: float) -> Outcome:
         """A whole pass at once: every stream's frames in, the outcome out."""
+        self.new_pass()
         taken = [self.take(stream, frames, now) for stream, frames in intake]
         out = self.outcome()
         out.taken = taken
         return out
+
+    def new_pass(self) -> None:
+        """A read pass begins: its accepted lines share one timestamp, taken at its first record."""
+        self.renderer.new_pass()
 
     def take(self, stream: Stream, frames: list[Frame], now: float) -> int:
         """Validate, render and answer ``frames`` of ``stream``; how many were taken.
@@ -203,8 +208,9 @@ class Pipeline:
         call (``Renderer.splice``), and its answers made as one item.
         """
         renderer = self.renderer
-        # One timestamp for the read: each accepted line is a constant head, the record's fields
-        # serialised alone, and a constant tail (render.Renderer.frame).
+        # One timestamp for the pass (new_pass; outcome() ends a pass too): each accepted line is
+        # a constant head, the record's fields serialised alone, and a constant tail
+        # (render.Renderer.frame).
         head, tail = renderer.frame(stream.peer, stream.listener_name, stream.client, stream.credentials)
         lines = renderer.messages
         dumps = orjson.dumps

@@ -91,7 +91,7 @@ def escape_raw(raw: bytes, limit: int) -> tuple[str, bool]:
 class Renderer:
     """Turns validated fields and refusals into JSON lines, collected per batch."""
 
-    __slots__ = ("_dump", "_stamp", "accepted", "messages", "raw_limit", "refused", "rejects")
+    __slots__ = ("_dump", "_head", "_stamp", "accepted", "messages", "raw_limit", "refused", "rejects")
 
     def __init__(self, raw_limit: int, clock: Callable[[], float] = time.time) -> None:
         self.raw_limit = raw_limit
@@ -100,13 +100,20 @@ class Renderer:
         self.rejects = bytearray()
         self.accepted = 0
         self.refused = 0
+        self._head: bytes | None = None  # the accepted lines' head, with this pass's timestamp
+
+    def new_pass(self) -> None:
+        """A new read pass begins: the accepted lines from now on get a new timestamp."""
+        self._head = None
 
     def take(self) -> tuple[bytearray, int, bytearray, int]:
-        """The lines rendered since the last call (newline-terminated) and how many of each."""
+        """The lines rendered since the last call (newline-terminated) and how many of each; the
+        next line rendered gets a new timestamp."""
         out = self.messages, self.accepted, self.rejects, self.refused
         self.messages = bytearray()
         self.rejects = bytearray()
         self.accepted = self.refused = 0
+        self._head = None
         return out
 
     @property
@@ -124,7 +131,8 @@ class Renderer:
     def frame(
         self, peer: str, listener: str, client: str | None, credentials: tuple[int, int, int] | None = None
     ) -> tuple[bytes, bytes]:
-        """What goes before and after a record's own fields in its line, for the lines of one read.
+        """What goes before and after a record's own fields in its line, for the lines of one read;
+        the timestamp is the pass's (taken at the pass's first ``frame``, see ``new_pass``).
 
         The chain's output is ``{"timestamp":…,"level":"info","event":"message",`` + the fields
         (orjson, compact, in their order) + ``,"peer":…,"listener":…[,"peer_pid":…,"peer_uid":…,
@@ -133,7 +141,9 @@ class Renderer:
         a frozen clock). ``credentials``: a Unix socket peer's pid, uid and gid (SO_PEERCRED).
         """
         # The timestamp is digits, "-", "T", ":", "." and "Z": as a JSON string it is just quoted.
-        head = b'{"timestamp":"%s","level":"info","event":"message",' % self._stamp.text().encode()
+        head = self._head
+        if head is None:
+            head = self._head = b'{"timestamp":"%s","level":"info","event":"message",' % self._stamp.text().encode()
         tail = b',"peer":%s,"listener":%s' % (orjson.dumps(peer), orjson.dumps(listener))
         if credentials is not None:
             tail += b',"peer_pid":%d,"peer_uid":%d,"peer_gid":%d' % credentials

@@ -21,6 +21,7 @@ connection where it was accepted.
 
 from __future__ import annotations
 
+import _socket
 import array
 import select
 import socket
@@ -45,7 +46,7 @@ def inboxes(workers: int) -> list[tuple[socket.socket, socket.socket]]:
     return pairs
 
 
-def _closed_by_client(sock: socket.socket) -> bool:
+def _closed_by_client(sock: _socket.socket) -> bool:
     """The client has shut its side already: what it sent waits in the kernel, nothing more comes."""
     poller = select.poll()
     poller.register(sock, select.POLLRDHUP)
@@ -93,7 +94,7 @@ class Handoff:
         with self.shared:
             self.shared.set_taking(self.index, on)
 
-    def offer(self, sock: socket.socket, listener: Listener, peer: str, host: str) -> bool:
+    def offer(self, sock: _socket.socket, listener: Listener, peer: str, host: str) -> bool:
         """Send ``sock`` (admitted here, nothing read from it) to a lighter worker; True if sent,
         and then this worker has closed its copy and no longer counts it."""
         shared = self.shared
@@ -120,10 +121,10 @@ class Handoff:
         sock.close()
         return True
 
-    def receive(self, *, everything: bool = False) -> list[tuple[socket.socket, Listener, str, str]]:
+    def receive(self, *, everything: bool = False) -> list[tuple[_socket.socket, Listener, str, str]]:
         """The connections waiting in the inbox (at most PER_EVENT unless ``everything``), now
         counted as this worker's: (socket, listener, peer, client address)."""
-        out: list[tuple[socket.socket, Listener, str, str]] = []
+        out: list[tuple[_socket.socket, Listener, str, str]] = []
         while everything or len(out) < PER_EVENT:
             try:
                 data, fds, _flags, _addr = socket.recv_fds(self.inbox, MAX_MESSAGE, 1)

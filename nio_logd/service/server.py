@@ -7,8 +7,8 @@ everything received and then closes. The CLI (``runner``) owns signals and proce
 
 from __future__ import annotations
 
+import _socket
 import functools
-import socket
 import ssl
 import threading
 import time
@@ -188,7 +188,7 @@ class Server:
         self.handoff = handoff
         self.loops[0].add_inbox(handoff.fileno())
 
-    def hand_off(self, sock: socket.socket, listener: Listener, peer: str, host: str) -> bool:
+    def hand_off(self, sock: _socket.socket, listener: Listener, peer: str, host: str) -> bool:
         """Send a connection just admitted here, nothing read from it, to a lighter worker; True
         if it went (it is then neither open nor counted here)."""
         handoff = self.handoff
@@ -198,7 +198,7 @@ class Server:
             self.open_connections -= 1
         return True
 
-    def handed_over(self, *, everything: bool = False) -> list[tuple[socket.socket, Listener, str, str]]:
+    def handed_over(self, *, everything: bool = False) -> list[tuple[_socket.socket, Listener, str, str]]:
         """The connections other workers sent here, now counted as open here; with ``everything``
         (draining) this worker first stops taking more, then empties its inbox."""
         handoff = self.handoff

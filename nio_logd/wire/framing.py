@@ -88,7 +88,7 @@ class LineFramer:
             # The common chunk (no CR, no empty, blank or oversize line): every line is a record,
             # found by C loops instead of a Python one (callgrind: ~40 % of framing's instructions).
             out: list[Frame] = lines  # type: ignore[assignment]
-            return self._keep_tail(out, tail, limit)
+            return self._keep_tail(out, tail, limit) if tail else out
         out = []
         for line in lines:
             if line[-1:] == b"\r":
@@ -97,7 +97,7 @@ class LineFramer:
                 out.append(TooLarge(line[:limit]))
             elif line and not line.isspace():
                 out.append(line)
-        return self._keep_tail(out, tail, limit)
+        return self._keep_tail(out, tail, limit) if tail else out
 
     def _keep_tail(self, out: list[Frame], tail: bytes, limit: int) -> list[Frame]:
         """Hold the unfinished line after the last newline (or mark it too large)."""
@@ -110,11 +110,11 @@ class LineFramer:
 
     def eof(self) -> list[Frame]:
         """The stream ended: the bytes after the last newline are one last record."""
+        self._discarding = False
+        if not self._buf:
+            return []  # the stream ended with a newline (or was empty)
         tail = bytes(self._buf)
         self._buf = bytearray()
-        self._discarding = False
-        if not tail:
-            return []
         tail = _clean(tail)
         if not tail or tail.isspace():
             return []

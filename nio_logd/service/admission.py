@@ -29,6 +29,7 @@ import threading
 _EMPTY = 0
 _SLOT = struct.Struct("=Qq")  # key, count
 _HEAD = struct.Struct("=qq")  # the region's open connections, its entries at a count of 0
+_COUNT = struct.Struct("=q")  # the first of _HEAD alone
 _MOVES = struct.Struct("=qq")  # takes connections handed over (1/0), connections on their way to it
 
 
@@ -54,6 +55,10 @@ class SharedCounts:
         self.region = _HEAD.size + slots * _SLOT.size
         self.moves = self.region * workers  # where the move records begin
         self.map = mmap.mmap(fd, self.moves + _MOVES.size * workers)
+        # Read for every connection admitted: each region's open count, and all the move records
+        # in one unpack (taking, coming, taking, coming, ...).
+        self._open_at = [w * self.region for w in range(workers)]
+        self._all_moves = struct.Struct("=" + "qq" * workers)
         self._lock = threading.Lock()
         # (worker, key) -> the offset of its slot: a process writes only its own region, so the
         # slots it filled stay where it put them until it rehashes or the region is cleared.
@@ -88,27 +93,26 @@ class SharedCounts:
 
     # -- reading (under the lock) -------------------------------------------------------------------
     def open_connections(self) -> int:
-        held = sum(int(_HEAD.unpack_from(self.map, w * self.region)[0]) for w in range(self.workers))
-        return held + sum(self._moves(w)[1] for w in range(self.workers))
+        return sum(self._loads()[0])
 
-    def _moves(self, worker: int) -> tuple[int, int]:
-        taking, coming = _MOVES.unpack_from(self.map, self.moves + worker * _MOVES.size)
-        return int(taking), int(coming)
-
-    def _load(self, worker: int) -> int:
-        """The connections ``worker`` holds and those on their way to it."""
-        return int(_HEAD.unpack_from(self.map, worker * self.region)[0]) + self._moves(worker)[1]
+    def _loads(self) -> tuple[list[int], tuple[int, ...]]:
+        """Each worker's load (the connections it holds and those on their way to it), and
+        whether each takes connections handed over (1/0)."""
+        m = self.map
+        moves = self._all_moves.unpack_from(m, self.moves)
+        coming = moves[1::2]
+        loads = [_COUNT.unpack_from(m, at)[0] + coming[w] for w, at in enumerate(self._open_at)]
+        return loads, moves[0::2]
 
     def lighter(self, worker: int) -> int | None:
         """The worker that takes connections handed over and holds at least two fewer than
         ``worker``, the lightest (each counted with the connections on their way to it); or None.
         Also read without the lock, as a hint: the decision is taken again under it."""
-        best, best_load = None, self._load(worker) - 1
-        for w in range(self.workers):
-            if w != worker and self._moves(w)[0]:
-                load = self._load(w)
-                if load < best_load:
-                    best, best_load = w, load
+        loads, taking = self._loads()
+        best, best_load = None, loads[worker] - 1
+        for w, load in enumerate(loads):
+            if load < best_load and taking[w] and w != worker:
+                best, best_load = w, load
         return best
 
     def _find(self, base: int, key: int) -> tuple[int, int]:
@@ -139,11 +143,12 @@ class SharedCounts:
 
     # -- writing one's own region (under the lock) --------------------------------------------------
     def add(self, worker: int, host: str, delta: int, *, per_client: bool) -> None:
+        m = self.map
         base = worker * self.region
-        open_now, idle = _HEAD.unpack_from(self.map, base)
+        open_now, idle = _HEAD.unpack_from(m, base)
         open_now += delta
-        _HEAD.pack_into(self.map, base, open_now, idle)
         if not per_client:
+            _HEAD.pack_into(m, base, open_now, idle)
             return
         key = _key(host)
         offset = self._offsets.get((worker, key), -1)
@@ -151,12 +156,16 @@ class SharedCounts:
             offset, free = self._find(base, key)
             if offset < 0:
                 if delta <= 0 or free < 0:
-                    return  # nothing to take off; or full (cannot be: twice the worker's connections)
+                    # nothing to take off; or full (cannot be: twice the worker's connections)
+                    _HEAD.pack_into(m, base, open_now, idle)
+                    return
                 offset = free
-                _SLOT.pack_into(self.map, offset, key, 0)
+                _SLOT.pack_into(m, offset, key, 0)
                 idle += 1  # counted back out just below, as its count rises from 0
-        before = int(_SLOT.unpack_from(self.map, offset)[1])
-        count = max(0, before + delta)
+            self._offsets[worker, key] = offset
+        before = _SLOT.unpack_from(m, offset)[1]
+        count = before + delta
+        count = max(count, 0)
         # A client's entry stays in its slot at 0 (the next connection from it finds it again
         # without a search; one-record connections take a count from 0 to 1 and back each time)
         # until the sweep drops it.
@@ -164,9 +173,8 @@ class SharedCounts:
             idle -= 1
         elif count <= 0 < before:
             idle += 1
-        _SLOT.pack_into(self.map, offset, key, count)
-        self._offsets[worker, key] = offset
-        _HEAD.pack_into(self.map, base, open_now, idle)
+        _SLOT.pack_into(m, offset, key, count)
+        _HEAD.pack_into(m, base, open_now, idle)
         if idle * 8 > self.slots:
             self._rehash(base)
 

@@ -164,8 +164,7 @@ class SharedCounts:
                 idle += 1  # counted back out just below, as its count rises from 0
             self._offsets[worker, key] = offset
         before = _SLOT.unpack_from(m, offset)[1]
-        count = before + delta
-        count = max(count, 0)
+        count = max(0, before + delta)
         # A client's entry stays in its slot at 0 (the next connection from it finds it again
         # without a search; one-record connections take a count from 0 to 1 and back each time)
         # until the sweep drops it.

@@ -57,7 +57,7 @@ def main() -> int:
     validator = RecordValidator(RecordSettings(), 256 * 1024)
     # The daemon keeps only the schema validator its TypeAdapter built; that validator pickles as
     # (its core schema, its config), which is how the list schema gets the very same record schema.
-    schema_validator: Any = cast(Any, validator._validate_json).__self__
+    schema_validator = cast(Any, validator._validate_json).__self__
     record_schema, record_config = schema_validator.__reduce__()[1][:2]
     list_validator = SchemaValidator(cs.list_schema(items_schema=record_schema), record_config)
     size = args.batch

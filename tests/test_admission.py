@@ -150,3 +150,56 @@ def test_moves_between_workers_equal_a_model(script: list[tuple[str, int, int, s
     finally:
         counts.map.close()
         os.close(counts.fd)
+
+
+admit_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["admit", "close", "send", "arrive", "die"]), st.integers(0, 2), st.sampled_from(HOSTS[:4])
+    ),
+    max_size=200,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(admit_ops, st.integers(0, 8), st.integers(0, 3))
+def test_admit_decides_as_a_model_of_both_limits(
+    script: list[tuple[str, int, str]], max_connections: int, per_client: int
+) -> None:
+    """``admit`` (one decision under the lock, as a worker takes it): refused with the limit's name
+    exactly when the model's daemon-wide count (connections on their way to a worker included) or
+    the client's count across the workers is at its limit; counted as the worker's otherwise."""
+    counts = SharedCounts.create(3, 16)
+    held = [collections.Counter[str]() for _ in range(3)]
+    coming: list[list[str]] = [[], [], []]
+    try:
+        for op, worker, host in script:
+            with counts:
+                total = sum(sum(m.values()) for m in held) + sum(map(len, coming))
+                if op == "admit":
+                    if total >= max_connections:
+                        expected: str | None = "max_connections"
+                    elif per_client and sum(m[host] for m in held) >= per_client:
+                        expected = "max_connections_per_client"
+                    else:
+                        expected = None
+                        held[worker][host] += 1
+                    assert counts.admit(worker, host, max_connections, per_client) == expected
+                elif op == "close" and held[worker][host] > 0:
+                    counts.add(worker, host, -1, per_client=True)
+                    held[worker][host] -= 1
+                elif op == "send" and held[worker][host] > 0:
+                    target = (worker + 1) % 3
+                    counts.moved_out(worker, target, host)
+                    held[worker][host] -= 1
+                    coming[target].append(host)
+                elif op == "arrive" and coming[worker]:
+                    arrived = coming[worker].pop(0)
+                    counts.moved_in(worker, arrived)
+                    held[worker][arrived] += 1
+                elif op == "die":
+                    assert counts.clear(worker) == sum(held[worker].values())
+                    held[worker] = collections.Counter()
+                assert counts.open_connections() == sum(sum(m.values()) for m in held) + sum(map(len, coming))
+    finally:
+        counts.map.close()
+        os.close(counts.fd)

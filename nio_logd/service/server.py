@@ -327,12 +327,11 @@ class Server:
         shared = self.shared
         if shared is not None:  # a worker: the limits hold for all the workers together
             with shared:
-                if shared.open_connections() >= limits.max_connections:
-                    return "max_connections"
-                per_client = limits.max_connections_per_client
-                if per_client and shared.client(host) >= per_client:
-                    return "max_connections_per_client"
-                shared.add(self.worker_index, host, 1, per_client=True)
+                refusal = shared.admit(
+                    self.worker_index, host, limits.max_connections, limits.max_connections_per_client
+                )
+            if refusal:
+                return refusal
             with self._conn_lock:
                 self.open_connections += 1
             return None

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,6 +23,7 @@ import pytest
 from conftest import free_port, read_lines, record, wait_for, write_config
 from faultkit import AckedSender, children, healthz, logged_ids, make_line, metric, rss_kib, scrape
 
+from nio_logd.service import ipc
 from nio_logd.tools.client import send
 
 
@@ -284,3 +289,67 @@ def test_a_stopped_hub_makes_the_workers_stop_reading_not_buffer(tmp_path: Path,
     sock.close()
     wait_for(lambda: d.messages.exists() and d.messages.read_bytes().count(b"\n") >= sent * 4000, 60)
     d.stop()
+
+
+@pytest.mark.parametrize(
+    ("kind", "identity"),
+    [("boot", b"\0" * 32), ("settings", None)],
+    ids=["other-code-identity", "first-message-of-an-older-hub"],
+)
+def test_a_worker_started_by_other_code_refuses_with_a_clear_error(kind: str, identity: bytes | None) -> None:
+    """A worker is a fresh interpreter: after an upgrade on disk under a running daemon it would
+    run other code than its hub (pickled messages, the shared counts' layout). Started by a hub
+    whose code identity differs, or by one that sends the older first message, it exits 3 and
+    says why, before unpickling anything."""
+
+    hub, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nio_logd.service.worker", str(worker.fileno())],
+        pass_fds=[worker.fileno()],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    worker.close()
+    try:
+        payload = b"not a pickle"
+        if kind == "boot":
+            assert identity is not None and identity != ipc.code_identity()
+            hub.sendall(ipc.message(ipc.BOOT, identity + payload))
+        else:
+            hub.sendall(ipc.message(ipc.SETTINGS, payload))
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        hub.close()
+    assert proc.returncode == 3
+    text = err.decode()
+    assert "runs other code" in text and "restart the daemon" in text, text
+    assert "Traceback" not in text, text
+
+
+def test_code_identity_is_the_packages_source() -> None:
+    """The identity is a digest of the package's Python files: the same in a fresh interpreter,
+    another for other source (a copy of the package with one file changed)."""
+
+    here = ipc.code_identity()
+    probe = "import sys; from nio_logd.service import ipc; sys.stdout.write(ipc.code_identity().hex())"
+    again = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=60, check=True)
+    assert again.stdout.decode() == here.hex()
+    package = Path(ipc.__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "nio_logd"
+        shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+        (copy / "records" / "pipeline.py").write_text((copy / "records" / "pipeline.py").read_text() + "\n# changed\n")
+        other = subprocess.run(
+            [sys.executable, "-c", probe],
+            capture_output=True,
+            timeout=60,
+            check=True,
+            cwd=tmp,
+            env={**os.environ, "PYTHONPATH": tmp},
+        )
+    assert other.stdout.decode() != here.hex()
+    assert len(here) == 32

@@ -44,7 +44,7 @@ def _key(host: str) -> int:
 
 
 def table_slots(max_connections: int) -> int:
-    """Slots per region: at least twice the connections one worker can hold, a power of two."""
+    """Slots per worker's table: at least twice the connections one worker can hold, a power of two."""
     return 1 << max(10, (2 * max_connections - 1).bit_length())
 
 
@@ -61,7 +61,7 @@ class SharedCounts:
         self.slots = slots
         self.map = mmap.mmap(fd, _map_size(workers, slots))
         # Every worker's record in one unpack: (open, at 0, taking, coming) for worker 0, 1, ...
-        self._records = struct.Struct("=" + "qqqq" * workers)
+        self._records = struct.Struct("=" + _WORKER.format.lstrip("=") * workers)
         self._record_at = [w * _WORKER.size for w in range(workers)]
         tables = workers * _WORKER.size
         self._table_at = [tables + w * slots * _SLOT.size for w in range(workers)]
@@ -143,13 +143,13 @@ class SharedCounts:
                 total += int(_SLOT.unpack_from(self.map, offset)[1])
         return total
 
-    def admit(self, worker: int, host: str, max_connections: int, per_client: int) -> str | None:
+    def admit(self, worker: int, host: str, max_connections: int, max_per_client: int) -> str | None:
         """One decision for a connection from ``host`` (under the lock): None, and it is counted as
-        ``worker``'s; or the limit that refuses it (``per_client`` 0: no limit per client)."""
+        ``worker``'s; or the limit that refuses it (``max_per_client`` 0: no limit per client)."""
         if self.open_connections() >= max_connections:
             return "max_connections"
         key = _key(host)
-        if per_client and self._client(key) >= per_client:
+        if max_per_client and self._client(key) >= max_per_client:
             return "max_connections_per_client"
         self._add(worker, key, 1)
         return None

@@ -1,9 +1,11 @@
 """The channel between a worker process and the process that owns the files (the hub).
 
 design: one Unix stream socket pair per worker, made by the hub before it starts the worker. A
-message is a 5-byte header (kind, payload length) and its payload. The worker sends the batches
-its loops rendered (``BATCH``: sequence number, counts, the messages bytes and the rejects bytes,
-sent as they are, never re-encoded), its reports (``STATS``) and its events (``EVENT``); the hub
+message is a 5-byte header (kind, payload length) and its payload. The hub's first message
+(``BOOT``) holds a digest of its code, and a worker refuses to run under other code. The worker
+sends the batches its loops rendered (``BATCH``: sequence number, counts, the messages bytes and
+the rejects bytes, sent as they are, never re-encoded), its reports (``STATS``) and its events
+(``EVENT``); the hub
 answers with the highest sequence number written (``DONE``: batches are written in the order they
 arrive, so one number covers every batch before it), and sends requests (``QUERY``, ``SETTINGS``,
 ``STOP``, ``FORCE``).
@@ -16,11 +18,14 @@ holds more than the credits of its workers, and never has to stop reading a work
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import pickle
 import socket
 import struct
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..output.writer import Batch, Completion
@@ -35,6 +40,7 @@ QUERY = 11  # hub -> worker: send a STATS
 SETTINGS = 12  # hub -> worker: reloaded settings to apply
 STOP = 13  # hub -> worker: stop accepting, drain, exit
 FORCE = 14  # hub -> worker: the drain is over (a second signal): close everything, exit
+BOOT = 15  # hub -> worker, the first message: the hub's code_identity(), then the pickled Bootstrap
 
 HEADER = struct.Struct("!BI")
 BATCH_HEAD = struct.Struct("!QIII")  # seq, accepted, refused, len(messages); then messages, rejects
@@ -42,6 +48,23 @@ SEQ = struct.Struct("!Q")
 # What one message may carry: a batch is at most a pass's limit (8 MiB) plus one pass of lines.
 MAX_PAYLOAD = 1 << 30
 SOCKET_BUFFER = 4 << 20
+
+
+@functools.cache
+def code_identity() -> bytes:
+    """A digest of this package's Python source (32 bytes). Both ends of a channel must run the
+    same code: its messages are pickled, and the shared counts' layout is this code's. A worker
+    started after an upgrade on disk would not be the hub's (the worker is a fresh interpreter)."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode("utf-8", "surrogateescape") + b"\0")
+        try:
+            digest.update(path.read_bytes())
+        except OSError as exc:
+            digest.update(f"unreadable: {exc.errno}".encode())
+        digest.update(b"\0")
+    return digest.digest()
 
 
 class ChannelClosed(Exception):

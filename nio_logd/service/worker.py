@@ -99,15 +99,23 @@ def _listeners(server: Server, specs: list[ListenerSpec]) -> list[Listener]:
     return listeners
 
 
+class OtherCode(Exception):
+    """The hub that started this worker is not running this code."""
+
+
 def serve_worker(fd: int) -> int:
     """Run one worker until the hub says stop (0) or goes away (1)."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
     kind, payload = ipc.recv_message(sock)
-    if kind != ipc.SETTINGS:
-        return 2
-    boot: Bootstrap = ipc.loads(payload)
+    identity = ipc.code_identity()
+    if kind != ipc.BOOT or bytes(payload[: len(identity)]) != identity:
+        raise OtherCode(
+            "the daemon that started this worker runs other code (nio-logd was upgraded or changed"
+            " on disk since it started): restart the daemon"
+        )
+    boot: Bootstrap = ipc.loads(payload[len(identity) :])
     settings = boot.settings
     remote = ipc.RemoteWriter(sock, settings.limits.queue_bytes)
     sys.stderr = HubStream(remote, sys.__stderr__)
@@ -178,6 +186,10 @@ def main() -> None:
         code = serve_worker(fd)
     except ipc.ChannelClosed:
         code = 1  # the hub went away before the worker was started
+    except OtherCode as exc:
+        sys.stderr.write(f"nio-logd worker: {exc}\n")
+        sys.stderr.flush()
+        code = 3
     os._exit(code)  # no atexit work: the hub owns the files and the sockets
 
 

@@ -144,7 +144,7 @@ class WorkerLink:
             worker_end.close()
         self.sock = hub_end
         self.started = time.monotonic()
-        ipc.send_parts(hub_end, [ipc.message(ipc.SETTINGS, ipc.dumps(bootstrap))])
+        ipc.send_parts(hub_end, [ipc.message(ipc.BOOT, ipc.code_identity() + ipc.dumps(bootstrap))])
         threading.Thread(target=self._read, name=f"nio-logd-hub-{self.index}-in", daemon=True).start()
         threading.Thread(target=self._send, name=f"nio-logd-hub-{self.index}-out", daemon=True).start()
 

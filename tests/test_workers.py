@@ -353,3 +353,37 @@ def test_code_identity_is_the_packages_source() -> None:
         )
     assert other.stdout.decode() != here.hex()
     assert len(here) == 32
+
+
+def test_a_worker_restarted_after_the_code_changed_on_disk_refuses_and_is_reported(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    """The daemon runs from a copy of the package; the copy is changed on disk (an upgrade) and a
+    worker is SIGKILLed: the worker the hub starts in its place finds other code than its hub's,
+    exits 3 saying to restart the daemon, and the hub reports that as a worker death (health not
+    ok) instead of running a mismatched worker; SIGTERM stops the daemon, which exits 1."""
+    package = Path(ipc.__file__).resolve().parents[1]
+    site = tmp_path / "site"
+    shutil.copytree(package, site / "nio_logd", ignore=shutil.ignore_patterns("__pycache__"))
+    cfg, _port, metrics = _config(tmp_path)
+    d = daemon_factory(cfg, env={"PYTHONPATH": str(site)})
+    workers = _workers(d.pid)
+    assert len(workers) == 2, workers
+    changed = site / "nio_logd" / "records" / "pipeline.py"
+    changed.write_text(changed.read_text() + "\n# the upgrade\n")
+    os.kill(workers[0], signal.SIGKILL)
+
+    def refused() -> dict[str, Any] | None:
+        return next(
+            (e for e in list(d.events) if e.get("event") == "worker_died" and e.get("how") == "exit code 3"),
+            None,
+        )
+
+    wait_for(lambda: refused() is not None, 60)
+    assert any("runs other code" in line and "restart the daemon" in line for line in d.stderr_lines), d.stderr_lines
+    assert not any("Traceback" in line for line in d.stderr_lines)
+    assert healthz(metrics)[0] != 200
+    # SIGTERM stops it, and the exit code says that it did not run clean (a worker was missing).
+    assert d.stop() == 1
+    stopped = d.event("stopped")
+    assert stopped is not None and stopped["clean"] is False, stopped

@@ -33,10 +33,10 @@ def test_counts_equal_a_counter_model_through_opens_closes_and_deaths(script: li
         for op, worker, host in script:
             with counts:
                 if op == "open":
-                    counts.add(worker, host, 1, per_client=True)
+                    counts.add(worker, host, 1)
                     model[worker][host] += 1
                 elif op == "close" and model[worker][host] > 0:
-                    counts.add(worker, host, -1, per_client=True)
+                    counts.add(worker, host, -1)
                     model[worker][host] -= 1
                 elif op == "die":
                     assert counts.clear(worker) == sum(model[worker].values())
@@ -57,9 +57,9 @@ def test_many_distinct_clients_come_and_go_without_filling_the_table() -> None:
         for i in range(50_000):
             host = f"192.0.{i >> 8 & 255}.{i & 255}:{i}"
             with counts:
-                counts.add(0, host, 1, per_client=True)
+                counts.add(0, host, 1)
                 assert counts.client(host) == 1
-                counts.add(0, host, -1, per_client=True)
+                counts.add(0, host, -1)
         with counts:
             assert counts.open_connections() == 0
             assert counts.client("192.0.0.1:1") == 0
@@ -73,13 +73,13 @@ def test_another_process_sees_and_changes_the_same_counts() -> None:
     counts = SharedCounts.create(2, 64)
     try:
         with counts:
-            counts.add(0, "10.0.0.1", 1, per_client=True)
+            counts.add(0, "10.0.0.1", 1)
         code = (
             "import sys; from nio_logd.service.admission import SharedCounts\n"
             f"c = SharedCounts({counts.fd}, 2, {counts.slots})\n"
             "with c:\n"
             "    assert c.client('10.0.0.1') == 1, c.client('10.0.0.1')\n"
-            "    c.add(1, '10.0.0.1', 2, per_client=True)\n"
+            "    c.add(1, '10.0.0.1', 2)\n"
         )
         done = subprocess.run([sys.executable, "-c", code], pass_fds=[counts.fd], capture_output=True, timeout=60)
         assert done.returncode == 0, done.stderr
@@ -117,10 +117,10 @@ def test_moves_between_workers_equal_a_model(script: list[tuple[str, int, int, s
         for op, worker, other, host in script:
             with counts:
                 if op == "open":
-                    counts.add(worker, host, 1, per_client=True)
+                    counts.add(worker, host, 1)
                     held[worker][host] += 1
                 elif op == "close" and held[worker][host] > 0:
-                    counts.add(worker, host, -1, per_client=True)
+                    counts.add(worker, host, -1)
                     held[worker][host] -= 1
                 elif op == "send" and held[worker][host] > 0 and other != worker:
                     counts.moved_out(worker, other, host)
@@ -185,7 +185,7 @@ def test_admit_decides_as_a_model_of_both_limits(
                         held[worker][host] += 1
                     assert counts.admit(worker, host, max_connections, per_client) == expected
                 elif op == "close" and held[worker][host] > 0:
-                    counts.add(worker, host, -1, per_client=True)
+                    counts.add(worker, host, -1)
                     held[worker][host] -= 1
                 elif op == "send" and held[worker][host] > 0:
                     target = (worker + 1) % 3

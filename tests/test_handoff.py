@@ -150,7 +150,7 @@ def test_an_offer_keeps_a_connection_whose_client_has_closed_its_side(send: byte
         there.taking(True)
         with shared:
             for _ in range(3):
-                shared.add(0, "127.0.0.1", 1, per_client=True)
+                shared.add(0, "127.0.0.1", 1)
         client, server = _accepted(listener_sock, send, shut=shut)
         try:
             assert here.offer(server, listener, "127.0.0.1:1", "127.0.0.1") is moved

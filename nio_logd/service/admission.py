@@ -155,13 +155,9 @@ class SharedCounts:
         return None
 
     # -- writing one's own counts (under the lock) --------------------------------------------------
-    def add(self, worker: int, host: str, delta: int, *, per_client: bool) -> None:
-        if per_client:
-            self._add(worker, _key(host), delta)
-        else:
-            at = self._record_at[worker]
-            open_now, idle = _HEAD.unpack_from(self.map, at)
-            _HEAD.pack_into(self.map, at, open_now + delta, idle)
+    def add(self, worker: int, host: str, delta: int) -> None:
+        """``delta`` connections from ``host`` opened (or, negative, closed) in ``worker``."""
+        self._add(worker, _key(host), delta)
 
     def _add(self, worker: int, key: int, delta: int) -> None:
         m = self.map
@@ -200,7 +196,7 @@ class SharedCounts:
 
     def moved_out(self, worker: int, target: int, host: str) -> None:
         """``worker`` has sent one of its connections (from ``host``) to ``target``."""
-        self.add(worker, host, -1, per_client=True)
+        self._add(worker, _key(host), -1)
         offset = self._record_at[target] + _COMING
         _ONE.pack_into(self.map, offset, _ONE.unpack_from(self.map, offset)[0] + 1)
 
@@ -210,7 +206,7 @@ class SharedCounts:
         offset = self._record_at[worker] + _COMING
         _ONE.pack_into(self.map, offset, max(0, _ONE.unpack_from(self.map, offset)[0] - 1))
         if host is not None:
-            self.add(worker, host, 1, per_client=True)
+            self._add(worker, _key(host), 1)
 
     def _forget_offsets(self, worker: int) -> None:
         for cached in [k for k in self._offsets if k[0] == worker]:

@@ -5,10 +5,9 @@ message is a 5-byte header (kind, payload length) and its payload. The hub's fir
 (``BOOT``) holds a digest of its code, and a worker refuses to run under other code. The worker
 sends the batches its loops rendered (``BATCH``: sequence number, counts, the messages bytes and
 the rejects bytes, sent as they are, never re-encoded), its reports (``STATS``) and its events
-(``EVENT``); the hub
-answers with the highest sequence number written (``DONE``: batches are written in the order they
-arrive, so one number covers every batch before it), and sends requests (``QUERY``, ``SETTINGS``,
-``STOP``, ``FORCE``).
+(``EVENT``); the hub answers with the highest sequence number written (``DONE``: batches are
+written in the order they arrive, so one number covers every batch before it), and sends requests
+(``QUERY``, ``SETTINGS``, ``STOP``, ``FORCE``).
 
 Credit-based backpressure: the worker's ``RemoteWriter`` counts the bytes it has sent and not yet
 seen written; past its credit (its share of ``[limits] queue_bytes``) ``submit`` tells the loop to

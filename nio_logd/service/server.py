@@ -348,7 +348,7 @@ class Server:
     def connection_closed(self, host: str) -> None:
         if self.shared is not None:
             with self.shared:
-                self.shared.add(self.worker_index, host, -1, per_client=True)
+                self.shared.add(self.worker_index, host, -1)
             with self._conn_lock:
                 self.open_connections -= 1
             return

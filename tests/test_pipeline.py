@@ -340,6 +340,14 @@ crafted_records = st.sampled_from(
         b'{"send_user":"a","send_time":"2026-11-29 12:00:00","send_msg":"\\u0022\\u0022"}',
         b'{"send_user":"a\\\\","send_time":"2026-11-29 12:00:00","send_msg":"\\\\"}',
         b'{"send_user":"a","send_time":"2026-11-29 12:00:00","send_msg":"m"}  ',
+        # Extra fields (refused by "forbid", left out by "ignore"): a number, null, nested values,
+        # one next to a missing field (forbid names both), one whose two quotes more in the input
+        # are matched by two written as \u0022 in the output.
+        (_DUP % '"x":1').encode(),
+        (_DUP % '"x":null').encode(),
+        (_DUP % '"x":[1,{"y":true}]').encode(),
+        b'{"send_user":"a","send_time":"2026-11-29 12:00:00","x":1}',
+        b'{"send_user":"a","send_time":"2026-11-29 12:00:00","send_msg":"\\u0022\\u0022","x":1}',
     ]
 )
 batch_reads = st.lists(
@@ -358,8 +366,9 @@ _BACKSLASHES_AT_THE_END = b'{"send_user":"a\\\\","send_time":"2026-11-29 12:00:0
 @example([_BACKSLASHES_AT_THE_END, _NUMBER_FIRST], "forbid")
 @example([_HIDDEN_BY_U0022, b'{"send_user":"a","send_time":"2026-11-29 12:00:00","send_msg":"\\""}'], "forbid")
 def test_validate_batch_equals_validate_one_by_one_and_plain_means_three_fields(fs: list[Frame], extra: str) -> None:
-    """The batch's results are the one-by-one results (duplicates refused, whatever the other
-    records of the read hold); "plain" only when every record was accepted with exactly the three
+    """The batch's results, and ``validate``'s, are ``validate_exact``'s (the configured rules
+    alone: duplicates refused, extra fields as configured, whatever the other records of the read
+    hold); "plain" only when every record was accepted with exactly the three
     fields in order, the precondition of the one-call rendering; a read of one record is never
     plain (rendered alone, the batch's proof would cost more than the record)."""
     validator = RecordValidator(RecordSettings(extra=extra), MAX)  # type: ignore[arg-type]
@@ -368,7 +377,9 @@ def test_validate_batch_equals_validate_one_by_one_and_plain_means_three_fields(
         return result if isinstance(result, dict) else (result.reason, result.errors, result.raw)
 
     results, body = validator.validate_batch(fs)
-    assert [key(r) for r in results] == [key(validator.validate(f)) for f in fs]
+    exact = [key(validator.validate_exact(f)) for f in fs]
+    assert [key(r) for r in results] == exact
+    assert [key(validator.validate(f)) for f in fs] == exact
     everything_accepted = all(isinstance(r, dict) for r in results)
     assert (body is not None) == (everything_accepted and len(fs) > 1)
     if body is not None:

@@ -322,6 +322,7 @@ plain_records = st.builds(
 # Records that look plain to a careless count: a key written with an escape, a repeated key with a
 # number (one string more, not two), an extra field with quotes in it, a value with "\u0022".
 _DUP = '{"send_user":"a","send_time":"2026-11-29 12:00:00","send_msg":"m",%s}'
+_MISSING_AND_EXTRA = b'{"send_user":"a","send_time":"2026-11-29 12:00:00","x":1}'
 _NUMBER_FIRST = b'{"send_msg":1,"send_user":"a","send_time":"2026-11-29 12:00:00","send_msg":"m"}'  # kept: the last
 # A repeated key whose left-out value is "" (four quote bytes more in the input), the kept value
 # four quotes written as \u0022 (four quote bytes more in the output): the counts agree.
@@ -341,12 +342,12 @@ crafted_records = st.sampled_from(
         b'{"send_user":"a\\\\","send_time":"2026-11-29 12:00:00","send_msg":"\\\\"}',
         b'{"send_user":"a","send_time":"2026-11-29 12:00:00","send_msg":"m"}  ',
         # Extra fields (refused by "forbid", left out by "ignore"): a number, null, nested values,
-        # one next to a missing field (forbid names both), one whose two quotes more in the input
-        # are matched by two written as \u0022 in the output.
+        # one next to a missing field (forbid names both), one whose key's two quote bytes are
+        # matched by the two quotes its message writes as \u0022 (orjson writes each as \").
         (_DUP % '"x":1').encode(),
         (_DUP % '"x":null').encode(),
         (_DUP % '"x":[1,{"y":true}]').encode(),
-        b'{"send_user":"a","send_time":"2026-11-29 12:00:00","x":1}',
+        _MISSING_AND_EXTRA,
         b'{"send_user":"a","send_time":"2026-11-29 12:00:00","send_msg":"\\u0022\\u0022","x":1}',
     ]
 )
@@ -365,6 +366,10 @@ _BACKSLASHES_AT_THE_END = b'{"send_user":"a\\\\","send_time":"2026-11-29 12:00:0
 # escaped quote would find 12 a record and let the repeat through.
 @example([_BACKSLASHES_AT_THE_END, _NUMBER_FIRST], "forbid")
 @example([_HIDDEN_BY_U0022, b'{"send_user":"a","send_time":"2026-11-29 12:00:00","send_msg":"\\""}'], "forbid")
+# A refused record with an extra field: "forbid" names the missing field and the unknown one,
+# "ignore" only the first (the errors of a refusal are the configured rules', not the first pass's).
+@example([_MISSING_AND_EXTRA, _NUMBER_FIRST], "forbid")
+@example([_MISSING_AND_EXTRA], "forbid")
 def test_validate_batch_equals_validate_one_by_one_and_plain_means_three_fields(fs: list[Frame], extra: str) -> None:
     """The batch's results, and ``validate``'s, are ``validate_exact``'s (the configured rules
     alone: duplicates refused, extra fields as configured, whatever the other records of the read

@@ -6,6 +6,9 @@ microsecond per record. ``send_time`` is a chain: a string that looks like a dat
 datetime; so epoch numbers ("1700000000") that pydantic would otherwise take are refused.
 pydantic-core keeps the last of duplicate keys; a record with any is refused instead (a log is
 evidence), by an exact check that runs only when a count of ``"`` bytes says a duplicate is possible.
+With the default extra = "forbid", the same count stands in for pydantic's unknown-key check: a
+record is validated with extra "ignore" first, and again with "forbid" only when the count says it
+may hold a field more than the three, or when it is refused (``RecordValidator.validate_exact``).
 """
 
 from __future__ import annotations
@@ -101,7 +104,8 @@ def _user_schema(max_chars: int) -> cs.CoreSchema:
 # Every `"` byte in JSON opens or closes a string or is escaped inside one, and an accepted record
 # has three string keys with three string values: 12 at least. A duplicate key is one more string,
 # so a record with exactly 12 cannot have one, and the exact check is skipped on the common path.
-# (An extra field, kept or ignored, is one more string too: the count covers those records.)
+# An extra field, kept or ignored, is one more string too (its key): with extra = "forbid" this
+# count is also what decides whether a record is validated again with "forbid".
 _PLAIN_RECORD_QUOTES: Final = 12
 
 
@@ -267,8 +271,10 @@ class RecordValidator:
         # With extra = "forbid", records are first validated with extra "ignore": pydantic-core's
         # check for unknown keys costs about 0.3 µs a record (15 % of the validation), and a record
         # with an extra field has a string more than the three keys and three values, which the
-        # quote counts that already rule out repeated keys see (validate_batch). Only a record
-        # those counts do not clear is validated again with "forbid" (validate_exact).
+        # quote counts that already rule out repeated keys see (validate_batch). A record those
+        # counts do not clear, or a refused one (for its exact errors), is validated again with
+        # "forbid" (validate_exact). Such records, refused with "forbid" anyway, cost about twice
+        # to three times what they did; invalid JSON is not validated again (same error either way).
         self._validate_lenient = _json_validator(fields, "ignore") if extra == "forbid" else self._validate_json
         self.validate: Callable[[Frame], Fields | Refusal] = (
             self._validate_keeping
@@ -338,7 +344,6 @@ class RecordValidator:
         results: list[Any] = []
         extend = results.extend
         validate_json = cast("Callable[[Frame], Fields]", self._validate_lenient)  # a TooLarge raises too
-        exact = self._validate_lenient is self._validate_json
         n = len(frames)
         plain = True
         rest = iter(frames)  # one iterator: after a refusal the map goes on from the next frame
@@ -350,7 +355,7 @@ class RecordValidator:
             except ValidationError as exc:
                 frame = frames[len(results)]
                 # Refused with extra "ignore" is refused with "forbid" too, which may name more.
-                results.append(_refusal(frame, exc) if exact and type(frame) is bytes else self.validate_exact(frame))
+                results.append(self._refused(frame, exc) if type(frame) is bytes else self.validate_exact(frame))
                 plain = False
         if not n:
             return results, None
@@ -378,11 +383,19 @@ class RecordValidator:
         if type(frame) is bytes:
             try:
                 fields = self._validate_lenient(frame)
-            except ValidationError:
-                return self.validate_exact(frame)
+            except ValidationError as exc:
+                return self._refused(frame, exc)
             if frame.count(b'"') > _PLAIN_RECORD_QUOTES and delimiting_quotes(frame) > _PLAIN_RECORD_QUOTES:
                 return self.validate_exact(frame)  # a field more than the three, or a key repeated?
             return fields
+        return self.validate_exact(frame)
+
+    def _refused(self, frame: bytes, exc: ValidationError) -> Fields | Refusal:
+        """A record the first validator refused, with the errors of the configured rules: the same
+        when that validator is the configured one or the JSON itself is invalid (parsed before any
+        field is looked at), else from validating again with "forbid", which may name more."""
+        if self._validate_lenient is self._validate_json or exc.errors(include_url=False)[0]["type"] == "json_invalid":
+            return _refusal(frame, exc)
         return self.validate_exact(frame)
 
     def _confirm(self, frame: bytes, fields: Fields) -> Fields | Refusal:
@@ -395,8 +408,9 @@ class RecordValidator:
 
     def validate_exact(self, frame: Frame) -> Fields | Refusal:
         """The record's fields, or why it is refused: pydantic with the configured ``extra``, then
-        the check for repeated keys. The rules themselves; ``validate`` and ``validate_batch`` give
-        the same results in fewer steps (the tests compare them with this)."""
+        the check for repeated keys. The rules themselves; with extra "forbid" or "ignore",
+        ``validate`` and ``validate_batch`` give the same results in fewer steps (the tests
+        compare them with this); "keep" adds its own refusals (``_validate_keeping``)."""
         if type(frame) is bytes:
             try:
                 fields = self._validate_json(frame)

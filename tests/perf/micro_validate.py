@@ -6,7 +6,9 @@ Run by hand:  python tests/perf/micro_validate.py [--records 200000] [--repeats 
                      record (the daemon's path, including its Python wrapper).
   validate_batch     ``RecordValidator.validate_batch`` over ``--batch`` frames a call: the map over
                      pydantic-core, the proof that no key repeats and the fields as one JSON array.
-  validate_json      the same TypeAdapter's ``validate_json`` called directly (no wrapper).
+  validate_json      the same TypeAdapter's ``validate_json`` called directly (no wrapper): the
+                     configured rules (extra "forbid"); the daemon's first pass uses a validator
+                     with extra "ignore", about 0.3 µs a record faster (record.py).
   list, one call     the same core schema wrapped in a list schema, validating ``[f1,f2,...]`` (the
                      frames joined with commas) in one call per batch; the results are checked
                      equal to the per-record ones. NOT safe as it stands: frames that are not one

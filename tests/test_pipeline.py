@@ -175,6 +175,54 @@ def test_bounds_keep_the_counts_whole(
     )
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 5), frames.filter(bool)), min_size=1, max_size=12),
+    st.integers(0, 3),
+    st.integers(0, 6),
+    st.sampled_from(["forbid", "ignore"]),
+)
+def test_take_many_equals_taking_each_read_in_turn(
+    spec: list[tuple[int, list[Frame]]], rate: int, close_after: int, extra: str
+) -> None:
+    """The reads of many connections without acks, validated in one call (``take_many``, the I/O
+    loop's burst of one-record clients), give the lines, reject lines, counts and per-stream
+    state that taking each read in turn gives, a stream that turns closing taking nothing more;
+    a stream may appear more than once (two reads), and reads may mix with refused and
+    oversize frames."""
+    validator = RecordValidator(RecordSettings(extra=extra), MAX)
+
+    def fresh() -> tuple[Pipeline, dict[int, Stream]]:
+        pipeline = Pipeline(
+            validator.validate_batch, Renderer(1024), rejects_per_second=rate, refused_close_after=close_after
+        )
+        return pipeline, {i: pipeline.new_stream(f"10.0.0.{i}:{1000 + i}", "l", ack=False, now=0.0) for i, _ in spec}
+
+    one, one_streams = fresh()
+    one.new_pass()
+    expected_taken = [0 if one_streams[i].closing else one.take(one_streams[i], fs, 0.0) for i, fs in spec]
+    for stream in one_streams.values():
+        one.summarize(stream)
+    expected = one.outcome()
+
+    many, many_streams = fresh()
+    many.new_pass()
+    taken = many.take_many([(many_streams[i], fs) for i, fs in spec], 0.0)
+    for stream in many_streams.values():
+        many.summarize(stream)
+    got = many.outcome()
+
+    assert taken == expected_taken
+    assert _strip_time(bytes(got.messages)) == _strip_time(bytes(expected.messages))
+    assert _strip_time(bytes(got.rejects)) == _strip_time(bytes(expected.rejects))
+    assert (got.accepted, got.reject_lines) == (expected.accepted, expected.reject_lines)
+    assert got.counts == expected.counts
+    assert len(got.closing) == len(expected.closing)
+    for i, stream in many_streams.items():
+        other = one_streams[i]
+        assert (stream.seq, stream.refused, stream.closing) == (other.seq, other.refused, other.closing)
+
+
 @settings(max_examples=100, deadline=None)
 @given(
     st.lists(good_frames, min_size=1, max_size=30),

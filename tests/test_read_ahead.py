@@ -179,3 +179,40 @@ def test_whatever_was_sent_before_or_after_the_accept_every_record_lands_once(
     assert sorted(r["send_msg"] for r in read_lines(srv.messages)) == expected
     assert read_lines(srv.rejects) == []
     srv.stop()
+
+
+def test_a_burst_of_short_reads_keeps_each_connections_order_and_its_reject_summary(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    """The first reads of a burst of new connections without acks are validated together
+    (``IOLoop.take_frames`` defers them). Each connection's records stay in the order sent even
+    when a later read of the same connection is too long to wait (four 16 KiB records fill the
+    first read, ten short ones follow); a client that sent three refused records and closed
+    before they were taken still gets its reject line and the summary of the two its reject rate
+    left out."""
+    srv = server_factory(write_config(tmp_path, log={"rejects_per_second": 1}))
+    [loop] = srv.server.loops
+    short = [record("s", f"short-{i}") + b"\n" for i in range(30)]
+    big = [record("b", f"big-{i}-" + "x" * (16 * 1024 - 80)) + b"\n" for i in range(4)]
+    pad = 65536 - sum(map(len, big))
+    assert 0 < pad < 80
+    big[-1] = record("b", "big-3-" + "x" * (16 * 1024 - 80 + pad)) + b"\n"  # the four fill one read of 64 KiB
+    assert sum(map(len, big)) == 65536
+    tail = [record("b", f"after-{i}") + b"\n" for i in range(10)]
+    with held(loop):
+        socks = [sent_and_closed(srv.tcp, line) for line in short[:15]]
+        socks.append(sent_and_closed(srv.tcp, b"".join(big + tail)))
+        socks.append(sent_and_closed(srv.tcp, b"nope 1\nnope 2\nnope 3\n"))
+        socks += [sent_and_closed(srv.tcp, line) for line in short[15:]]
+    srv.wait_written(30 + 14)
+    lines = read_lines(srv.messages)
+    from_b = [r["send_msg"].partition("-x")[0] for r in lines if r["send_user"] == "b"]
+    assert from_b == ["big-0", "big-1", "big-2", "big-3"] + [f"after-{i}" for i in range(10)]
+    assert sorted(r["send_msg"] for r in lines if r["send_user"] == "s") == sorted(f"short-{i}" for i in range(30))
+    wait_for(lambda: len(read_lines(srv.rejects)) == 2)
+    refused, summary = read_lines(srv.rejects)
+    assert refused["reason"] == "invalid_json" and refused["raw"] == "nope 1"
+    assert summary["event"] == "rejects_suppressed" and summary["count"] == 2, summary
+    for sock in socks:
+        assert sock.recv(1) == b""
+        sock.close()

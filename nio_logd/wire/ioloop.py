@@ -6,7 +6,10 @@ to a loop only through ``call_soon_threadsafe``: a deque plus a wake-up socketpa
 the loop reads every ready socket, frames and validates what arrived, renders it into a single
 ``Batch`` and hands that to the writer: one hand-off per pass, not per record. A connection's
 acks travel with the batch and come back through ``batch_done`` once the writer has written it,
-so they are answered in order and only after the write (or fsync).
+so they are answered in order and only after the write (or fsync). A burst of new connections is
+read as it is accepted (``Connection.read_ahead``), and the first reads that hold a few records
+without acks are validated together at the end of the burst (``take_frames``): clients of one
+record a connection cost one call into pydantic-core for many, not a cold one each.
 
 Backpressure: when the writer's queue is over its bound the loop drops read interest on every
 connection (the kernel then applies TCP flow control to the clients) until the writer calls
@@ -66,6 +69,11 @@ READ_AHEAD = 2  # reads of a connection just accepted before it is watched: its 
 # taken: a refused 2-byte line costs a 130-byte answer, so the bound counts answers, not input.
 OUT_LIMIT = 256 << 10
 DRAIN_QUIET = 0.2  # at shutdown, a connection silent this long has sent all it is going to
+# Connections just accepted whose first read held a few records (without acks) are validated
+# together, at most this many connections or bytes at a time (IOLoop.take_frames).
+DEFER_FRAMES = 4
+DEFER_CONNECTIONS = 64
+DEFER_BYTES = 256 << 10
 
 
 def _bytes_waiting(sock: _socket.socket) -> int:
@@ -396,6 +404,10 @@ class IOLoop:
         self.drain_until = 0.0
         self._pause_logged = False
         self._pause_logged_at = -1e9
+        # While _accept serves a burst of new connections: the frames of those that sent a record
+        # or a few, not taken yet (take_frames), and their bytes.
+        self._deferred: list[tuple[Connection, list[Frame]]] | None = None
+        self._deferred_bytes = 0
 
     def __repr__(self) -> str:
         return f"<IOLoop {self.index} connections={len(self.connections)} paused={self.paused}>"
@@ -546,6 +558,26 @@ class IOLoop:
         make_socket: Callable[[int, int, int, int], _socket.socket] = (
             socket.socket if listener in server.connection_factories else _socket.socket
         )
+        # The records of the connections this burst reads ahead are validated together
+        # (take_frames), not one cold call into pydantic-core a connection; not while draining,
+        # where each block of the backlog is a pass of its own.
+        if not draining:
+            self._deferred = []
+        try:
+            self._accept_burst(listener, accept, family, make_socket, draining=draining)
+        finally:
+            self._take_deferred(end=True)
+
+    def _accept_burst(
+        self,
+        listener: Listener,
+        accept: Callable[[], tuple[int, Any]],
+        family: int,
+        make_socket: Callable[[int, int, int, int], _socket.socket],
+        *,
+        draining: bool,
+    ) -> None:
+        server = self.server
         # At shutdown (draining) the whole backlog is taken, into this loop: those clients
         # connected, and may have sent records, before the stop.
         for i in range(1 << 16 if draining else ACCEPTS_PER_EVENT):
@@ -668,13 +700,56 @@ class IOLoop:
 
     # -- records --------------------------------------------------------------------------------
     def take_frames(self, conn: Connection, frames: list[Frame]) -> None:
-        """Hand the frames of one read to the pipeline; keep what it could not take yet."""
-        taken = self.pipeline.take(conn, frames, self.now)
+        """Hand the frames of one read to the pipeline; keep what it could not take yet.
+
+        In a burst of accepts (``_deferred`` is a list), the first read of a connection without
+        acks that holds a few whole records waits, and the records of up to DEFER_CONNECTIONS such
+        connections are taken in one call (``Pipeline.take_many``) when the burst ends, or when
+        the list is full: one validation call for many one-record clients instead of a cold one
+        each. They are rendered in the same pass, before its batch goes to the writer."""
+        deferred = self._deferred
+        if deferred is not None and not conn.ack and len(frames) <= DEFER_FRAMES:
+            size = 0
+            for frame in frames:
+                if type(frame) is not bytes:
+                    break  # a TooLarge: taken now, as any other read
+                size += len(frame)
+            else:
+                deferred.append((conn, frames))
+                self._deferred_bytes += size
+                if len(deferred) >= DEFER_CONNECTIONS or self._deferred_bytes >= DEFER_BYTES:
+                    self._take_deferred()
+                return
+        if deferred:
+            self._take_deferred()  # this connection's earlier frames may wait there: they go first
+        self._taken(conn, frames, self.pipeline.take(conn, frames, self.now))
+
+    def _taken(self, conn: Connection, frames: list[Frame], taken: int) -> None:
+        """After the pipeline took ``taken`` of a read's ``frames``."""
         if conn.closing:
             self._close_refusing(conn)
         elif taken < len(frames):
             conn.hold(frames[taken:] + conn.held)  # no room for more answers: wait, unread
             conn.update_events()  # and read no more until there is
+
+    def _take_deferred(self, *, end: bool = False) -> None:
+        """Take the frames the burst deferred (take_frames); ``end``: the burst is over."""
+        deferred = self._deferred
+        if end:
+            self._deferred = None
+        elif deferred is not None:
+            self._deferred = []
+        self._deferred_bytes = 0
+        if not deferred:
+            return
+        for (conn, frames), taken in zip(deferred, self.pipeline.take_many(deferred, self.now), strict=True):
+            if conn.closed:
+                # It ended (its client closed, or it was closed for refusals by an earlier read of
+                # this list) before these records were taken: what a close does for the pipeline
+                # (the summary of its suppressed reject lines) is done now.
+                self.pipeline.summarize(conn)
+                continue
+            self._taken(conn, frames, taken)
 
     def _close_refusing(self, conn: Connection) -> None:
         closed = self.stats.records.closed_refused_records + 1  # this pass's count is added at hand-off

@@ -65,6 +65,15 @@ def sent_and_closed(address: tuple[str, int], data: bytes) -> socket.socket:
     return sock
 
 
+def closed_by_daemon(sock: socket.socket) -> bool:
+    """The daemon closed the connection: an end of stream, or a reset when it closed with bytes
+    of ours unread."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
 def peer_ports(srv: Any) -> list[int]:
     return sorted(int(line["peer"].rpartition(":")[2]) for line in read_lines(srv.messages))
 
@@ -215,4 +224,82 @@ def test_a_burst_of_short_reads_keeps_each_connections_order_and_its_reject_summ
     assert summary["event"] == "rejects_suppressed" and summary["count"] == 2, summary
     for sock in socks:
         assert sock.recv(1) == b""
+        sock.close()
+
+
+def test_a_burst_of_one_record_clients_is_validated_in_a_few_calls(
+    tmp_path: Path, server_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 clients of one record each, waiting in the backlog: their records are validated
+    together (at most 64 connections a call), not in a call each."""
+    srv = server_factory(write_config(tmp_path))
+    [loop] = srv.server.loops
+    calls: list[int] = []
+    real = loop.pipeline.validate_batch
+
+    def counting(frames: list[Any]) -> Any:
+        calls.append(len(frames))
+        return real(frames)
+
+    monkeypatch.setattr(loop.pipeline, "validate_batch", counting)
+    with held(loop):
+        socks = [sent_and_closed(srv.tcp, record(f"u{i}", f"m{i}") + b"\n") for i in range(20)]
+    try:
+        srv.wait_written(20)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert sorted(r["send_msg"] for r in read_lines(srv.messages)) == sorted(f"m{i}" for i in range(20))
+    assert sum(calls) == 20 and len(calls) <= 3, calls
+
+
+def test_a_connection_closed_for_refusals_by_its_waiting_read_takes_nothing_more(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    """refused_close_after = 4: a client's first read (four refused 16 KiB lines, 64 KiB) waits
+    in the burst; its next read (ten good records, too many to wait) first takes the waiting
+    one, which closes the connection for refusals, and then takes nothing: as without the wait."""
+    srv = server_factory(write_config(tmp_path, limits={"refused_close_after": 4}))
+    [loop] = srv.server.loops
+    bad = [b"x" * 16383 + b"\n"] * 4
+    assert sum(map(len, bad)) == 65536
+    good = [record("a", f"after-{i}") + b"\n" for i in range(10)]
+    with held(loop):
+        first = sent_and_closed(srv.tcp, b"".join(bad + good))
+        marker = sent_and_closed(srv.tcp, record("b", "marker") + b"\n")
+    srv.wait_written(1, refused=4)
+    assert closed_by_daemon(first)
+    assert closed_by_daemon(marker)
+    wait_for(lambda: loop.stats.records.closed_refused_records == 1)
+    assert [r["send_msg"] for r in read_lines(srv.messages)] == ["marker"]
+    assert len(read_lines(srv.rejects)) == 4
+    first.close()
+    marker.close()
+
+
+def test_a_validation_that_fails_in_a_burst_costs_only_its_own_connection(
+    tmp_path: Path, server_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault in validation (a bug, injected here for the frames holding "poison"): the burst's
+    reads are taken one by one instead, and only the poisoned client's connection is closed (a
+    handler error, counted); the other ten records are written."""
+    srv = server_factory(write_config(tmp_path))
+    [loop] = srv.server.loops
+    real = loop.pipeline.validate_batch
+
+    def failing(frames: list[Any]) -> Any:
+        if any(b"poison" in f for f in frames if isinstance(f, bytes)):
+            raise RuntimeError("injected")
+        return real(frames)
+
+    monkeypatch.setattr(loop.pipeline, "validate_batch", failing)
+    with held(loop):
+        socks = [sent_and_closed(srv.tcp, record(f"u{i}", f"m{i}") + b"\n") for i in range(5)]
+        socks.append(sent_and_closed(srv.tcp, record("p", "poison") + b"\n"))
+        socks += [sent_and_closed(srv.tcp, record(f"u{i}", f"m{i}") + b"\n") for i in range(5, 10)]
+    srv.wait_written(10)
+    wait_for(lambda: loop.stats.handler_errors == 1)
+    assert sorted(r["send_msg"] for r in read_lines(srv.messages)) == sorted(f"m{i}" for i in range(10))
+    for sock in socks:
+        assert closed_by_daemon(sock)
         sock.close()

@@ -278,27 +278,34 @@ class Pipeline:
 
     def take_many(self, intake: Sequence[tuple[Stream, list[Frame]]], now: float) -> list[int]:
         """``[take(stream, frames, now) for stream, frames in intake]`` for streams without acks,
-        their frames validated in one call: the frames of many connections that each sent a
-        record or a few (a client of one record a connection), which one by one would each pay
-        a cold call into pydantic-core. Each stream's lines are rendered record by record (no
-        splice: the streams' heads and tails differ), in its order; how many each took. A stream
-        found closing (``refused_close_after``) takes nothing more, here as its caller would not
-        call ``take`` again."""
-        frames = [frame for _stream, stream_frames in intake for frame in stream_frames]
-        results = self.validate_batch(frames)[0]
-        renderer = self.renderer
-        taken = []
+        their frames validated in one call (``validate_reads``, then ``take_validated`` for each):
+        the frames of many connections that each sent a record or a few (a client of one record a
+        connection), which one by one would each pay a cold call into pydantic-core."""
+        per_read = self.validate_reads([frames for _stream, frames in intake])
+        pairs = zip(intake, per_read, strict=True)
+        return [self.take_validated(stream, results, now) for (stream, _frames), results in pairs]
+
+    def validate_reads(self, reads: Sequence[list[Frame]]) -> list[list[Fields | Refusal]]:
+        """The results of each read's frames, all validated in one ``validate_batch`` call; no
+        state of the pipeline changes (so a caller whose call raised may take each read alone)."""
+        results = self.validate_batch([frame for frames in reads for frame in frames])[0]
+        out = []
         at = 0
-        for stream, stream_frames in intake:
-            assert not stream.ack, stream
-            n = len(stream_frames)
-            if stream.closing:
-                taken.append(0)
-            else:
-                head, tail = renderer.frame(stream.peer, stream.listener_name, stream.client, stream.credentials)
-                taken.append(self._render_results(stream, results[at : at + n], head, tail, now))
-            at += n
-        return taken
+        for frames in reads:
+            out.append(results[at : at + len(frames)])
+            at += len(frames)
+        return out
+
+    def take_validated(self, stream: Stream, results: list[Fields | Refusal], now: float) -> int:
+        """``take`` of one read of a stream without acks whose frames ``validate_reads`` has
+        validated: its lines rendered record by record (no splice), in order; how many it took.
+        A stream found closing (``refused_close_after``) takes nothing more, here as its caller
+        would not call ``take`` again."""
+        assert not stream.ack, stream
+        if stream.closing:
+            return 0
+        head, tail = self.renderer.frame(stream.peer, stream.listener_name, stream.client, stream.credentials)
+        return self._render_results(stream, results, head, tail, now)
 
     def _render_results(
         self, stream: Stream, results: list[Fields | Refusal], head: bytes, tail: bytes, now: float

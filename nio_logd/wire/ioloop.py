@@ -722,6 +722,8 @@ class IOLoop:
                 return
         if deferred:
             self._take_deferred()  # this connection's earlier frames may wait there: they go first
+            if conn.closed or conn.closing:
+                return  # those earlier frames had it closed for refusals: nothing more is taken
         self._taken(conn, frames, self.pipeline.take(conn, frames, self.now))
 
     def _taken(self, conn: Connection, frames: list[Frame], taken: int) -> None:
@@ -733,7 +735,11 @@ class IOLoop:
             conn.update_events()  # and read no more until there is
 
     def _take_deferred(self, *, end: bool = False) -> None:
-        """Take the frames the burst deferred (take_frames); ``end``: the burst is over."""
+        """Take the frames the burst deferred (take_frames); ``end``: the burst is over.
+
+        One validation call for all of them; should it fail (a bug), each read is taken alone
+        instead, as it would have been without the wait, so that only a read that fails on its
+        own costs its connection (closed, as a failing handler's is), not its neighbours'."""
         deferred = self._deferred
         if end:
             self._deferred = None
@@ -742,12 +748,26 @@ class IOLoop:
         self._deferred_bytes = 0
         if not deferred:
             return
-        for (conn, frames), taken in zip(deferred, self.pipeline.take_many(deferred, self.now), strict=True):
+        pipeline = self.pipeline
+        per_read: list[list[Any]] | None
+        try:
+            per_read = pipeline.validate_reads([frames for _conn, frames in deferred])
+        except Exception:  # noqa: BLE001 - taken one by one below, where a failure is reported
+            per_read = None
+        for i, (conn, frames) in enumerate(deferred):
+            try:
+                if per_read is None:
+                    taken = 0 if conn.closing else pipeline.take(conn, frames, self.now)
+                else:
+                    taken = pipeline.take_validated(conn, per_read[i], self.now)
+            except Exception:  # noqa: BLE001 - as in an event handler: this connection closes, the rest go on
+                self._handler_failed(conn.on_event)
+                continue
             if conn.closed:
                 # It ended (its client closed, or it was closed for refusals by an earlier read of
                 # this list) before these records were taken: what a close does for the pipeline
                 # (the summary of its suppressed reject lines) is done now.
-                self.pipeline.summarize(conn)
+                pipeline.summarize(conn)
                 continue
             self._taken(conn, frames, taken)
 

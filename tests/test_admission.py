@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import collections
 import os
+import socket
 import subprocess
 import sys
+from typing import cast
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from nio_logd.config import ListenerSettings, Settings
+from nio_logd.output.writer import Writer
+from nio_logd.service import ipc
 from nio_logd.service.admission import SharedCounts
+from nio_logd.service.server import Server
+from nio_logd.wire.listeners import Listener
 
 HOSTS = [f"10.0.0.{i}" for i in range(12)] + ["::1", "unix", "[fe80::1]"]
 
@@ -104,6 +111,10 @@ move_ops = st.lists(
 
 @settings(max_examples=150, deadline=None)
 @given(move_ops)
+# The edges of "two fewer": loads 2 and 0 (sent), 1 and 0 (kept), 3 and 1 (sent).
+@example([("take", 1, 0, HOSTS[0]), ("open", 0, 0, HOSTS[0]), ("open", 0, 0, HOSTS[1])])
+@example([("take", 1, 0, HOSTS[0]), ("open", 0, 0, HOSTS[0])])
+@example([("take", 1, 0, HOSTS[0]), ("open", 1, 0, HOSTS[2])] + [("open", 0, 0, HOSTS[0])] * 3)
 def test_moves_between_workers_equal_a_model(script: list[tuple[str, int, int, str]]) -> None:
     """Connections handed from one worker to another (``service/handoff.py``): on their way they
     count as open for the whole daemon and as load for the receiver, then as the receiver's; a
@@ -154,7 +165,9 @@ def test_moves_between_workers_equal_a_model(script: list[tuple[str, int, int, s
 
 admit_ops = st.lists(
     st.tuples(
-        st.sampled_from(["admit", "close", "send", "arrive", "die"]), st.integers(0, 2), st.sampled_from(HOSTS[:4])
+        st.sampled_from(["admit", "close", "close_later", "flush", "send", "arrive", "die"]),
+        st.integers(0, 2),
+        st.sampled_from(HOSTS[:4]),
     ),
     max_size=200,
 )
@@ -167,28 +180,80 @@ def test_admit_decides_as_a_model_of_both_limits(
 ) -> None:
     """``admit`` (one decision under the lock, as a worker takes it): refused with the limit's name
     exactly when the model's daemon-wide count (connections on their way to a worker included) or
-    the client's count across the workers is at its limit; counted as the worker's otherwise."""
-    counts = SharedCounts.create(3, 16)
-    held = [collections.Counter[str]() for _ in range(3)]
-    coming: list[list[str]] = [[], [], []]
+    the client's count across the workers is at its limit; counted as the worker's otherwise.
+
+    A worker's closes may wait ("close_later", as ``Server.connection_closed`` leaves them): its
+    next ``admit`` takes them off before deciding (``closed``), or ``close_many`` does ("flush");
+    until then the other workers count them as open, never as closed too early."""
+    _admit_model(script, 3, max_connections, per_client)
+
+
+# Two workers, two clients, low limits: a close that waits is soon followed by an admission at
+# the limit, from the same client or another, in the same worker or the other one.
+close_then_admit_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["admit", "admit", "admit_low", "close_later", "close_later", "close", "flush"]),
+        st.integers(0, 1),
+        st.sampled_from(HOSTS[:2]),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(close_then_admit_ops, st.integers(1, 3), st.integers(0, 2))
+@example([("admit", 0, HOSTS[0]), ("close_later", 0, HOSTS[0]), ("admit", 0, HOSTS[0])], 1, 0)
+@example([("admit", 0, HOSTS[0]), ("close_later", 0, HOSTS[0]), ("admit", 0, HOSTS[1])], 1, 0)
+@example([("admit", 0, HOSTS[0]), ("close_later", 0, HOSTS[0]), ("admit", 1, HOSTS[0])], 1, 0)
+@example([("admit", 0, HOSTS[0]), ("admit", 0, HOSTS[1]), ("close_later", 0, HOSTS[0]), ("admit", 0, HOSTS[0])], 9, 1)
+# More open than a lowered limit allows, a close waiting: refused, and that close still comes off.
+@example([("admit", 0, HOSTS[0])] * 2 + [("close_later", 0, HOSTS[0]), ("admit_low", 0, HOSTS[0])], 3, 0)
+def test_closes_that_wait_are_taken_off_at_the_next_admission_or_flush(
+    script: list[tuple[str, int, str]], max_connections: int, per_client: int
+) -> None:
+    """The same model, where it matters: an admission right after a close that waited decides
+    as if that close had been counted at once (in its own worker), and no count is left behind.
+    "admit_low": an admission under limits of 1 and 1, as after a reload lowered them (so more
+    connections may be open than the limit, and one refused may have closes waiting)."""
+    _admit_model(script, 2, max_connections, per_client)
+
+
+def _admit_model(script: list[tuple[str, int, str]], workers: int, max_connections: int, per_client: int) -> None:
+    counts = SharedCounts.create(workers, 16)
+    held = [collections.Counter[str]() for _ in range(workers)]  # the truth: open now
+    waiting: list[list[str]] = [[] for _ in range(workers)]  # closed, not yet off the shared counts
+    coming: list[list[str]] = [[] for _ in range(workers)]
     try:
         for op, worker, host in script:
             with counts:
-                total = sum(sum(m.values()) for m in held) + sum(map(len, coming))
-                if op == "admit":
-                    if total >= max_connections:
+                if op in ("admit", "admit_low"):
+                    limit, client_limit = (max_connections, per_client) if op == "admit" else (1, 1)
+                    # What the decision sees: the truth, the other workers' waiting closes still open.
+                    seen = [
+                        held[w] if w == worker else held[w] + collections.Counter(waiting[w]) for w in range(workers)
+                    ]
+                    total = sum(sum(m.values()) for m in seen) + sum(map(len, coming))
+                    if total >= limit:
                         expected: str | None = "max_connections"
-                    elif per_client and sum(m[host] for m in held) >= per_client:
+                    elif client_limit and sum(m[host] for m in seen) >= client_limit:
                         expected = "max_connections_per_client"
                     else:
                         expected = None
+                    closed, waiting[worker] = waiting[worker], []
+                    assert counts.admit(worker, host, limit, client_limit, closed) == expected
+                    if expected is None:
                         held[worker][host] += 1
-                    assert counts.admit(worker, host, max_connections, per_client) == expected
                 elif op == "close" and held[worker][host] > 0:
                     counts.add(worker, host, -1)
                     held[worker][host] -= 1
+                elif op == "close_later" and held[worker][host] > 0:
+                    waiting[worker].append(host)
+                    held[worker][host] -= 1
+                elif op == "flush":
+                    counts.close_many(worker, waiting[worker])
+                    waiting[worker] = []
                 elif op == "send" and held[worker][host] > 0:
-                    target = (worker + 1) % 3
+                    target = (worker + 1) % workers
                     counts.moved_out(worker, target, host)
                     held[worker][host] -= 1
                     coming[target].append(host)
@@ -197,9 +262,53 @@ def test_admit_decides_as_a_model_of_both_limits(
                     counts.moved_in(worker, arrived)
                     held[worker][arrived] += 1
                 elif op == "die":
-                    assert counts.clear(worker) == sum(held[worker].values())
+                    assert counts.clear(worker) == sum(held[worker].values()) + len(waiting[worker])
                     held[worker] = collections.Counter()
-                assert counts.open_connections() == sum(sum(m.values()) for m in held) + sum(map(len, coming))
+                    waiting[worker] = []
+                shown = [held[w] + collections.Counter(waiting[w]) for w in range(workers)]
+                assert counts.open_connections() == sum(sum(m.values()) for m in shown) + sum(map(len, coming))
+                for h in HOSTS[:4]:
+                    assert counts.client(h) == sum(m[h] for m in shown), h
     finally:
+        counts.map.close()
+        os.close(counts.fd)
+
+
+def test_a_workers_closes_come_off_the_shared_counts_at_its_next_admission_or_its_flush() -> None:
+    """Two worker servers (``service/server.py``) on one memfd, max_connections = 1: a close waits
+    (counted as open for the other worker, never as closed too early) until the worker's next
+    admission, which decides without it, or its loop's pass end (``flush_closed``)."""
+    settings = Settings.model_validate({"limits": {"max_connections": 1}})
+    counts = SharedCounts.create(2, settings.limits.max_connections)
+    channel, other_end = socket.socketpair()
+    listener_sock = socket.create_server(("127.0.0.1", 0))
+    try:
+        listener = Listener(listener_sock, ListenerSettings(address="tcp://127.0.0.1:1"), "tcp://127.0.0.1:1")
+        servers = []
+        for index in range(2):
+            server = Server(settings, writer=cast(Writer, ipc.RemoteWriter(channel, 1 << 20)))
+            server.shared = SharedCounts(counts.fd, 2, counts.slots)  # each worker maps it itself
+            server.worker_index = index
+            servers.append(server)
+        first, second = servers
+        assert first.admit(listener, "10.0.0.1") is None
+        assert second.admit(listener, "10.0.0.2") == "max_connections"
+        first.connection_closed("10.0.0.1")
+        assert first.open_connections == 0  # the worker's own count at once
+        assert second.admit(listener, "10.0.0.2") == "max_connections"  # the close waits
+        assert first.admit(listener, "10.0.0.1") is None  # its own closes first, then the decision
+        first.connection_closed("10.0.0.1")
+        first.flush_closed()
+        with counts:
+            assert counts.open_connections() == 0
+        assert second.admit(listener, "10.0.0.2") is None
+        second.connection_closed("10.0.0.2")
+        second.flush_closed()
+        with counts:
+            assert counts.open_connections() == 0 and counts.client("10.0.0.1") == counts.client("10.0.0.2") == 0
+    finally:
+        listener_sock.close()
+        channel.close()
+        other_end.close()
         counts.map.close()
         os.close(counts.fd)

@@ -12,8 +12,11 @@ such entries are swept by rehashing once they fill an eighth of the table. A wor
 its own record (and, for a move, the receiver's count of connections on their way) and its own
 table; a decision (read every worker's, then count in its own) runs under a POSIX record lock on
 the memfd (``lockf``: between processes) and a thread lock (between the loops of one process),
-two system calls per decision. When a worker dies the hub clears its counts and its table: the
-connections it held are gone, and so are their counts.
+two system calls per decision. A worker's closes wait for its next decision, which takes them off
+first (``admit``'s ``closed``), or for the end of its loop's pass (``close_many``): one lock for a
+close and the admission after it, which for a client of one record a connection is every
+connection; meanwhile the counts are higher than the truth, never lower. When a worker dies the
+hub clears its counts and its table: the connections it held are gone, and so are their counts.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import operator
 import os
 import struct
 import threading
+from collections.abc import Sequence
 
 _EMPTY = 0
 _SLOT = struct.Struct("=Qq")  # key, count
@@ -108,6 +112,9 @@ class SharedCounts:
         ``worker``, the lightest (each counted with the connections on their way to it); or None.
         Also read without the lock, as a hint: the decision is taken again under it."""
         records = self._records.unpack_from(self.map)
+        at = 4 * worker
+        if records[at] + records[at + 3] < 2:
+            return None  # no load is below 0: the common case of short connections, decided at once
         loads = list(map(operator.add, records[0::4], records[3::4]))
         taking = records[2::4]
         best, best_load = None, loads[worker] - 1
@@ -143,16 +150,38 @@ class SharedCounts:
                 total += int(_SLOT.unpack_from(self.map, offset)[1])
         return total
 
-    def admit(self, worker: int, host: str, max_connections: int, max_per_client: int) -> str | None:
+    def admit(
+        self, worker: int, host: str, max_connections: int, max_per_client: int, closed: Sequence[str] = ()
+    ) -> str | None:
         """One decision for a connection from ``host`` (under the lock): None, and it is counted as
-        ``worker``'s; or the limit that refuses it (``max_per_client`` 0: no limit per client)."""
-        if self.open_connections() >= max_connections:
-            return "max_connections"
+        ``worker``'s; or the limit that refuses it (``max_per_client`` 0: no limit per client).
+
+        ``closed``: the client addresses of connections ``worker`` has closed and not yet taken off
+        (``close_many``); they are taken off first, so the decision sees the counts as they are. A
+        close from ``host`` itself and this connection's admission cancel out, so a client of one
+        record a connection, whose previous connection has just closed, costs no table write."""
         key = _key(host)
-        if max_per_client and self._client(key) >= max_per_client:
-            return "max_connections_per_client"
-        self._add(worker, key, 1)
-        return None
+        same = 0
+        for other in closed:
+            other_key = _key(other)
+            if other_key == key:
+                same += 1
+            else:
+                self._add(worker, other_key, -1)
+        refusal = None
+        if self.open_connections() - same >= max_connections:
+            refusal = "max_connections"
+        elif max_per_client and self._client(key) - same >= max_per_client:
+            refusal = "max_connections_per_client"
+        delta = -same if refusal else 1 - same
+        if delta:
+            self._add(worker, key, delta)
+        return refusal
+
+    def close_many(self, worker: int, hosts: Sequence[str]) -> None:
+        """Connections from ``hosts`` (one entry per connection) closed in ``worker``."""
+        for host in hosts:
+            self._add(worker, _key(host), -1)
 
     # -- writing one's own counts (under the lock) --------------------------------------------------
     def add(self, worker: int, host: str, delta: int) -> None:

@@ -100,6 +100,8 @@ class Server:
         self._conn_lock = threading.Lock()
         self.open_connections = 0
         self._per_client: dict[str, int] = {}  # open connections by client host (none: no key)
+        # A worker's: the client address of each connection closed and not yet off the shared counts.
+        self._closed_hosts: list[str] = []
         self.started_at = time.time()
         self._refusal_logged: dict[str, float] = {}
         # Per listener name: how its connections are made (TLS) and who may connect (allow).
@@ -327,8 +329,10 @@ class Server:
         shared = self.shared
         if shared is not None:  # a worker: the limits hold for all the workers together
             with shared:
+                with self._conn_lock:
+                    closed, self._closed_hosts = self._closed_hosts, []
                 refusal = shared.admit(
-                    self.worker_index, host, limits.max_connections, limits.max_connections_per_client
+                    self.worker_index, host, limits.max_connections, limits.max_connections_per_client, closed
                 )
             if refusal:
                 return refusal
@@ -347,9 +351,10 @@ class Server:
 
     def connection_closed(self, host: str) -> None:
         if self.shared is not None:
-            with self.shared:
-                self.shared.add(self.worker_index, host, -1)
+            # Taken off the shared counts by the next admission or by the loop's pass end
+            # (flush_closed), under the lock that takes anyway; this worker's own count is exact.
             with self._conn_lock:
+                self._closed_hosts.append(host)
                 self.open_connections -= 1
             return
         with self._conn_lock:
@@ -357,6 +362,16 @@ class Server:
             left = self._per_client.pop(host, 1) - 1
             if left > 0:
                 self._per_client[host] = left
+
+    def flush_closed(self) -> None:
+        """A loop's pass is over: the connections closed since the last admission come off the
+        counts the workers share, so that no other worker refuses a client for them."""
+        if not self._closed_hosts or self.shared is None:
+            return
+        with self.shared:
+            with self._conn_lock:
+                closed, self._closed_hosts = self._closed_hosts, []
+            self.shared.close_many(self.worker_index, closed)
 
     def note_refused_connection(self, reason: str, listener: Listener, peer: str) -> None:
         if reason == "not_allowed":

@@ -128,6 +128,8 @@ class LoopHost(Protocol):
 
     def connection_closed(self, host: str) -> None: ...
 
+    def flush_closed(self) -> None: ...
+
     def hand_off(self, sock: _socket.socket, listener: Listener, peer: str, host: str) -> bool: ...
 
     def handed_over(self, *, everything: bool = False) -> list[tuple[_socket.socket, Listener, str, str]]: ...
@@ -456,6 +458,7 @@ class IOLoop:
         sweep_every = min(1.0, self.idle_timeout / 4)
         timers = self._timers
         pipeline = self.pipeline
+        flush_closed = self.server.flush_closed
         try:
             while True:
                 timeout: float | None = None
@@ -478,6 +481,10 @@ class IOLoop:
                         self._handler_failed(handler)
                 if timers:
                     self._run_timers()
+                # The pass's closes come off the counts the worker processes share before its
+                # batch goes out: once its records are written, another worker admits as if
+                # those connections had never been.
+                flush_closed()
                 self._flush_batch()
                 while self._calls:
                     self._calls.popleft()()
@@ -487,6 +494,7 @@ class IOLoop:
                 elif self.now - last_sweep >= sweep_every:
                     last_sweep = self.now
                     self._sweep_idle()
+                flush_closed()
         except Exception as exc:  # noqa: BLE001 - a loop that dies takes the daemon down, loudly
             try:
                 self._flush_batch()  # what was rendered is written (not acked: its connections close)
@@ -499,6 +507,7 @@ class IOLoop:
             self.poller.close()
             self._wake_r.close()
             self._wake_w.close()
+            self.server.flush_closed()
 
     # -- timers (loop thread only) ----------------------------------------------------------------
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:

@@ -49,3 +49,42 @@ def test_a_batch_that_breaks_the_protocol_closes_the_channel(size: int, n: int) 
     finally:
         hub.close()
         worker.close()
+
+
+class _Owner:
+    """A loop's side of a batch: what comes back once the hub has written it."""
+
+    def __init__(self) -> None:
+        self.done: list[Batch] = []
+
+    def batch_done(self, batch: Batch) -> None:
+        self.done.append(batch)
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def test_a_sent_batch_waits_for_done_with_its_acks_and_size_not_its_lines() -> None:
+    """Once sent, a batch's lines are the hub's: the worker keeps its acks and its size (its credit
+    still counts it until DONE) but not a second copy of the bytes."""
+    hub, worker = ipc.channel_pair()
+    try:
+        remote = ipc.RemoteWriter(worker, credit=1 << 30)
+        owner = _Owner()
+        lines = b'{"event":"message"}\n' * 5000
+        acks = {"a connection": [b'{"seq":1,"ok":true}\n']}
+        batch = Batch(owner, bytearray(lines), 5000, rejects=b"refused\n", refused=1, acks=acks, answer_bytes=20)
+        size = batch.nbytes
+        sender = threading.Thread(target=remote.submit, args=(batch,))
+        sender.start()
+        kind, payload = ipc.recv_head(hub)
+        _seq, _accepted, _refused, got_messages, got_rejects = ipc.recv_batch(hub, payload)
+        sender.join(10)
+        assert got_messages == lines and got_rejects == b"refused\n"
+        assert batch.messages == b"" and batch.rejects == b""
+        assert batch.nbytes == size and remote.depth == size
+        remote.written(1)
+        assert owner.done == [batch] and owner.done[0].acks == acks and remote.depth == 0
+    finally:
+        hub.close()
+        worker.close()

@@ -47,8 +47,7 @@ def memory_bound(settings: Settings) -> dict[str, int]:
         # Each forwarder's reader keeps the last bytes it read (to find a copytruncate copy), and
         # copies them once when the log is truncated.
         parts["forward_recent"] = len(settings.forward) * 2 * RECENT
-    if workers > 1:
-        # A worker keeps each batch it sent until the hub has written it: its credit, summed.
-        parts["worker_credit"] = limits.queue_bytes
+    # A worker keeps only the acks and the size of a batch it sent (ipc.RemoteWriter.submit): its
+    # lines are the hub's, in writer_queue.
     parts["total"] = sum(parts.values())
     return parts

@@ -202,6 +202,9 @@ class RemoteWriter:
             except OSError:
                 self._lost()
                 return True
+            # The lines are the hub's now: only the batch's acks and size wait here for DONE, so a
+            # worker does not hold a second copy of what its credit lets the hub hold.
+            batch.messages = batch.rejects = b""
         return over
 
     def send(self, kind: int, payload: bytes = b"") -> bool:

@@ -303,3 +303,34 @@ def test_a_validation_that_fails_in_a_burst_costs_only_its_own_connection(
     for sock in socks:
         assert closed_by_daemon(sock)
         sock.close()
+
+
+def test_a_burst_hands_its_batch_over_once_it_holds_a_passs_worth(
+    tmp_path: Path, server_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """200 one-record clients of 3 KB records in the backlog, queue_bytes at its least (a pass
+    hands its batch over past 64 KiB): the burst's waiting records are taken 256 KiB at a time,
+    by the read that fills the list, and that read's check of the pass hands the batch over; so no
+    batch holds much more than one take's lines, where one batch for the whole burst would hold
+    all 200 (about 640 KB)."""
+    srv = server_factory(write_config(tmp_path, limits={"queue_bytes": 1 << 16}))
+    [loop] = srv.server.loops
+    assert loop.pass_limit == 64 << 10
+    sizes: list[int] = []
+    real = srv.server.writer.submit
+
+    def submit(batch: Any) -> bool:
+        sizes.append(len(batch.messages))
+        return bool(real(batch))
+
+    monkeypatch.setattr(srv.server.writer, "submit", submit)
+    text = "x" * 3000
+    with held(loop):
+        socks = [sent_and_closed(srv.tcp, record(f"u{i}", f"{i} {text}") + b"\n") for i in range(200)]
+    try:
+        srv.wait_written(200)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert sorted(int(r["send_msg"].split()[0]) for r in read_lines(srv.messages)) == list(range(200))
+    assert sum(sizes) > 600_000 and max(sizes) < 400_000, sizes

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..config import Settings
 from ..forward.reader import RECENT
 from ..output.copytruncate import JOURNAL_BYTES
-from ..wire.ioloop import RECV_BYTES
+from ..wire.ioloop import DEFER_BYTES, DEFER_CONNECTIONS, DEFER_FRAMES, RECV_BYTES
 
 BASE_BYTES = 48 << 20  # the interpreter, pydantic-core, structlog, orjson, the threads' stacks in use
 PLAIN_CONNECTION_BYTES = 4 << 10
@@ -38,6 +38,9 @@ def memory_bound(settings: Settings) -> dict[str, int]:
         "pass_overshoot": loops * pass_limit(limits.queue_bytes // workers),
         # Unfinished lines, records read but not taken yet, unsent answers: over all connections.
         "buffers": limits.buffer_bytes,
+        # A burst's first reads waiting to be validated together (IOLoop.take_frames), per loop:
+        # their bytes and, at most DEFER_FRAMES a connection, their objects.
+        "burst_reads": loops * (DEFER_BYTES + DEFER_CONNECTIONS * DEFER_FRAMES * 64),
         # The connections' own objects (socket, framer; OpenSSL's buffers with TLS).
         "connections": limits.max_connections * (TLS_CONNECTION_BYTES if tls else PLAIN_CONNECTION_BYTES),
         # The last bytes written to each of the two files, to repair a copytruncate.

@@ -8,8 +8,10 @@ import os
 import socket
 import subprocess
 import sys
-from typing import cast
+from pathlib import Path
+from typing import Any, cast
 
+from conftest import record, wait_for, write_config
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -310,5 +312,41 @@ def test_a_workers_closes_come_off_the_shared_counts_at_its_next_admission_or_it
         listener_sock.close()
         channel.close()
         other_end.close()
+        counts.map.close()
+        os.close(counts.fd)
+
+
+def test_a_loop_takes_its_closes_off_the_shared_counts_by_the_end_of_its_pass(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    """A real loop (an in-process server, as worker 0 of 2 on one memfd): five one-record clients
+    come and go, and nothing connects after them; their closes still come off the counts the
+    workers share (IOLoop.run calls flush_closed each pass), or the other worker would go on
+    refusing clients for them."""
+    srv = server_factory(write_config(tmp_path))
+    counts = SharedCounts.create(2, 64)
+    srv.server.worker_index = 0
+    srv.server.shared = SharedCounts(counts.fd, 2, counts.slots)
+    try:
+        socks = []
+        for i in range(5):
+            sock = socket.create_connection(srv.tcp, timeout=10)
+            sock.sendall(record(f"u{i}", f"m{i}") + b"\n")
+            sock.shutdown(socket.SHUT_WR)
+            socks.append(sock)
+        srv.wait_written(5)
+        for sock in socks:
+            assert sock.recv(1) == b""  # closed by the daemon
+            sock.close()
+
+        def settled() -> bool:
+            with counts:
+                return counts.open_connections() == 0 and counts.client("127.0.0.1") == 0
+
+        wait_for(settled, 10)
+        assert srv.server.open_connections == 0
+    finally:
+        srv.stop()
+        srv.server.shared = None
         counts.map.close()
         os.close(counts.fd)

@@ -50,7 +50,10 @@ def memory_bound(settings: Settings) -> dict[str, int]:
         # Each forwarder's reader keeps the last bytes it read (to find a copytruncate copy), and
         # copies them once when the log is truncated.
         parts["forward_recent"] = len(settings.forward) * 2 * RECENT
-    # A worker keeps only the acks and the size of a batch it sent (ipc.RemoteWriter.submit): its
-    # lines are the hub's, in writer_queue.
+    if workers > 1:
+        # A worker keeps only the acks and the size of a batch it has sent (ipc.RemoteWriter.submit):
+        # its lines are the hub's, in writer_queue. While one is being sent, both ends hold it (the
+        # hub's receive buffer is made whole first): one batch a loop, a pass at most.
+        parts["batches_in_transit"] = loops * pass_limit(limits.queue_bytes // workers)
     parts["total"] = sum(parts.values())
     return parts

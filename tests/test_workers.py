@@ -23,6 +23,7 @@ import pytest
 from conftest import free_port, read_lines, record, wait_for, write_config
 from faultkit import AckedSender, children, healthz, logged_ids, make_line, metric, rss_kib, scrape
 
+from nio_logd.errors import ClientError
 from nio_logd.service import ipc
 from nio_logd.tools.client import send
 
@@ -387,3 +388,43 @@ def test_a_worker_restarted_after_the_code_changed_on_disk_refuses_and_is_report
     assert d.stop() == 1
     stopped = d.event("stopped")
     assert stopped is not None and stopped["clean"] is False, stopped
+
+
+def test_the_per_client_limit_holds_across_the_workers_and_gives_back_what_closes(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    """workers = 2, max_connections_per_client = 3: 60 one-record clients one after another are
+    all served (each close comes off the shared counts, whichever worker held it); 3 held open,
+    wherever they landed, make a 4th refused; once they close, a client is served again."""
+    cfg, port, metrics = _config(tmp_path, limits={"max_connections_per_client": 3})
+    d = daemon_factory(cfg)
+    for i in range(60):
+        result = send(d.address, [make_line(0, i)], ack=True)
+        assert result.acked == 1, (i, result)
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+    try:
+        wait_for(lambda: metric(scrape(metrics), "nio_logd_connections_open") == 3, 10)
+        fourth = socket.create_connection(("127.0.0.1", port), timeout=10)
+        try:
+            fourth.sendall(make_line(1, 0) + b"\n")
+            assert fourth.recv(1) == b""  # closed at once: the limit counts both workers' clients
+        except ConnectionResetError:
+            pass  # closed with our line unread: refused all the same
+        finally:
+            fourth.close()
+        refused = metric(scrape(metrics), "nio_logd_connections_refused_total", reason="max_connections_per_client")
+        assert refused == 1
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: metric(scrape(metrics), "nio_logd_connections_open") == 0, 10)
+
+    def served_again() -> bool:
+        try:
+            return send(d.address, [make_line(2, 0)], ack=True).acked == 1
+        except (OSError, ClientError):
+            return False  # refused: the closes of the held three are still on their way off
+
+    wait_for(served_again, 10)
+    assert sorted(logged_ids(d.messages)) == sorted([f"c0-{i}" for i in range(60)] + ["c2-0"])
+    assert d.stop() == 0

@@ -33,7 +33,7 @@ def test_a_batch_arrives_whole_with_its_messages_and_rejects_in_buffers_of_their
         sender.join(10)
         assert (seq, got_accepted, refused) == (1, accepted, 3)
         assert got_messages == messages and got_rejects == rejects
-        assert type(got_messages) is bytearray and len(got_messages) == len(messages)
+        assert type(got_messages) is bytes and len(got_messages) == len(messages)
     finally:
         hub.close()
         worker.close()
@@ -88,3 +88,41 @@ def test_a_sent_batch_waits_for_done_with_its_acks_and_size_not_its_lines() -> N
     finally:
         hub.close()
         worker.close()
+
+
+@pytest.mark.parametrize("cut", [1, 4096, 99_999])
+def test_a_message_that_arrives_in_pieces_is_read_whole(cut: int) -> None:
+    """``recv_exact`` asks for the whole message at once; when the kernel gives less (here: a
+    socket with a timeout, non-blocking underneath, and the rest sent a moment later), it reads
+    the rest into place: the same bytes, in a buffer of their own."""
+    hub, worker = ipc.channel_pair()
+    payload = bytes(range(256)) * 400  # 102,400 bytes
+    try:
+        hub.settimeout(10)
+        first_read = threading.Event()
+
+        def send_in_two() -> None:
+            worker.sendall(payload[:cut])
+            first_read.wait(0.2)  # the reader takes the first piece alone, as a rule
+            worker.sendall(payload[cut:])
+
+        sender = threading.Thread(target=send_in_two)
+        sender.start()
+        got = ipc.recv_exact(hub, len(payload))
+        first_read.set()
+        sender.join(10)
+        assert got == payload and type(got) is bytes
+    finally:
+        hub.close()
+        worker.close()
+
+
+def test_a_channel_that_ends_inside_a_message_is_closed() -> None:
+    hub, worker = ipc.channel_pair()
+    try:
+        worker.sendall(b"x" * 1000)
+        worker.close()
+        with pytest.raises(ipc.ChannelClosed):
+            ipc.recv_exact(hub, 5000)
+    finally:
+        hub.close()

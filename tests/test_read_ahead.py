@@ -74,6 +74,18 @@ def closed_by_daemon(sock: socket.socket) -> bool:
         return True
 
 
+def burst_served(srv: Any, loop: IOLoop, lines: list[bytes]) -> None:
+    """One-record clients, one per line, all in the backlog while the loop is held; then served:
+    waits until every record is written."""
+    with held(loop):
+        socks = [sent_and_closed(srv.tcp, line) for line in lines]
+    try:
+        srv.wait_written(len(lines))
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def peer_ports(srv: Any) -> list[int]:
     return sorted(int(line["peer"].rpartition(":")[2]) for line in read_lines(srv.messages))
 
@@ -242,13 +254,7 @@ def test_a_burst_of_one_record_clients_is_validated_in_a_few_calls(
         return real(frames)
 
     monkeypatch.setattr(loop.pipeline, "validate_batch", counting)
-    with held(loop):
-        socks = [sent_and_closed(srv.tcp, record(f"u{i}", f"m{i}") + b"\n") for i in range(20)]
-    try:
-        srv.wait_written(20)
-    finally:
-        for sock in socks:
-            sock.close()
+    burst_served(srv, loop, [record(f"u{i}", f"m{i}") + b"\n" for i in range(20)])
     assert sorted(r["send_msg"] for r in read_lines(srv.messages)) == sorted(f"m{i}" for i in range(20))
     assert sum(calls) == 20 and len(calls) <= 3, calls
 
@@ -325,12 +331,6 @@ def test_a_burst_hands_its_batch_over_once_it_holds_a_passs_worth(
 
     monkeypatch.setattr(srv.server.writer, "submit", submit)
     text = "x" * 3000
-    with held(loop):
-        socks = [sent_and_closed(srv.tcp, record(f"u{i}", f"{i} {text}") + b"\n") for i in range(200)]
-    try:
-        srv.wait_written(200)
-    finally:
-        for sock in socks:
-            sock.close()
+    burst_served(srv, loop, [record(f"u{i}", f"{i} {text}") + b"\n" for i in range(200)])
     assert sorted(int(r["send_msg"].split()[0]) for r in read_lines(srv.messages)) == list(range(200))
     assert sum(sizes) > 600_000 and max(sizes) < 400_000, sizes

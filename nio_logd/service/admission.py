@@ -161,13 +161,9 @@ class SharedCounts:
         close from ``host`` itself and this connection's admission cancel out, so a client of one
         record a connection, whose previous connection has just closed, costs no table write."""
         key = _key(host)
-        same = 0
-        for other in closed:
-            other_key = _key(other)
-            if other_key == key:
-                same += 1
-            else:
-                self._add(worker, other_key, -1)
+        others = [other for other in closed if _key(other) != key]
+        same = len(closed) - len(others)
+        self.close_many(worker, others)
         refusal = None
         if self.open_connections() - same >= max_connections:
             refusal = "max_connections"
@@ -181,7 +177,7 @@ class SharedCounts:
     def close_many(self, worker: int, hosts: Sequence[str]) -> None:
         """Connections from ``hosts`` (one entry per connection) closed in ``worker``."""
         for host in hosts:
-            self._add(worker, _key(host), -1)
+            self.add(worker, host, -1)
 
     # -- writing one's own counts (under the lock) --------------------------------------------------
     def add(self, worker: int, host: str, delta: int) -> None:

@@ -329,10 +329,12 @@ class Server:
         shared = self.shared
         if shared is not None:  # a worker: the limits hold for all the workers together
             with shared:
-                with self._conn_lock:
-                    closed, self._closed_hosts = self._closed_hosts, []
                 refusal = shared.admit(
-                    self.worker_index, host, limits.max_connections, limits.max_connections_per_client, closed
+                    self.worker_index,
+                    host,
+                    limits.max_connections,
+                    limits.max_connections_per_client,
+                    self._take_closed(),
                 )
             if refusal:
                 return refusal
@@ -369,9 +371,13 @@ class Server:
         if not self._closed_hosts or self.shared is None:
             return
         with self.shared:
-            with self._conn_lock:
-                closed, self._closed_hosts = self._closed_hosts, []
-            self.shared.close_many(self.worker_index, closed)
+            self.shared.close_many(self.worker_index, self._take_closed())
+
+    def _take_closed(self) -> list[str]:
+        """The closes waiting to come off the shared counts (the caller holds their lock)."""
+        with self._conn_lock:
+            closed, self._closed_hosts = self._closed_hosts, []
+        return closed
 
     def note_refused_connection(self, reason: str, listener: Listener, peer: str) -> None:
         if reason == "not_allowed":
